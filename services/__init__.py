@@ -1,0 +1,1 @@
+"""One package per deployable service. Services never import each other (import-linter checks)."""

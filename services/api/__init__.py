@@ -1,0 +1,1 @@
+"""The HTTP API channel: API clients drive conversations programmatically."""

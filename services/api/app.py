@@ -1,0 +1,122 @@
+"""The API service: `create_app(settings)` builds the Litestar app; `run` serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, MediaType, Request, Response
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+
+from services.api.auth import KeyRing, require_scope
+from services.api.gateway import Gateway
+from services.api.routes.admin import AgentController, IdentityController, KeyController
+from services.api.routes.conversations import ConversationController
+from services.api.schemas import ErrorBody, ErrorResponse
+from shared.bus import Bus
+from shared.errors import SwitchboardError
+from shared.http import HttpServer, probe_handlers
+from shared.settings import ApiSettings
+from shared.store import Store
+from shared.subjects import Subjects
+from shared.telemetry import Metrics
+
+log = logging.getLogger("switchboard.api")
+MAX_BODY = 1024 * 1024
+
+
+def _error(status: int, code: str, message: str, details: dict[str, object] | None = None
+           ) -> Response[ErrorResponse]:
+    return Response(ErrorResponse(error=ErrorBody(code=code, message=message, details=details or {})),
+                    status_code=status, media_type=MediaType.JSON)
+
+
+def on_domain_error(request: Request, exc: SwitchboardError) -> Response[ErrorResponse]:  # type: ignore[type-arg]
+    if exc.status >= 500:
+        log.error("request failed: %s", exc.code, extra={"path": request.url.path})
+    return _error(exc.status, exc.code, exc.message, exc.details)
+
+
+def on_validation_error(request: Request, exc: ValidationException) -> Response[ErrorResponse]:  # type: ignore[type-arg]
+    return _error(422, "invalid_request", "the request is malformed",
+                  {"errors": exc.extra if isinstance(exc.extra, list) else []})
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
+               429: "rate_limited"}
+
+
+def on_http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:  # type: ignore[type-arg]
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    if exc.status_code == 400:  # malformed JSON and friends: the body is unusable
+        return _error(422, "invalid_request", exc.detail)
+    return _error(exc.status_code, code, exc.detail)
+
+
+def on_unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:  # type: ignore[type-arg]
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return _error(500, "internal_error", "something went wrong on our side")
+
+
+def create_app(settings: ApiSettings) -> Litestar:
+    metrics = Metrics("api")
+    subjects = Subjects(settings.namespace, settings.partitions)
+    bus = Bus(settings.nats_url, subjects, name="switchboard-api", metrics=metrics)
+    store = Store(settings.redis_url, settings.namespace)
+    gateway = Gateway(settings, bus, store)
+    keyring = KeyRing(store)
+
+    async def ready() -> dict[str, bool]:
+        return {"nats": bus.ready, "redis": await store.ping()}
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await bus.connect()
+        await bus.ensure_streams()
+        if settings.bootstrap_api_key:
+            await keyring.create("bootstrap", ("admin",), secret=settings.bootstrap_api_key,
+                                 key_id="key_bootstrap")
+        log.info("api ready", extra={"port": settings.api_port})
+        try:
+            yield
+        finally:
+            await bus.close()
+            await store.close()
+
+    def provide_gateway(state: State) -> Gateway:
+        return state.gateway  # type: ignore[no-any-return]
+
+    return Litestar(
+        route_handlers=[ConversationController, IdentityController, AgentController,
+                        KeyController, *probe_handlers(ready, metrics)],
+        lifespan=[lifespan],
+        guards=[require_scope],
+        dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
+        state=State({"gateway": gateway, "keyring": keyring, "metrics": metrics}),
+        exception_handlers={
+            SwitchboardError: on_domain_error,
+            ValidationException: on_validation_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+        openapi_config=OpenAPIConfig(title="Switchboard API", version="1.0.0", path="/schema"),
+        request_max_body_size=MAX_BODY,
+        debug=False,
+        logging_config=None,
+    )
+
+
+async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
+    server = HttpServer(create_app(settings), settings.host, settings.api_port)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("api stopping")
+        await server.stop()

@@ -1,0 +1,1 @@
+"""Route handlers, thin: parse, call one gateway or store function, map the result."""

@@ -1,0 +1,125 @@
+"""Request and response bodies of the HTTP API (the OpenAPI document is generated from these)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import msgspec
+
+from shared.models import (
+    Channel,
+    Evidence,
+    KnowledgeBase,
+    Policy,
+    Scope,
+    SessionType,
+    Status,
+    ToolCall,
+    ToolSpec,
+)
+
+T = TypeVar("T")
+MAX_MESSAGE = 16_000
+
+
+class ItemList(msgspec.Struct, Generic[T], kw_only=True):
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class IdentityRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    channel: Channel
+    identifier: Annotated[str, msgspec.Meta(min_length=1, max_length=320)]
+
+
+class CreateConversation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    channel: Channel = "api"
+    session_type: Literal["live", "test"] = "live"
+    agent_id: str | None = None
+    end_user_id: str | None = None
+    identity: IdentityRef | None = None
+    context_variables: dict[str, Any] = {}
+
+
+class PostTurn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    user_message: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE)]
+    include_evidence: bool = True
+    metadata: dict[str, str] = {}
+
+
+class TurnResult(msgspec.Struct, kw_only=True):
+    turn_id: str
+    conversation_id: str
+    text: str
+    session_status: Status
+    message_seqs: list[int]
+    tool_calls: list[ToolCall]
+    evidence: list[Evidence]
+
+
+class QueuedTurn(msgspec.Struct, kw_only=True):
+    conversation_id: str
+    session_status: Status
+    queued: bool = True
+    seq: int
+    message_seqs: list[int]
+
+
+class CloseRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    reason: Annotated[str, msgspec.Meta(max_length=200)] = "closed_by_client"
+
+
+class ResolveIdentity(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    channel: Channel
+    identifier: Annotated[str, msgspec.Meta(min_length=1, max_length=320)]
+
+
+class ResolvedIdentity(msgspec.Struct, kw_only=True):
+    end_user_id: str
+    created: bool
+
+
+class RevisionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    runtime: Literal["builtin"] = "builtin"
+    knowledge_base: KnowledgeBase | None = None
+    tools: list[ToolSpec] = []
+    policies: list[Policy] = []
+    greeting: str | None = None
+    fallback: str | None = None
+    activate: bool = True
+
+
+class CreateAgent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    revision: RevisionSpec | None = None
+
+
+class CreateApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1)]
+
+
+class CreatedApiKey(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    scopes: list[Scope]
+    key: str  # shown once; only its hash is stored
+
+
+class WhoAmI(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    scopes: list[Scope]
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorBody
+
+
+__all__ = ["SessionType"]

@@ -1,0 +1,124 @@
+"""Core's wiring: the bus, the store, one ordered consumer per inbound partition, the command
+server, and the probes on a side port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.aio.msg import Msg
+
+from services.core.agent.demo import seed_demo_agent
+from services.core.conversations import Conversations
+from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
+from shared.envelopes import (
+    SCHEMA_VERSION,
+    CloseConversation,
+    Command,
+    CommandResult,
+    InboundEnvelope,
+    OpenConversation,
+)
+from shared.errors import SwitchboardError
+from shared.http import HttpServer, probe_app
+from shared.settings import CoreSettings
+from shared.store import Store
+from shared.subjects import Subjects
+from shared.telemetry import Metrics
+
+log = logging.getLogger("switchboard.core")
+
+_inbound = msgspec.json.Decoder(InboundEnvelope)
+_command = msgspec.json.Decoder(Command)
+_enc = msgspec.json.Encoder()
+
+
+class Core:
+    def __init__(self, settings: CoreSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics("core")
+        self.subjects = Subjects(settings.namespace, settings.partitions)
+        self.bus = Bus(settings.nats_url, self.subjects, name="switchboard-core", metrics=self.metrics)
+        self.store = Store(settings.redis_url, settings.namespace)
+        self.conversations = Conversations(settings, self.store, self.bus, self.metrics)
+        self.http = HttpServer(probe_app(self.ready, self.metrics), settings.host,
+                               settings.core_health_port)
+
+    async def ready(self) -> dict[str, bool]:
+        return {"nats": self.bus.ready, "redis": await self.store.ping()}
+
+    async def start(self) -> None:
+        await self.http.start()
+        await self.bus.connect()
+        await self.bus.ensure_streams()
+        if await seed_demo_agent(self.store, self.settings.default_agent):
+            log.info("seeded the demo agent", extra={"agent_id": self.settings.default_agent})
+        await self.bus.serve(self.subjects.commands_all, "core", self.on_command)
+        for partition in range(self.settings.partitions):
+            await self.bus.consume(
+                stream=self.subjects.inbound_stream,
+                durable=f"core-p{partition}",
+                filter_subject=self.subjects.inbound_partition(partition),
+                handler=self.on_inbound,
+                max_deliver=self.settings.max_deliver,
+                ack_wait=self.settings.ack_wait_seconds,
+            )
+        log.info("core ready", extra={"partitions": self.settings.partitions,
+                                      "health_port": self.http.port})
+
+    async def stop(self) -> None:
+        await self.bus.close()
+        await self.store.close()
+        await self.http.stop()
+
+    async def on_inbound(self, delivery: Delivery) -> None:
+        started = time.perf_counter()
+        env = decode_or_dead(_inbound, delivery.data)
+        if env.v > SCHEMA_VERSION:
+            raise Undeliverable(f"unknown_version: v={env.v}")
+        try:
+            await self.conversations.apply_inbound(env)
+        except Undeliverable:
+            raise
+        except SwitchboardError as exc:
+            if exc.status < 500:  # a permanent problem with this envelope: retrying cannot help
+                raise Undeliverable(f"{exc.code}: {exc.message}") from exc
+            raise
+        self.metrics.latency.labels("core_apply").observe(time.perf_counter() - started)
+
+    async def on_command(self, msg: Msg) -> None:
+        try:
+            command = _command.decode(msg.data)
+            result = await self.run_command(command)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            result = CommandResult(ok=False, error_code="invalid_request", error_message=str(exc))
+        except SwitchboardError as exc:
+            result = CommandResult(ok=False, error_code=exc.code, error_message=exc.message,
+                                   error_details=exc.details)
+        except Exception as exc:
+            log.exception("command failed")
+            result = CommandResult(ok=False, error_code="internal_error", error_message=str(exc))
+        await msg.respond(_enc.encode(result))
+
+    async def run_command(self, command: Command) -> CommandResult:
+        if isinstance(command, OpenConversation):
+            conv = await self.conversations.open(
+                channel=command.channel, end_user_id=command.end_user_id,
+                agent_id=command.agent_id, session_type=command.session_type,
+                context_variables=command.context_variables, actor=command.actor)
+        elif isinstance(command, CloseConversation):
+            conv = await self.conversations.close(command.conversation_id, command.reason,
+                                                  command.actor)
+        return CommandResult(ok=True, conversation=conv)
+
+
+async def run(settings: CoreSettings, stop: asyncio.Event) -> None:
+    core = Core(settings)
+    await core.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("core stopping: finishing in-flight messages")
+        await core.stop()

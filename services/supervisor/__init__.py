@@ -1,0 +1,1 @@
+"""`switchboard`: the command line. `up` runs the whole gateway locally; `<service>` runs one."""

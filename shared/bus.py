@@ -1,0 +1,273 @@
+"""The one bus wrapper: NATS connection life cycle, JetStream streams, publish, ordered consume.
+
+Delivery is at-least-once. A consumer's handler is called; when it returns the message is acked,
+when it raises `Undeliverable` the message goes to the DEAD stream at once, and when it raises
+anything else it is redelivered with backoff until `max_deliver`, then dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+from shared.envelopes import DeadLetter
+from shared.ids import new_id
+from shared.models import utcnow
+from shared.subjects import Subjects
+from shared.telemetry import Metrics
+
+log = logging.getLogger("switchboard.bus")
+
+DAY = 24 * 3600.0
+
+
+class Undeliverable(Exception):
+    """A message that no retry will fix (undecodable, unknown schema version): dead-letter it now."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler sees of one JetStream message."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    attempt: int
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+def stream_configs(subjects: Subjects, replicas: int) -> list[StreamConfig]:
+    # The duplicate window is how long JetStream itself drops a re-published Nats-Msg-Id; longer
+    # provider retry windows are covered by the store's envelope-id dedupe.
+    def config(name: str, subject: str, max_age: float) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=[subject],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=max_age,
+            duplicate_window=30 * 60.0,
+        )
+
+    return [
+        config(subjects.inbound_stream, subjects.inbound_all, 7 * DAY),
+        config(subjects.outbound_stream, subjects.outbound_all, 7 * DAY),
+        config(subjects.events_stream, subjects.events_all, 30 * DAY),
+        config(subjects.dead_stream, subjects.dead_all, 30 * DAY),
+    ]
+
+
+class Bus:
+    def __init__(self, url: str, subjects: Subjects, *, name: str, metrics: Metrics | None = None,
+                 replicas: int = 1) -> None:
+        self.url = url
+        self.subjects = subjects
+        self.name = name
+        self.metrics = metrics
+        self.replicas = replicas
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._consumers: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    # Life cycle -------------------------------------------------------------------------------
+
+    async def connect(self, *, connect_timeout: float = 5.0) -> None:
+        async def disconnected() -> None:
+            log.warning("nats disconnected", extra={"service": self.name})
+
+        async def reconnected() -> None:
+            log.info("nats reconnected", extra={"service": self.name})
+
+        async def error(exc: Exception) -> None:
+            log.warning("nats error: %s", exc, extra={"service": self.name})
+
+        self._nc = await nats.connect(
+            self.url,
+            name=self.name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+        self._js = self._nc.jetstream()
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("bus not connected")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("bus not connected")
+        return self._js
+
+    @property
+    def ready(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def ensure_streams(self) -> None:
+        """Create or update the four streams. Safe to run from every service at every start."""
+        for config in stream_configs(self.subjects, self.replicas):
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                await self.js.update_stream(config)
+
+    async def close(self) -> None:
+        """Stop consumers after their in-flight message, then drain the connection."""
+        self._stopping.set()
+        for task in self._consumers:
+            task.cancel() if task.done() else None
+        if self._consumers:
+            await asyncio.gather(*self._consumers, return_exceptions=True)
+        self._consumers.clear()
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        self._nc = None
+        self._js = None
+
+    # Publishing -------------------------------------------------------------------------------
+
+    async def publish(self, subject: str, payload: bytes, *, msg_id: str,
+                      headers: dict[str, str] | None = None, timeout: float = 5.0) -> PubAck:
+        """Publish durably; returns once JetStream has stored it. `msg_id` makes re-publishing a no-op."""
+        all_headers = {"Nats-Msg-Id": msg_id}
+        if headers:
+            all_headers.update(headers)
+        return await self.js.publish(subject, payload, timeout=timeout, headers=all_headers)
+
+    async def dead_letter(self, source_subject: str, data: bytes, reason: str, deliveries: int) -> None:
+        letter = DeadLetter(
+            id=new_id("dead"),
+            source_subject=source_subject,
+            reason=reason,
+            deliveries=deliveries,
+            failed_at=utcnow(),
+            payload=data.decode("utf-8", "replace"),
+        )
+        source = source_subject.split(".")[-3] if source_subject.count(".") >= 2 else "unknown"
+        await self.publish(self.subjects.dead(source), msgspec.json.encode(letter), msg_id=letter.id)
+        if self.metrics:
+            self.metrics.dead_letters.labels(reason=reason.split(":")[0]).inc()
+        log.error("dead-lettered", extra={"subject": source_subject, "reason": reason,
+                                          "deliveries": deliveries})
+
+    # Consuming --------------------------------------------------------------------------------
+
+    async def consume(self, *, stream: str, durable: str, filter_subject: str, handler: Handler,
+                      max_ack_pending: int = 1, max_deliver: int = 5, ack_wait: float = 30.0,
+                      batch: int = 1) -> None:
+        """Run `handler` for every message of a durable pull consumer, in a task this bus owns.
+
+        `max_ack_pending=1` makes the consumer strictly ordered across every replica bound to the
+        same durable: the next message is handed out only after the previous one is acked.
+        """
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+            # The server's own cap sits above ours so the last attempt is always ours to dead-letter.
+            max_deliver=max_deliver + 1,
+        )
+        sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
+        task = asyncio.create_task(self._pull_loop(sub, handler, batch, max_deliver),
+                                   name=f"consume:{durable}")
+        self._consumers.append(task)
+
+    async def _pull_loop(self, sub: JetStreamContext.PullSubscription, handler: Handler,
+                         batch: int, max_deliver: int) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except NatsTimeout:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection loss: the client reconnects by itself
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                # Shielded: a shutdown waits for the message in hand to be finished and acked.
+                await asyncio.shield(self._handle(msg, handler, max_deliver))
+
+    async def _handle(self, msg: Msg, handler: Handler, max_deliver: int) -> None:
+        attempt = msg.metadata.num_delivered or 1
+        delivery = Delivery(subject=msg.subject, data=msg.data, headers=dict(msg.headers or {}),
+                            attempt=attempt)
+        try:
+            await handler(delivery)
+        except Undeliverable as exc:
+            await self._dead_letter_and_ack(msg, exc.reason, attempt)
+        except Exception as exc:
+            if attempt >= max_deliver:
+                await self._dead_letter_and_ack(msg, f"max_deliver: {type(exc).__name__}: {exc}", attempt)
+            else:
+                log.warning("handler failed, will redeliver", exc_info=True,
+                            extra={"subject": msg.subject, "attempt": attempt})
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=min(0.2 * 2 ** (attempt - 1), 10.0))
+        else:
+            with contextlib.suppress(Exception):  # a lost ack means a redelivery, which dedupes
+                await msg.ack()
+
+    async def _dead_letter_and_ack(self, msg: Msg, reason: str, attempt: int) -> None:
+        await self.dead_letter(msg.subject, msg.data, reason, attempt)
+        await msg.ack()
+
+    # Core NATS request/reply ------------------------------------------------------------------
+
+    async def serve(self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
+        await self.nc.subscribe(subject, queue=queue, cb=handler)
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
+        reply = await self.nc.request(subject, payload, timeout=timeout)
+        return reply.data
+
+    async def publish_core(self, subject: str, payload: bytes) -> None:
+        """Fire-and-forget core NATS publish: for replies and token streams, never for state."""
+        await self.nc.publish(subject, payload)
+
+
+def decode_or_dead(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
+    """Decode a bus message; an undecodable one is `Undeliverable`, never retried."""
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise Undeliverable(f"undecodable: {exc}") from exc

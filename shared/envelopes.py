@@ -1,0 +1,193 @@
+"""What travels on the bus: inbound and outbound envelopes, events, replies, core commands.
+
+Versioned (`v`) and encoded with msgspec JSON. Decoders are built once per type and ignore unknown
+fields, so services deployed at different versions keep talking; a consumer that meets a `v` newer
+than it understands dead-letters the message rather than guessing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from shared.models import (
+    Channel,
+    Conversation,
+    Evidence,
+    SessionType,
+    Status,
+    ToolCall,
+    Turn,
+)
+
+SCHEMA_VERSION = 1
+
+
+class Identifier(msgspec.Struct, frozen=True, kw_only=True):
+    """Who sent it, as the channel saw it (`raw`) and as identity resolution keys it."""
+
+    kind: Literal["phone", "email", "external"]
+    raw: str
+    normalized: str
+
+
+class Attachment(msgspec.Struct, frozen=True, kw_only=True):
+    url: str | None = None
+    content_type: str = "application/octet-stream"
+    size: int | None = None
+    name: str | None = None
+
+
+class ThreadHints(msgspec.Struct, frozen=True, kw_only=True):
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+    subject: str | None = None
+    reply_token: str | None = None
+    call_sid: str | None = None
+
+
+class _Inbound(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    id: str
+    v: int = SCHEMA_VERSION
+    channel: Channel
+    received_at: datetime
+    session_type: SessionType = "live"
+    sender: Identifier | None = None
+    recipient: str | None = None
+    conversation_id: str | None = None
+    thread: ThreadHints | None = None
+    provider_id: str | None = None
+    metadata: dict[str, Any] = {}
+
+    @property
+    def routing_key(self) -> str:
+        """What orders this envelope against others: its conversation, or who sent it to whom."""
+        if self.conversation_id:
+            return self.conversation_id
+        who = self.sender.normalized if self.sender else self.id
+        return f"{who}|{self.recipient or ''}"
+
+
+class InboundMessage(_Inbound, frozen=True, kw_only=True, tag="message"):
+    text: str
+    attachments: tuple[Attachment, ...] = ()
+
+
+class CallStarted(_Inbound, frozen=True, kw_only=True, tag="call_started"):
+    pass
+
+
+class CallEnded(_Inbound, frozen=True, kw_only=True, tag="call_ended"):
+    reason: str = "completed"
+
+
+InboundEnvelope = InboundMessage | CallStarted | CallEnded
+
+
+class OutboundEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """A message for an end user, for the channel's egress worker to deliver."""
+
+    id: str
+    v: int = SCHEMA_VERSION
+    channel: Channel
+    conversation_id: str
+    turn_id: str
+    seq: int
+    session_type: SessionType
+    text: str
+    recipient: str | None = None
+    sender: str | None = None
+    thread: ThreadHints | None = None
+    attachments: tuple[Attachment, ...] = ()
+    author_kind: str = "agent"
+    created_at: datetime
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """Something that happened, for audit, customer webhooks and analytics (`gw.evt.<type>`)."""
+
+    id: str
+    v: int = SCHEMA_VERSION
+    type: str
+    occurred_at: datetime
+    conversation_id: str | None = None
+    session_type: SessionType | None = None
+    actor: str = "system"
+    data: dict[str, Any] = {}
+
+
+class TurnReply(msgspec.Struct, frozen=True, kw_only=True):
+    """What core publishes on `gw.reply.<conversation_id>` once an inbound message is applied."""
+
+    envelope_id: str
+    conversation_id: str
+    outcome: Literal["answered", "queued", "rejected"]
+    session_status: Status
+    message_seqs: tuple[int, ...] = ()
+    turn: Turn | None = None
+    user_seq: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    source_subject: str
+    reason: str
+    deliveries: int
+    failed_at: datetime
+    payload: str  # the original bytes, decoded as UTF-8 with replacement
+
+
+# Commands to core (request/reply on gw.cmd.<verb>).
+
+
+class OpenConversation(msgspec.Struct, frozen=True, kw_only=True, tag="open_conversation"):
+    channel: Channel
+    session_type: SessionType = "live"
+    agent_id: str | None = None
+    end_user_id: str
+    context_variables: dict[str, Any] = {}
+    actor: str = "system"
+
+
+class CloseConversation(msgspec.Struct, frozen=True, kw_only=True, tag="close_conversation"):
+    conversation_id: str
+    reason: str = "closed_by_operator"
+    actor: str = "system"
+
+
+Command = OpenConversation | CloseConversation
+
+
+class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    conversation: Conversation | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    error_details: dict[str, Any] = {}
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Attachment",
+    "CallEnded",
+    "CallStarted",
+    "CloseConversation",
+    "Command",
+    "CommandResult",
+    "DeadLetter",
+    "Event",
+    "Evidence",
+    "Identifier",
+    "InboundEnvelope",
+    "InboundMessage",
+    "OpenConversation",
+    "OutboundEnvelope",
+    "ThreadHints",
+    "ToolCall",
+    "TurnReply",
+]

@@ -1,0 +1,77 @@
+"""Domain errors with stable machine codes. Each edge (HTTP, SMTP, TwiML) maps them in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SwitchboardError(Exception):
+    """Base of every error a caller can act on. `code` is stable; `message` is for people."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidRequest(SwitchboardError):
+    code = "invalid_request"
+    status = 422
+
+
+class Unauthenticated(SwitchboardError):
+    code = "unauthenticated"
+    status = 401
+
+
+class Forbidden(SwitchboardError):
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(SwitchboardError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(SwitchboardError):
+    code = "conflict"
+    status = 409
+
+
+class IllegalTransition(Conflict):
+    code = "illegal_transition"
+
+
+class ConversationClosed(Conflict):
+    code = "conversation_closed"
+
+
+class Unavailable(SwitchboardError):
+    """A dependency (NATS, Redis, core) did not answer in time; the caller may retry."""
+
+    code = "unavailable"
+    status = 503
+
+
+class TurnTimeout(SwitchboardError):
+    """Core accepted the turn but did not answer in time; it will still be applied."""
+
+    code = "turn_timeout"
+    status = 504
+
+
+def _codes(root: type[SwitchboardError]) -> dict[str, type[SwitchboardError]]:
+    table = {root.code: root}
+    for sub in root.__subclasses__():
+        table.update(_codes(sub))
+    return table
+
+
+def error_from_code(code: str, message: str,
+                    details: dict[str, Any] | None = None) -> SwitchboardError:
+    """Rebuild a domain error that crossed the bus as (code, message, details)."""
+    return _codes(SwitchboardError).get(code, SwitchboardError)(message, details=details)

@@ -1,0 +1,150 @@
+"""The domain as stored: conversations, turns, end users, agents and their revisions, API keys.
+
+Stored records decode leniently (unknown fields ignored, new fields defaulted), so a rolling deploy
+where one replica writes a newer shape never breaks an older reader.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+Channel = Literal["api", "sms", "voice", "email"]
+CHANNELS: tuple[Channel, ...] = ("api", "sms", "voice", "email")
+SessionType = Literal["live", "test", "simulation"]
+Status = Literal["active", "waiting_for_human", "awaiting_approval", "closed"]
+Role = Literal["user", "assistant", "system"]
+Scope = Literal["admin", "operator", "client"]
+IdentifierKind = Literal["phone", "email", "external"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    arguments: dict[str, Any] = {}
+    result: Any = None
+    # allow | deny | require_approval, as the revision's policies decided.
+    decision: str = "allow"
+
+
+class Evidence(msgspec.Struct, frozen=True, kw_only=True):
+    chunk_id: str
+    kb_id: str
+    score: float
+    text: str
+
+
+class Author(msgspec.Struct, frozen=True, kw_only=True):
+    kind: Literal["end_user", "agent", "operator", "system"]
+    id: str | None = None
+
+
+class Turn(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    conversation_id: str
+    seq: int
+    role: Role
+    content: str
+    author: Author
+    created_at: datetime
+    tool_calls: tuple[ToolCall, ...] = ()
+    evidence: tuple[Evidence, ...] = ()
+    # The inbound envelope this turn came from (user turns) or answers (assistant turns).
+    envelope_id: str | None = None
+    channel: Channel | None = None
+    # False while a user turn waits for the agent (the conversation was not active).
+    answered: bool = True
+
+
+class Conversation(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    end_user_id: str
+    channel: Channel
+    status: Status
+    session_type: SessionType
+    assigned_agent_id: str
+    pinned_revision_id: str
+    created_at: datetime
+    updated_at: datetime
+    context_variables: dict[str, Any] = {}
+    # Our side of the channel (our phone number or address) and the user's, for replies.
+    our_address: str | None = None
+    user_address: str | None = None
+    last_seq: int = 0
+    closed_reason: str | None = None
+
+
+class Identity(msgspec.Struct, frozen=True, kw_only=True):
+    kind: IdentifierKind
+    value: str
+
+
+class EndUser(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    created_at: datetime
+    identities: tuple[Identity, ...] = ()
+
+
+class Document(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    title: str
+    text: str
+
+
+class KnowledgeBase(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    documents: tuple[Document, ...] = ()
+
+
+class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True):
+    """Decides what happens when the agent calls `tool`."""
+
+    tool: str
+    decision: Literal["allow", "deny", "require_approval"] = "allow"
+    approver_role: Scope = "operator"
+    timeout_seconds: float = 24 * 3600
+    on_reject: Literal["close", "continue"] = "close"
+    suspend_message: str = "I've asked a colleague to approve this. I'll get back to you shortly."
+    fallback_message: str = "Sorry, I couldn't get that approved. A member of our team will follow up."
+
+
+class Revision(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    agent_id: str
+    number: int
+    # Only the builtin playbook runtime exists yet; `http` and `openai` are planned (see README).
+    runtime: Literal["builtin"] = "builtin"
+    created_at: datetime
+    knowledge_base: KnowledgeBase | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    policies: tuple[Policy, ...] = ()
+    greeting: str = "Hi! How can I help you today?"
+    fallback: str = "I'm not sure about that one. I can help with orders, refunds, shipping and our hours, or connect you with a person."
+
+
+class Agent(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    created_at: datetime
+    active_revision_id: str | None = None
+
+
+class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
+    """An API key as stored: only the SHA-256 of the secret, never the secret."""
+
+    id: str
+    name: str
+    scopes: tuple[Scope, ...]
+    created_at: datetime
+    prefix: str  # first characters of the secret, to tell keys apart in a list

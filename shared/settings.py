@@ -1,0 +1,72 @@
+"""Typed settings read once from environment variables.
+
+Every field `foo_bar` of a settings Struct is read from `SWITCHBOARD_FOO_BAR`, except the two
+connection URLs, which use the names operators already know (`NATS_URL`, `REDIS_URL`). Settings are
+loaded by `__main__` and passed into `create_app(settings)`; nothing reads the environment at import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.errors import InvalidRequest
+
+PREFIX = "SWITCHBOARD_"
+_PLAIN_NAMES = {"nats_url": "NATS_URL", "redis_url": "REDIS_URL"}
+DEMO_AGENT_ID = "agent_acme_support"
+
+
+class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
+    data_dir: str = "./.switchboard"
+    host: str = "127.0.0.1"
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix for every subject, stream and key: lets several gateways or tests share servers.
+    namespace: str = ""
+    partitions: int = 16
+    log_level: str = "INFO"
+    log_format: str = "json"
+    default_agent: str = DEMO_AGENT_ID
+
+
+class ApiSettings(CommonSettings, kw_only=True, frozen=True):
+    api_port: int = 8080
+    bootstrap_api_key: str | None = None
+    # How long a synchronous turn waits for core before answering 504.
+    turn_timeout_seconds: float = 15.0
+    command_timeout_seconds: float = 5.0
+
+
+class CoreSettings(CommonSettings, kw_only=True, frozen=True):
+    core_health_port: int = 8090
+    # Deliveries of one inbound envelope before it goes to the DEAD stream with its reason.
+    max_deliver: int = 5
+    ack_wait_seconds: float = 30.0
+    # Envelope-id dedupe keys live this long: far beyond Twilio's and SMTP senders' retry windows.
+    dedupe_ttl_seconds: int = 7 * 24 * 3600
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def env_name(field: str) -> str:
+    return _PLAIN_NAMES.get(field, PREFIX + field.upper())
+
+
+def load_settings(cls: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:
+    """Build `cls` from the environment (strings converted to the field types) plus overrides."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        name = env_name(field.name)
+        if name in environ:
+            raw[field.name] = environ[name]
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"bad setting: {exc}") from exc

@@ -1,0 +1,384 @@
+"""The one store API over Redis/Valkey (redis-py asyncio).
+
+Keys carry the namespace and a hash tag: everything about one conversation is `{conv_id}`-tagged
+so it lives in one Redis Cluster slot and one Lua script can change it atomically. Changes that span
+entities (indexes) happen in an order that a crash between steps cannot make inconsistent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import redis.asyncio as redis
+
+from shared.errors import ConversationClosed, IllegalTransition, NotFound
+from shared.ids import new_id
+from shared.models import (
+    Agent,
+    ApiKey,
+    Conversation,
+    EndUser,
+    Identity,
+    IdentifierKind,
+    Revision,
+    Status,
+    Turn,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+_enc = msgspec.json.Encoder()
+_turn_dec = msgspec.json.Decoder(Turn)
+_conv_doc_dec = msgspec.json.Decoder(dict[str, Any])
+
+# Turns are encoded with this placeholder seq; the append script splices in the real one, so a
+# seq is assigned and the turn written in one atomic step. msgspec writes fields in declaration
+# order and ids never contain quotes, so the first occurrence is always the seq field.
+SEQ_PLACEHOLDER = '"seq":-1,'
+
+# KEYS: conv, turns, dedupe (or a dummy), pending
+# ARGV: turn json (placeholder seq), allowed statuses ("a,b"), updated_at, dedupe ttl (0 = none),
+#       queue when not active ("1"/"0")
+_APPEND_TURN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
+if ARGV[4] ~= '0' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {tonumber(seen), redis.call('HGET', KEYS[1], 'status'), 'dup'} end
+end
+local status = redis.call('HGET', KEYS[1], 'status')
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == status then allowed = true end end
+if not allowed then return {-2, status} end
+local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
+local body = ARGV[1]
+local at = string.find(body, '"seq":-1,', 1, true)
+body = string.sub(body, 1, at - 1) .. '"seq":' .. seq .. ',' .. string.sub(body, at + 9)
+redis.call('HSET', KEYS[2], seq, body)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+if ARGV[4] ~= '0' then redis.call('SET', KEYS[3], seq, 'EX', tonumber(ARGV[4])) end
+if ARGV[5] == '1' and status ~= 'active' then redis.call('RPUSH', KEYS[4], seq) end
+return {seq, status}
+"""
+
+# KEYS: conv. ARGV: new status, legal from-statuses ("a,b"), updated_at, closed reason
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'', 'not_found'} end
+for s in string.gmatch(ARGV[2], '[^,]+') do
+  if s == status then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
+    if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'closed_reason', ARGV[4]) end
+    return {status, 'ok'}
+  end
+end
+return {status, 'illegal'}
+"""
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The result of appending a turn: its seq and the conversation status it was appended in."""
+
+    seq: int
+    status: Status
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
+
+
+def hash_api_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, url: str, namespace: str = "") -> None:
+        self.redis: redis.Redis = redis.Redis.from_url(url, decode_responses=False,
+                                                       health_check_interval=10)
+        self.ns = f"{namespace}:" if namespace else ""
+        self._append = self.redis.register_script(_APPEND_TURN)
+        self._transition = self.redis.register_script(_TRANSITION)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # Keys ---------------------------------------------------------------------------------------
+
+    def _conv(self, cid: str) -> str:
+        return f"{self.ns}conv:{{{cid}}}"
+
+    def _turns(self, cid: str) -> str:
+        return f"{self.ns}turns:{{{cid}}}"
+
+    def _pending(self, cid: str) -> str:
+        return f"{self.ns}pending:{{{cid}}}"
+
+    def _seen(self, cid: str, envelope_id: str) -> str:
+        return f"{self.ns}seen:{{{cid}}}:{envelope_id}"
+
+    def _open(self, end_user_id: str, channel: str, address: str) -> str:
+        return f"{self.ns}open:{{{end_user_id}}}:{channel}:{address}"
+
+    def _ident(self, kind: str, value: str) -> str:
+        return f"{self.ns}ident:{kind}:{value}"
+
+    def _user(self, uid: str) -> str:
+        return f"{self.ns}user:{{{uid}}}"
+
+    def _inbound_seen(self, envelope_id: str) -> str:
+        return f"{self.ns}inbound:{envelope_id}"
+
+    # Conversations ------------------------------------------------------------------------------
+
+    async def create_conversation(self, conv: Conversation) -> None:
+        doc = msgspec.structs.asdict(conv)
+        status, last_seq = doc.pop("status"), doc.pop("last_seq")
+        doc.pop("updated_at")
+        doc.pop("closed_reason")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._conv(conv.id), mapping={
+            "doc": _enc.encode(doc),
+            "status": status,
+            "last_seq": last_seq,
+            "updated_at": conv.updated_at.isoformat(),
+        })
+        # Ids are time-sortable, so a lexicographic index pages in creation order.
+        pipe.zadd(f"{self.ns}convs", {conv.id: 0})
+        await pipe.execute()
+
+    async def get_conversation(self, cid: str) -> Conversation:
+        raw = await self.redis.hgetall(self._conv(cid))
+        if not raw:
+            raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
+        return _conversation_from_hash(raw)
+
+    async def get_conversations(self, ids: Sequence[str]) -> list[Conversation]:
+        pipe = self.redis.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hgetall(self._conv(cid))
+        return [_conversation_from_hash(raw) for raw in await pipe.execute() if raw]
+
+    async def list_conversations(self, *, cursor: str | None, limit: int,
+                                 filters: dict[str, str]) -> Page:
+        """Newest first; `cursor` is the last id of the previous page. Filters apply per page scan."""
+        key = f"{self.ns}convs"
+        found: list[Conversation] = []
+        upper = f"({cursor}".encode() if cursor else b"+"
+        while len(found) <= limit:
+            ids = await self.redis.zrevrangebylex(key, upper, b"-", start=0, num=max(limit * 2, 50))
+            if not ids:
+                break
+            batch = await self.get_conversations([i.decode() for i in ids])
+            for conv in batch:
+                if all(str(getattr(conv, f)) == v for f, v in filters.items()):
+                    found.append(conv)
+            upper = b"(" + ids[-1]
+        items = found[:limit]
+        more = len(found) > limit
+        return Page(items=items, next_cursor=items[-1].id if more and items else None)
+
+    async def transition(self, cid: str, to: Status, legal_from: Iterable[str],
+                         reason: str = "") -> Status:
+        """Atomically move to `to` if the current status is one of `legal_from`; returns the old one."""
+        now = utcnow().isoformat()
+        old, outcome = await self._transition(keys=[self._conv(cid)],
+                                              args=[to, ",".join(legal_from), now, reason])
+        old_status = old.decode()
+        if outcome == b"not_found":
+            raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
+        if outcome == b"illegal":
+            error = ConversationClosed if old_status == "closed" else IllegalTransition
+            raise error(f"conversation is {old_status}; cannot become {to}",
+                        details={"status": old_status, "requested": to})
+        return old_status  # type: ignore[return-value]
+
+    # Turns --------------------------------------------------------------------------------------
+
+    async def append_turn(self, turn: Turn, *, allowed: Iterable[str], dedupe_key: str | None = None,
+                          dedupe_ttl: int = 0, queue_if_inactive: bool = False) -> Appended:
+        """Append `turn` with the next seq if the conversation's status is in `allowed`.
+
+        With `dedupe_key`, a second append under the same key returns the first one's seq instead.
+        Raises NotFound, or ConversationClosed / IllegalTransition when the status forbids it.
+        """
+        cid = turn.conversation_id
+        body = _enc.encode(msgspec.structs.replace(turn, seq=-1))
+        dedupe = self._seen(cid, dedupe_key) if dedupe_key else self._seen(cid, "-")
+        result = await self._append(
+            keys=[self._conv(cid), self._turns(cid), dedupe, self._pending(cid)],
+            args=[body, ",".join(allowed), utcnow().isoformat(),
+                  dedupe_ttl if dedupe_key else 0, "1" if queue_if_inactive else "0"],
+        )
+        seq = int(result[0])
+        status = result[1].decode() if result[1] else ""
+        if seq == -1:
+            raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
+        if seq == -2:
+            error = ConversationClosed if status == "closed" else IllegalTransition
+            raise error(f"conversation is {status}", details={"status": status})
+        return Appended(seq=seq, status=status, duplicate=len(result) > 2)  # type: ignore[arg-type]
+
+    async def get_turn(self, cid: str, seq: int) -> Turn | None:
+        raw = await self.redis.hget(self._turns(cid), str(seq))
+        return _turn_dec.decode(raw) if raw else None
+
+    async def turns_after(self, cid: str, after_seq: int, limit: int) -> list[Turn]:
+        """Turns with seq > after_seq, in order: one HMGET, however long the history is."""
+        last = int(await self.redis.hget(self._conv(cid), "last_seq") or 0)
+        upto = min(last, after_seq + limit)
+        if upto <= after_seq:
+            return []
+        raws = await self.redis.hmget(self._turns(cid), [str(s) for s in range(after_seq + 1, upto + 1)])
+        return [_turn_dec.decode(r) for r in raws if r is not None]
+
+    async def seen_seq(self, cid: str, dedupe_key: str) -> int | None:
+        raw = await self.redis.get(self._seen(cid, dedupe_key))
+        return int(raw) if raw is not None else None
+
+    async def pending_seqs(self, cid: str) -> list[int]:
+        return [int(s) for s in await self.redis.lrange(self._pending(cid), 0, -1)]
+
+    # Which conversation an inbound envelope belongs to ------------------------------------------
+
+    async def open_conversation_id(self, end_user_id: str, channel: str, address: str) -> str | None:
+        raw = await self.redis.get(self._open(end_user_id, channel, address))
+        return raw.decode() if raw else None
+
+    async def claim_open_conversation(self, end_user_id: str, channel: str, address: str,
+                                      cid: str, previous: str | None) -> str:
+        """Point the (user, channel, our address) index at `cid` unless someone else got there first.
+
+        `previous` is the closed conversation the index pointed at, replaced only if still there.
+        """
+        key = self._open(end_user_id, channel, address)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    current = await pipe.get(key)
+                    current_id = current.decode() if current else None
+                    if current_id not in (None, previous):
+                        return current_id  # type: ignore[return-value]
+                    pipe.multi()
+                    pipe.set(key, cid)
+                    await pipe.execute()
+                    return cid
+                except redis.WatchError:
+                    continue
+
+    async def remember_inbound(self, envelope_id: str, cid: str, ttl: int) -> None:
+        """Map an envelope to the conversation it opened, so a redelivery finds the same one."""
+        await self.redis.set(self._inbound_seen(envelope_id), cid, ex=ttl, nx=True)
+
+    async def inbound_conversation(self, envelope_id: str) -> str | None:
+        raw = await self.redis.get(self._inbound_seen(envelope_id))
+        return raw.decode() if raw else None
+
+    # End users and identities -------------------------------------------------------------------
+
+    async def resolve_identity(self, kind: IdentifierKind, value: str) -> tuple[str, bool]:
+        """(end_user_id, created). Creates the user first, then claims the identifier, so a crash
+        between the two leaves at most an orphan user, never an identifier pointing at nothing."""
+        existing = await self.redis.get(self._ident(kind, value))
+        if existing:
+            return existing.decode(), False
+        user = EndUser(id=new_id("usr"), created_at=utcnow(),
+                       identities=(Identity(kind=kind, value=value),))
+        await self.redis.set(self._user(user.id), _enc.encode(user))
+        if await self.redis.set(self._ident(kind, value), user.id, nx=True):
+            return user.id, True
+        await self.redis.delete(self._user(user.id))
+        winner = await self.redis.get(self._ident(kind, value))
+        return winner.decode(), False  # type: ignore[union-attr]
+
+    async def create_anonymous_user(self) -> str:
+        user = EndUser(id=new_id("usr"), created_at=utcnow())
+        await self.redis.set(self._user(user.id), _enc.encode(user))
+        return user.id
+
+    async def get_end_user(self, uid: str) -> EndUser:
+        raw = await self.redis.get(self._user(uid))
+        if not raw:
+            raise NotFound(f"end user {uid} not found", details={"end_user_id": uid})
+        return msgspec.json.decode(raw, type=EndUser)
+
+    # Agents and revisions (immutable once written) -----------------------------------------------
+
+    async def put_agent(self, agent: Agent) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(f"{self.ns}agent:{agent.id}", _enc.encode(agent))
+        pipe.zadd(f"{self.ns}agents", {agent.id: 0})
+        await pipe.execute()
+
+    async def get_agent(self, agent_id: str) -> Agent:
+        return await self._get(f"{self.ns}agent:{agent_id}", Agent, f"agent {agent_id}")
+
+    async def list_agents(self) -> list[Agent]:
+        ids = await self.redis.zrange(f"{self.ns}agents", 0, -1)
+        raws = await self.redis.mget([f"{self.ns}agent:{i.decode()}" for i in ids]) if ids else []
+        return [msgspec.json.decode(r, type=Agent) for r in raws if r]
+
+    async def next_revision_number(self, agent_id: str) -> int:
+        return int(await self.redis.incr(f"{self.ns}agent-revisions:{agent_id}"))
+
+    async def put_revision(self, revision: Revision) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(f"{self.ns}revision:{revision.id}", _enc.encode(revision))
+        pipe.zadd(f"{self.ns}revisions:{revision.agent_id}", {revision.id: revision.number})
+        await pipe.execute()
+
+    async def get_revision(self, revision_id: str) -> Revision:
+        return await self._get(f"{self.ns}revision:{revision_id}", Revision, f"revision {revision_id}")
+
+    async def list_revisions(self, agent_id: str) -> list[Revision]:
+        ids = await self.redis.zrange(f"{self.ns}revisions:{agent_id}", 0, -1)
+        raws = await self.redis.mget([f"{self.ns}revision:{i.decode()}" for i in ids]) if ids else []
+        return [msgspec.json.decode(r, type=Revision) for r in raws if r]
+
+    # API keys ------------------------------------------------------------------------------------
+
+    async def put_api_key(self, key: ApiKey, secret_hash: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(f"{self.ns}apikey:{secret_hash}", _enc.encode(key))
+        pipe.zadd(f"{self.ns}apikeys", {key.id: 0})
+        await pipe.execute()
+
+    async def api_key_by_hash(self, secret_hash: str) -> ApiKey | None:
+        raw = await self.redis.get(f"{self.ns}apikey:{secret_hash}")
+        return msgspec.json.decode(raw, type=ApiKey) if raw else None
+
+    # Helpers -------------------------------------------------------------------------------------
+
+    async def _get(self, key: str, type_: type[T], what: str) -> T:
+        raw = await self.redis.get(key)
+        if not raw:
+            raise NotFound(f"{what} not found")
+        return msgspec.json.decode(raw, type=type_)
+
+
+def _conversation_from_hash(raw: dict[bytes, bytes]) -> Conversation:
+    doc = _conv_doc_dec.decode(raw[b"doc"])
+    doc["status"] = raw[b"status"].decode()
+    doc["last_seq"] = int(raw[b"last_seq"])
+    doc["updated_at"] = datetime.fromisoformat(raw[b"updated_at"].decode())
+    if b"closed_reason" in raw:
+        doc["closed_reason"] = raw[b"closed_reason"].decode()
+    return msgspec.convert(doc, Conversation, strict=False)
+
+
+Outcome = Literal["ok", "illegal", "not_found"]

@@ -1,0 +1,89 @@
+"""NATS subject and stream names, in one place.
+
+A namespace prefixes every subject and stream so several gateways (or several tests) can share one
+NATS server without seeing each other's traffic. The default namespace is empty: `gw.in.sms.3`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Subjects:
+    namespace: str = ""
+    partitions: int = 16
+
+    def _s(self, subject: str) -> str:
+        return f"{self.namespace}.{subject}" if self.namespace else subject
+
+    def _stream(self, name: str) -> str:
+        return f"{self.namespace.upper().replace('.', '_')}_{name}" if self.namespace else name
+
+    # Streams and the subjects they hold.
+    @property
+    def inbound_stream(self) -> str:
+        return self._stream("INBOUND")
+
+    @property
+    def outbound_stream(self) -> str:
+        return self._stream("OUTBOUND")
+
+    @property
+    def events_stream(self) -> str:
+        return self._stream("EVENTS")
+
+    @property
+    def dead_stream(self) -> str:
+        return self._stream("DEAD")
+
+    @property
+    def inbound_all(self) -> str:
+        return self._s("gw.in.>")
+
+    @property
+    def outbound_all(self) -> str:
+        return self._s("gw.out.>")
+
+    @property
+    def events_all(self) -> str:
+        return self._s("gw.evt.>")
+
+    @property
+    def dead_all(self) -> str:
+        return self._s("gw.dead.>")
+
+    # Concrete subjects.
+    def partition_of(self, routing_key: str) -> int:
+        """Stable across processes and restarts (unlike `hash()`), so replicas agree."""
+        return zlib.crc32(routing_key.encode()) % self.partitions
+
+    def inbound(self, channel: str, routing_key: str) -> str:
+        return self._s(f"gw.in.{channel}.{self.partition_of(routing_key)}")
+
+    def inbound_partition(self, partition: int) -> str:
+        """Every channel's inbound subject for one partition: what one ordered consumer reads."""
+        return self._s(f"gw.in.*.{partition}")
+
+    def outbound(self, channel: str) -> str:
+        return self._s(f"gw.out.{channel}")
+
+    def event(self, event_type: str) -> str:
+        return self._s(f"gw.evt.{event_type}")
+
+    def dead(self, source: str) -> str:
+        return self._s(f"gw.dead.{source}")
+
+    def command(self, verb: str) -> str:
+        return self._s(f"gw.cmd.{verb}")
+
+    @property
+    def commands_all(self) -> str:
+        return self._s("gw.cmd.>")
+
+    def reply(self, conversation_id: str) -> str:
+        return self._s(f"gw.reply.{conversation_id}")
+
+    def stream(self, conversation_id: str) -> str:
+        return self._s(f"gw.stream.{conversation_id}")
