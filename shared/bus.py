@@ -94,6 +94,8 @@ class Bus:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._consumers: list[asyncio.Task[None]] = []
+        self._pull_subs: list[JetStreamContext.PullSubscription] = []
+        self._idle: set[asyncio.Task[Any]] = set()  # consumer loops waiting in fetch, no message
         self._stopping = asyncio.Event()
 
     # Life cycle -------------------------------------------------------------------------------
@@ -148,11 +150,16 @@ class Bus:
     async def close(self) -> None:
         """Stop consumers after their in-flight message, then drain the connection."""
         self._stopping.set()
-        for task in self._consumers:
-            task.cancel() if task.done() else None
+        # Loops idle in fetch stop at once; a loop holding a message finishes and acks it first.
+        for task in list(self._idle):
+            task.cancel()
         if self._consumers:
             await asyncio.gather(*self._consumers, return_exceptions=True)
         self._consumers.clear()
+        for sub in self._pull_subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._pull_subs.clear()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -206,23 +213,29 @@ class Bus:
             max_deliver=max_deliver + 1,
         )
         sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
+        self._pull_subs.append(sub)
         task = asyncio.create_task(self._pull_loop(sub, handler, batch, max_deliver),
                                    name=f"consume:{durable}")
         self._consumers.append(task)
 
     async def _pull_loop(self, sub: JetStreamContext.PullSubscription, handler: Handler,
                          batch: int, max_deliver: int) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while not self._stopping.is_set():
+            self._idle.add(me)
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
             except NatsTimeout:
                 continue
             except asyncio.CancelledError:
-                raise
+                return
             except Exception as exc:  # connection loss: the client reconnects by itself
                 log.warning("fetch failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            finally:
+                self._idle.discard(me)
             for msg in msgs:
                 # Shielded: a shutdown waits for the message in hand to be finished and acked.
                 await asyncio.shield(self._handle(msg, handler, max_deliver))

@@ -69,11 +69,34 @@ class Gateway:
         # Subscribed before publishing, on the same connection: the reply cannot overtake us.
         sub = await self.bus.nc.subscribe(self.subjects.reply(conv.id), cb=on_reply)
         try:
-            await self.bus.publish(self.subjects.inbound("api", conv.id), _enc.encode(env),
-                                   msg_id=env.id)
+            ack = await self.bus.publish(self.subjects.inbound("api", conv.id), _enc.encode(env),
+                                         msg_id=env.id)
+            if ack.duplicate:
+                # A client retry of an envelope JetStream already holds: answer from the store if
+                # core is done with it, else wait for the reply of the delivery in flight.
+                earlier = await self.earlier_reply(conv.id, env.id)
+                if earlier is not None:
+                    return earlier
             return await asyncio.wait_for(answered, self.settings.turn_timeout_seconds)
         except TimeoutError as exc:
             raise TurnTimeout("the agent did not answer in time; the turn is accepted and will "
                               "appear in the transcript", details={"envelope_id": env.id}) from exc
         finally:
             await sub.unsubscribe()
+
+    async def earlier_reply(self, cid: str, envelope_id: str) -> TurnReply | None:
+        conv = await self.store.get_conversation(cid)
+        user_seq = await self.store.seen_seq(cid, envelope_id)
+        if user_seq is None:
+            return None
+        answer_seq = await self.store.seen_seq(cid, f"{envelope_id}:reply")
+        answer = await self.store.get_turn(cid, answer_seq) if answer_seq else None
+        if answer is not None:
+            return TurnReply(envelope_id=envelope_id, conversation_id=cid, outcome="answered",
+                             session_status=conv.status, message_seqs=(user_seq, answer.seq),
+                             turn=answer, user_seq=user_seq)
+        if conv.status != "active":
+            return TurnReply(envelope_id=envelope_id, conversation_id=cid, outcome="queued",
+                             session_status=conv.status, message_seqs=(user_seq,),
+                             user_seq=user_seq)
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from services.api.gateway import Gateway
@@ -69,8 +70,9 @@ class ConversationController(Controller):
         return await gateway.command("close_conversation", CloseConversation(
             conversation_id=conversation_id, reason=reason, actor=request.state.api_key.id))
 
-    @post("/{conversation_id:str}/turns", status_code=200,
-          responses={202: {"description": "queued"}})  # type: ignore[dict-item]
+    @post("/{conversation_id:str}/turns", status_code=200, responses={
+        202: ResponseSpec(data_container=QueuedTurn,
+                          description="Queued: the conversation is not active right now")})
     async def post_turn(self, conversation_id: str, data: PostTurn, gateway: Gateway,
                         request: Request) -> Response[TurnResult | QueuedTurn]:  # type: ignore[type-arg]
         conv = await gateway.store.get_conversation(conversation_id)

@@ -61,10 +61,12 @@ def chunk_document(doc_id: str, text: str, max_words: int = 80) -> list[tuple[st
 class KnowledgeIndex:
     def __init__(self, kb: KnowledgeBase) -> None:
         self.kb_id = kb.id
+        # A document's title is indexed with each of its chunks: "Support hours" is how people
+        # ask for a text that never says "hours".
         self.chunks = [
-            Chunk(id=cid, text=text, terms=Counter(tokenize(text)))
+            Chunk(id=cid, text=text, terms=Counter(tokenize(f"{doc.title} {text}")))
             for doc in kb.documents
-            for cid, text in chunk_document(doc.id, f"{doc.text}")
+            for cid, text in chunk_document(doc.id, doc.text)
         ]
         n = len(self.chunks)
         self.avg_len = sum(sum(c.terms.values()) for c in self.chunks) / n if n else 0.0

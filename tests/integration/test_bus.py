@@ -1,0 +1,97 @@
+"""The bus against a real nats-server: dedupe, ordering, redelivery, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from shared.bus import Bus, Delivery, Undeliverable
+from shared.envelopes import DeadLetter
+from shared.subjects import Subjects
+from tests.conftest import Servers, eventually
+
+
+@pytest.fixture
+async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
+    bus = Bus(servers.nats_url, Subjects(namespace, partitions=2), name="test")
+    await bus.connect()
+    await bus.ensure_streams()
+    yield bus
+    await bus.close()
+
+
+async def dead_letters(bus: Bus) -> list[DeadLetter]:
+    info = await bus.js.stream_info(bus.subjects.dead_stream)
+    letters = []
+    for seq in range(1, info.state.last_seq + 1):
+        msg = await bus.js.get_msg(bus.subjects.dead_stream, seq)
+        letters.append(msgspec.json.decode(msg.data or b"", type=DeadLetter))
+    return letters
+
+
+async def test_streams_are_created_idempotently(bus: Bus) -> None:
+    await bus.ensure_streams()
+    info = await bus.js.stream_info(bus.subjects.inbound_stream)
+    assert info.config.subjects == [bus.subjects.inbound_all]
+
+
+async def test_a_republished_msg_id_is_stored_once(bus: Bus) -> None:
+    subject = bus.subjects.inbound("sms", "k")
+    first = await bus.publish(subject, b"one", msg_id="SM123")
+    second = await bus.publish(subject, b"one", msg_id="SM123")
+    assert not first.duplicate
+    assert second.duplicate
+    info = await bus.js.stream_info(bus.subjects.inbound_stream)
+    assert info.state.messages == 1
+
+
+async def test_one_partition_is_consumed_in_order(bus: Bus) -> None:
+    seen: list[bytes] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.data)
+
+    for i in range(30):
+        await bus.publish(bus.subjects.inbound("api", "conv_a"), str(i).encode(), msg_id=f"m{i}")
+    partition = bus.subjects.partition_of("conv_a")
+    await bus.consume(stream=bus.subjects.inbound_stream, durable="p",
+                      filter_subject=bus.subjects.inbound_partition(partition), handler=handler)
+    await eventually(lambda: asyncio.sleep(0, len(seen) == 30), what="30 messages")
+    assert seen == [str(i).encode() for i in range(30)]
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None:
+    attempts: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        raise RuntimeError("store down")
+
+    await bus.publish(bus.subjects.inbound("api", "k"), b"payload", msg_id="x1")
+    await bus.consume(stream=bus.subjects.inbound_stream, durable="fail",
+                      filter_subject=bus.subjects.inbound_all, handler=handler, max_deliver=3)
+    letters = await eventually(lambda: dead_letters(bus), what="a dead letter")
+    assert attempts == [1, 2, 3]
+    assert letters[0].reason.startswith("max_deliver: RuntimeError: store down")
+    assert letters[0].payload == "payload"
+    assert letters[0].deliveries == 3
+
+
+async def test_undeliverable_goes_to_dead_at_once_and_later_messages_still_flow(bus: Bus) -> None:
+    handled: list[bytes] = []
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.data == b"poison":
+            raise Undeliverable("unknown_version: v=9")
+        handled.append(delivery.data)
+
+    await bus.publish(bus.subjects.inbound("api", "k"), b"poison", msg_id="p")
+    await bus.publish(bus.subjects.inbound("api", "k"), b"fine", msg_id="f")
+    await bus.consume(stream=bus.subjects.inbound_stream, durable="poison",
+                      filter_subject=bus.subjects.inbound_all, handler=handler)
+    await eventually(lambda: asyncio.sleep(0, handled == [b"fine"]), what="the next message")
+    letters = await dead_letters(bus)
+    assert [(d.reason, d.deliveries) for d in letters] == [("unknown_version: v=9", 1)]

@@ -1,0 +1,143 @@
+"""The store against a real valkey-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.core.lifecycle import ACCEPTS_USER_TURNS, transition
+from shared.errors import ConversationClosed, IllegalTransition, NotFound
+from shared.models import Author, Conversation, Turn, utcnow
+from shared.store import Store
+from tests.conftest import Servers
+
+
+@pytest.fixture
+async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
+    store = Store(servers.redis_url, namespace)
+    yield store
+    await store.close()
+
+
+async def new_conversation(store: Store, cid: str = "conv_1") -> Conversation:
+    now = utcnow()
+    conv = Conversation(id=cid, end_user_id="usr_1", channel="api", status="active",
+                        session_type="live", assigned_agent_id="a", pinned_revision_id="r",
+                        created_at=now, updated_at=now, context_variables={"plan": "gold"})
+    await store.create_conversation(conv)
+    return conv
+
+
+def turn(cid: str, text: str, tid: str = "t") -> Turn:
+    return Turn(id=tid, conversation_id=cid, seq=0, role="user", content=text,
+                author=Author(kind="end_user"), created_at=utcnow())
+
+
+async def test_conversation_round_trips(store: Store) -> None:
+    conv = await new_conversation(store)
+    loaded = await store.get_conversation(conv.id)
+    assert loaded.context_variables == {"plan": "gold"}
+    assert loaded.status == "active"
+    assert loaded.created_at == conv.created_at
+
+
+async def test_turns_get_consecutive_seqs_even_when_appended_concurrently(store: Store) -> None:
+    conv = await new_conversation(store)
+    results = await asyncio.gather(*[
+        store.append_turn(turn(conv.id, f"m{i}", f"t{i}"), allowed=ACCEPTS_USER_TURNS)
+        for i in range(50)
+    ])
+    assert sorted(r.seq for r in results) == list(range(1, 51))
+    turns = await store.turns_after(conv.id, 0, 100)
+    assert [t.seq for t in turns] == list(range(1, 51))
+    assert {t.content for t in turns} == {f"m{i}" for i in range(50)}
+
+
+async def test_user_content_that_looks_like_a_seq_field_is_kept_verbatim(store: Store) -> None:
+    conv = await new_conversation(store)
+    text = 'evil "seq":-1, text'
+    appended = await store.append_turn(turn(conv.id, text), allowed=ACCEPTS_USER_TURNS)
+    stored = await store.get_turn(conv.id, appended.seq)
+    assert stored is not None
+    assert stored.content == text
+    assert stored.seq == 1
+
+
+async def test_the_same_dedupe_key_appends_once(store: Store) -> None:
+    conv = await new_conversation(store)
+    first = await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS,
+                                    dedupe_key="env_1", dedupe_ttl=60)
+    second = await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS,
+                                     dedupe_key="env_1", dedupe_ttl=60)
+    assert (first.seq, first.duplicate) == (1, False)
+    assert (second.seq, second.duplicate) == (1, True)
+    assert len(await store.turns_after(conv.id, 0, 10)) == 1
+
+
+async def test_closed_conversations_refuse_turns(store: Store) -> None:
+    conv = await new_conversation(store)
+    await transition(store, conv.id, "closed", "done")
+    with pytest.raises(ConversationClosed):
+        await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS)
+    assert await store.turns_after(conv.id, 0, 10) == []
+
+
+async def test_messages_for_an_inactive_conversation_are_queued(store: Store) -> None:
+    conv = await new_conversation(store)
+    await transition(store, conv.id, "waiting_for_human")
+    appended = await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS,
+                                       queue_if_inactive=True)
+    assert appended.status == "waiting_for_human"
+    assert await store.pending_seqs(conv.id) == [appended.seq]
+
+
+async def test_illegal_transitions_report_the_current_status(store: Store) -> None:
+    conv = await new_conversation(store)
+    with pytest.raises(IllegalTransition) as caught:
+        await transition(store, conv.id, "active")
+    assert caught.value.details["status"] == "active"
+    await transition(store, conv.id, "closed", "bye")
+    with pytest.raises(ConversationClosed):
+        await transition(store, conv.id, "waiting_for_human")
+    assert (await store.get_conversation(conv.id)).closed_reason == "bye"
+
+
+async def test_unknown_conversations_are_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.get_conversation("conv_missing")
+    with pytest.raises(NotFound):
+        await store.append_turn(turn("conv_missing", "x"), allowed=ACCEPTS_USER_TURNS)
+    with pytest.raises(NotFound):
+        await transition(store, "conv_missing", "closed")
+
+
+async def test_concurrent_identity_resolution_creates_one_end_user(store: Store) -> None:
+    results = await asyncio.gather(*[store.resolve_identity("phone", "+14155550109")
+                                     for _ in range(20)])
+    assert len({uid for uid, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    user = await store.get_end_user(results[0][0])
+    assert user.identities[0].value == "+14155550109"
+
+
+async def test_keys_are_hash_tagged_by_conversation(store: Store) -> None:
+    conv = await new_conversation(store, "conv_tagged")
+    await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, dedupe_key="e",
+                            dedupe_ttl=60)
+    keys = [k.decode() for k in await store.redis.keys(f"{store.ns}*{{conv_tagged}}*")]
+    assert len(keys) == 3  # conversation, turns, dedupe key: one cluster slot
+
+
+async def test_conversation_list_pages_newest_first_with_filters(store: Store) -> None:
+    for i in range(7):
+        await new_conversation(store, f"conv_{i:02d}")
+    await transition(store, "conv_03", "closed")
+    first = await store.list_conversations(cursor=None, limit=3, filters={})
+    assert [c.id for c in first.items] == ["conv_06", "conv_05", "conv_04"]
+    second = await store.list_conversations(cursor=first.next_cursor, limit=3, filters={})
+    assert [c.id for c in second.items] == ["conv_03", "conv_02", "conv_01"]
+    closed = await store.list_conversations(cursor=None, limit=10, filters={"status": "closed"})
+    assert [c.id for c in closed.items] == ["conv_03"]
+    assert closed.next_cursor is None
