@@ -84,8 +84,15 @@ def stream_configs(subjects: Subjects, replicas: int) -> list[StreamConfig]:
 
 
 class Bus:
-    def __init__(self, url: str, subjects: Subjects, *, name: str, metrics: Metrics | None = None,
-                 replicas: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        subjects: Subjects,
+        *,
+        name: str,
+        metrics: Metrics | None = None,
+        replicas: int = 1,
+    ) -> None:
         self.url = url
         self.subjects = subjects
         self.name = name
@@ -168,15 +175,24 @@ class Bus:
 
     # Publishing -------------------------------------------------------------------------------
 
-    async def publish(self, subject: str, payload: bytes, *, msg_id: str,
-                      headers: dict[str, str] | None = None, timeout: float = 5.0) -> PubAck:
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        msg_id: str,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> PubAck:
         """Publish durably; returns once JetStream has stored it. `msg_id` makes re-publishing a no-op."""
         all_headers = {"Nats-Msg-Id": msg_id}
         if headers:
             all_headers.update(headers)
         return await self.js.publish(subject, payload, timeout=timeout, headers=all_headers)
 
-    async def dead_letter(self, source_subject: str, data: bytes, reason: str, deliveries: int) -> None:
+    async def dead_letter(
+        self, source_subject: str, data: bytes, reason: str, deliveries: int
+    ) -> None:
         letter = DeadLetter(
             id=new_id("dead"),
             source_subject=source_subject,
@@ -186,17 +202,30 @@ class Bus:
             payload=data.decode("utf-8", "replace"),
         )
         source = source_subject.split(".")[-3] if source_subject.count(".") >= 2 else "unknown"
-        await self.publish(self.subjects.dead(source), msgspec.json.encode(letter), msg_id=letter.id)
+        await self.publish(
+            self.subjects.dead(source), msgspec.json.encode(letter), msg_id=letter.id
+        )
         if self.metrics:
             self.metrics.dead_letters.labels(reason=reason.split(":")[0]).inc()
-        log.error("dead-lettered", extra={"subject": source_subject, "reason": reason,
-                                          "deliveries": deliveries})
+        log.error(
+            "dead-lettered",
+            extra={"subject": source_subject, "reason": reason, "deliveries": deliveries},
+        )
 
     # Consuming --------------------------------------------------------------------------------
 
-    async def consume(self, *, stream: str, durable: str, filter_subject: str, handler: Handler,
-                      max_ack_pending: int = 1, max_deliver: int = 5, ack_wait: float = 30.0,
-                      batch: int = 1) -> None:
+    async def consume(
+        self,
+        *,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        handler: Handler,
+        max_ack_pending: int = 1,
+        max_deliver: int = 5,
+        ack_wait: float = 30.0,
+        batch: int = 1,
+    ) -> None:
         """Run `handler` for every message of a durable pull consumer, in a task this bus owns.
 
         `max_ack_pending=1` makes the consumer strictly ordered across every replica bound to the
@@ -212,14 +241,18 @@ class Bus:
             # The server's own cap sits above ours so the last attempt is always ours to dead-letter.
             max_deliver=max_deliver + 1,
         )
-        sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
+        sub = await self.js.pull_subscribe(
+            filter_subject, durable=durable, stream=stream, config=config
+        )
         self._pull_subs.append(sub)
-        task = asyncio.create_task(self._pull_loop(sub, handler, batch, max_deliver),
-                                   name=f"consume:{durable}")
+        task = asyncio.create_task(
+            self._pull_loop(sub, handler, batch, max_deliver), name=f"consume:{durable}"
+        )
         self._consumers.append(task)
 
-    async def _pull_loop(self, sub: JetStreamContext.PullSubscription, handler: Handler,
-                         batch: int, max_deliver: int) -> None:
+    async def _pull_loop(
+        self, sub: JetStreamContext.PullSubscription, handler: Handler, batch: int, max_deliver: int
+    ) -> None:
         me = asyncio.current_task()
         assert me is not None
         while not self._stopping.is_set():
@@ -242,18 +275,24 @@ class Bus:
 
     async def _handle(self, msg: Msg, handler: Handler, max_deliver: int) -> None:
         attempt = msg.metadata.num_delivered or 1
-        delivery = Delivery(subject=msg.subject, data=msg.data, headers=dict(msg.headers or {}),
-                            attempt=attempt)
+        delivery = Delivery(
+            subject=msg.subject, data=msg.data, headers=dict(msg.headers or {}), attempt=attempt
+        )
         try:
             await handler(delivery)
         except Undeliverable as exc:
             await self._dead_letter_and_ack(msg, exc.reason, attempt)
         except Exception as exc:
             if attempt >= max_deliver:
-                await self._dead_letter_and_ack(msg, f"max_deliver: {type(exc).__name__}: {exc}", attempt)
+                await self._dead_letter_and_ack(
+                    msg, f"max_deliver: {type(exc).__name__}: {exc}", attempt
+                )
             else:
-                log.warning("handler failed, will redeliver", exc_info=True,
-                            extra={"subject": msg.subject, "attempt": attempt})
+                log.warning(
+                    "handler failed, will redeliver",
+                    exc_info=True,
+                    extra={"subject": msg.subject, "attempt": attempt},
+                )
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=min(0.2 * 2 ** (attempt - 1), 10.0))
         else:
@@ -266,7 +305,9 @@ class Bus:
 
     # Core NATS request/reply ------------------------------------------------------------------
 
-    async def serve(self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
+    async def serve(
+        self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]
+    ) -> None:
         await self.nc.subscribe(subject, queue=queue, cb=handler)
 
     async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:

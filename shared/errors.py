@@ -71,7 +71,8 @@ def _codes(root: type[SwitchboardError]) -> dict[str, type[SwitchboardError]]:
     return table
 
 
-def error_from_code(code: str, message: str,
-                    details: dict[str, Any] | None = None) -> SwitchboardError:
+def error_from_code(
+    code: str, message: str, details: dict[str, Any] | None = None
+) -> SwitchboardError:
     """Rebuild a domain error that crossed the bus as (code, message, details)."""
     return _codes(SwitchboardError).get(code, SwitchboardError)(message, details=details)

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
 from litestar import Litestar, MediaType, Response, get
+from litestar.handlers import HTTPRouteHandler
 
 from shared.telemetry import Metrics
 
@@ -18,7 +19,7 @@ log = logging.getLogger("switchboard.http")
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 
 
-def probe_handlers(ready: ReadyCheck, metrics: Metrics) -> list[object]:
+def probe_handlers(ready: ReadyCheck, metrics: Metrics) -> list[HTTPRouteHandler]:
     """`/healthz` (the process answers), `/readyz` (its dependencies answer), `/metrics`."""
 
     @get("/healthz", media_type=MediaType.JSON, include_in_schema=False, opt={"public": True})
@@ -39,19 +40,35 @@ def probe_handlers(ready: ReadyCheck, metrics: Metrics) -> list[object]:
 
 
 def probe_app(ready: ReadyCheck, metrics: Metrics) -> Litestar:
-    return Litestar(route_handlers=probe_handlers(ready, metrics), openapi_config=None,
-                    logging_config=None)
+    return Litestar(
+        route_handlers=probe_handlers(ready, metrics), openapi_config=None, logging_config=None
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns SIGTERM and stops us in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class HttpServer:
     """uvicorn running in the current loop, owned by the service that started it."""
 
     def __init__(self, app: Litestar, host: str, port: int) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                lifespan="on", loop="none", http="httptools",
-                                timeout_graceful_shutdown=10)
-        self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            loop="none",
+            http="httptools",
+            timeout_graceful_shutdown=10,
+        )
+        self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
         self.host, self.port = host, port
 
@@ -60,7 +77,9 @@ class HttpServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name=f"http:{self.port}")
+        self._task = asyncio.create_task(
+            self.server.serve(sockets=[sock]), name=f"http:{self.port}"
+        )
         while not self.server.started:
             if self._task.done():
                 self._task.result()  # re-raise why it could not start

@@ -47,7 +47,9 @@ def make_identifier(kind: IdentifierKind, raw: str) -> Identifier:
     else:
         normalized = raw.strip()
         if not normalized or len(normalized) > 256:
-            raise InvalidRequest("identifier must be 1-256 characters", details={"field": "identifier"})
+            raise InvalidRequest(
+                "identifier must be 1-256 characters", details={"field": "identifier"}
+            )
     return Identifier(kind=kind, raw=raw, normalized=normalized)
 
 

@@ -116,7 +116,9 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     timeout_seconds: float = 24 * 3600
     on_reject: Literal["close", "continue"] = "close"
     suspend_message: str = "I've asked a colleague to approve this. I'll get back to you shortly."
-    fallback_message: str = "Sorry, I couldn't get that approved. A member of our team will follow up."
+    fallback_message: str = (
+        "Sorry, I couldn't get that approved. A member of our team will follow up."
+    )
 
 
 class Revision(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,8 +13,9 @@ from shared.telemetry import configure_logging
 log = logging.getLogger("switchboard")
 
 
-def run_service(name: str, settings_type: type[S],
-                run: Callable[[S, asyncio.Event], Awaitable[None]]) -> None:
+def run_service(
+    name: str, settings_type: type[S], run: Callable[[S, asyncio.Event], Awaitable[None]]
+) -> None:
     settings = load_settings(settings_type)
     configure_logging(name, settings.log_level, settings.log_format)
 

@@ -23,8 +23,8 @@ from shared.models import (
     ApiKey,
     Conversation,
     EndUser,
-    Identity,
     IdentifierKind,
+    Identity,
     Revision,
     Status,
     Turn,
@@ -96,14 +96,20 @@ class Page:
     next_cursor: str | None
 
 
+def _text(value: Any) -> str:
+    """redis-py types replies as bytes | str; with decode_responses=False they are bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def hash_api_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class Store:
     def __init__(self, url: str, namespace: str = "") -> None:
-        self.redis: redis.Redis = redis.Redis.from_url(url, decode_responses=False,
-                                                       health_check_interval=10)
+        self.redis: redis.Redis = redis.Redis.from_url(
+            url, decode_responses=False, health_check_interval=10
+        )
         self.ns = f"{namespace}:" if namespace else ""
         self._append = self.redis.register_script(_APPEND_TURN)
         self._transition = self.redis.register_script(_TRANSITION)
@@ -151,12 +157,15 @@ class Store:
         doc.pop("updated_at")
         doc.pop("closed_reason")
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._conv(conv.id), mapping={
-            "doc": _enc.encode(doc),
-            "status": status,
-            "last_seq": last_seq,
-            "updated_at": conv.updated_at.isoformat(),
-        })
+        pipe.hset(
+            self._conv(conv.id),
+            mapping={
+                "doc": _enc.encode(doc),
+                "status": status,
+                "last_seq": last_seq,
+                "updated_at": conv.updated_at.isoformat(),
+            },
+        )
         # Ids are time-sortable, so a lexicographic index pages in creation order.
         pipe.zadd(f"{self.ns}convs", {conv.id: 0})
         await pipe.execute()
@@ -173,8 +182,9 @@ class Store:
             pipe.hgetall(self._conv(cid))
         return [_conversation_from_hash(raw) for raw in await pipe.execute() if raw]
 
-    async def list_conversations(self, *, cursor: str | None, limit: int,
-                                 filters: dict[str, str]) -> Page:
+    async def list_conversations(
+        self, *, cursor: str | None, limit: int, filters: dict[str, str]
+    ) -> Page:
         """Newest first; `cursor` is the last id of the previous page. Filters apply per page scan."""
         key = f"{self.ns}convs"
         found: list[Conversation] = []
@@ -183,34 +193,45 @@ class Store:
             ids = await self.redis.zrevrangebylex(key, upper, b"-", start=0, num=max(limit * 2, 50))
             if not ids:
                 break
-            batch = await self.get_conversations([i.decode() for i in ids])
+            batch = await self.get_conversations([_text(i) for i in ids])
             for conv in batch:
                 if all(str(getattr(conv, f)) == v for f, v in filters.items()):
                     found.append(conv)
-            upper = b"(" + ids[-1]
+            upper = b"(" + _text(ids[-1]).encode()
         items = found[:limit]
         more = len(found) > limit
         return Page(items=items, next_cursor=items[-1].id if more and items else None)
 
-    async def transition(self, cid: str, to: Status, legal_from: Iterable[str],
-                         reason: str = "") -> Status:
+    async def transition(
+        self, cid: str, to: Status, legal_from: Iterable[str], reason: str = ""
+    ) -> Status:
         """Atomically move to `to` if the current status is one of `legal_from`; returns the old one."""
         now = utcnow().isoformat()
-        old, outcome = await self._transition(keys=[self._conv(cid)],
-                                              args=[to, ",".join(legal_from), now, reason])
-        old_status = old.decode()
+        old, outcome = await self._transition(
+            keys=[self._conv(cid)], args=[to, ",".join(legal_from), now, reason]
+        )
+        old_status: Status = _text(old)  # type: ignore[assignment]
         if outcome == b"not_found":
             raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
         if outcome == b"illegal":
             error = ConversationClosed if old_status == "closed" else IllegalTransition
-            raise error(f"conversation is {old_status}; cannot become {to}",
-                        details={"status": old_status, "requested": to})
-        return old_status  # type: ignore[return-value]
+            raise error(
+                f"conversation is {old_status}; cannot become {to}",
+                details={"status": old_status, "requested": to},
+            )
+        return old_status
 
     # Turns --------------------------------------------------------------------------------------
 
-    async def append_turn(self, turn: Turn, *, allowed: Iterable[str], dedupe_key: str | None = None,
-                          dedupe_ttl: int = 0, queue_if_inactive: bool = False) -> Appended:
+    async def append_turn(
+        self,
+        turn: Turn,
+        *,
+        allowed: Iterable[str],
+        dedupe_key: str | None = None,
+        dedupe_ttl: int = 0,
+        queue_if_inactive: bool = False,
+    ) -> Appended:
         """Append `turn` with the next seq if the conversation's status is in `allowed`.
 
         With `dedupe_key`, a second append under the same key returns the first one's seq instead.
@@ -221,11 +242,16 @@ class Store:
         dedupe = self._seen(cid, dedupe_key) if dedupe_key else self._seen(cid, "-")
         result = await self._append(
             keys=[self._conv(cid), self._turns(cid), dedupe, self._pending(cid)],
-            args=[body, ",".join(allowed), utcnow().isoformat(),
-                  dedupe_ttl if dedupe_key else 0, "1" if queue_if_inactive else "0"],
+            args=[
+                body,
+                ",".join(allowed),
+                utcnow().isoformat(),
+                dedupe_ttl if dedupe_key else 0,
+                "1" if queue_if_inactive else "0",
+            ],
         )
         seq = int(result[0])
-        status = result[1].decode() if result[1] else ""
+        status = _text(result[1]) if result[1] else ""
         if seq == -1:
             raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
         if seq == -2:
@@ -243,7 +269,9 @@ class Store:
         upto = min(last, after_seq + limit)
         if upto <= after_seq:
             return []
-        raws = await self.redis.hmget(self._turns(cid), [str(s) for s in range(after_seq + 1, upto + 1)])
+        raws = await self.redis.hmget(
+            self._turns(cid), [str(s) for s in range(after_seq + 1, upto + 1)]
+        )
         return [_turn_dec.decode(r) for r in raws if r is not None]
 
     async def seen_seq(self, cid: str, dedupe_key: str) -> int | None:
@@ -255,12 +283,15 @@ class Store:
 
     # Which conversation an inbound envelope belongs to ------------------------------------------
 
-    async def open_conversation_id(self, end_user_id: str, channel: str, address: str) -> str | None:
+    async def open_conversation_id(
+        self, end_user_id: str, channel: str, address: str
+    ) -> str | None:
         raw = await self.redis.get(self._open(end_user_id, channel, address))
-        return raw.decode() if raw else None
+        return _text(raw) if raw else None
 
-    async def claim_open_conversation(self, end_user_id: str, channel: str, address: str,
-                                      cid: str, previous: str | None) -> str:
+    async def claim_open_conversation(
+        self, end_user_id: str, channel: str, address: str, cid: str, previous: str | None
+    ) -> str:
         """Point the (user, channel, our address) index at `cid` unless someone else got there first.
 
         `previous` is the closed conversation the index pointed at, replaced only if still there.
@@ -271,10 +302,10 @@ class Store:
                 try:
                     await pipe.watch(key)
                     current = await pipe.get(key)
-                    current_id = current.decode() if current else None
-                    if current_id not in (None, previous):
-                        return current_id  # type: ignore[return-value]
-                    pipe.multi()
+                    current_id = _text(current) if current else None
+                    if current_id is not None and current_id != previous:
+                        return current_id
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(key, cid)
                     await pipe.execute()
                     return cid
@@ -287,7 +318,7 @@ class Store:
 
     async def inbound_conversation(self, envelope_id: str) -> str | None:
         raw = await self.redis.get(self._inbound_seen(envelope_id))
-        return raw.decode() if raw else None
+        return _text(raw) if raw else None
 
     # End users and identities -------------------------------------------------------------------
 
@@ -296,15 +327,16 @@ class Store:
         between the two leaves at most an orphan user, never an identifier pointing at nothing."""
         existing = await self.redis.get(self._ident(kind, value))
         if existing:
-            return existing.decode(), False
-        user = EndUser(id=new_id("usr"), created_at=utcnow(),
-                       identities=(Identity(kind=kind, value=value),))
+            return _text(existing), False
+        user = EndUser(
+            id=new_id("usr"), created_at=utcnow(), identities=(Identity(kind=kind, value=value),)
+        )
         await self.redis.set(self._user(user.id), _enc.encode(user))
         if await self.redis.set(self._ident(kind, value), user.id, nx=True):
             return user.id, True
         await self.redis.delete(self._user(user.id))
         winner = await self.redis.get(self._ident(kind, value))
-        return winner.decode(), False  # type: ignore[union-attr]
+        return _text(winner), False
 
     async def create_anonymous_user(self) -> str:
         user = EndUser(id=new_id("usr"), created_at=utcnow())
@@ -330,7 +362,7 @@ class Store:
 
     async def list_agents(self) -> list[Agent]:
         ids = await self.redis.zrange(f"{self.ns}agents", 0, -1)
-        raws = await self.redis.mget([f"{self.ns}agent:{i.decode()}" for i in ids]) if ids else []
+        raws = await self.redis.mget([f"{self.ns}agent:{_text(i)}" for i in ids]) if ids else []
         return [msgspec.json.decode(r, type=Agent) for r in raws if r]
 
     async def next_revision_number(self, agent_id: str) -> int:
@@ -343,11 +375,13 @@ class Store:
         await pipe.execute()
 
     async def get_revision(self, revision_id: str) -> Revision:
-        return await self._get(f"{self.ns}revision:{revision_id}", Revision, f"revision {revision_id}")
+        return await self._get(
+            f"{self.ns}revision:{revision_id}", Revision, f"revision {revision_id}"
+        )
 
     async def list_revisions(self, agent_id: str) -> list[Revision]:
         ids = await self.redis.zrange(f"{self.ns}revisions:{agent_id}", 0, -1)
-        raws = await self.redis.mget([f"{self.ns}revision:{i.decode()}" for i in ids]) if ids else []
+        raws = await self.redis.mget([f"{self.ns}revision:{_text(i)}" for i in ids]) if ids else []
         return [msgspec.json.decode(r, type=Revision) for r in raws if r]
 
     # API keys ------------------------------------------------------------------------------------
@@ -371,7 +405,7 @@ class Store:
         return msgspec.json.decode(raw, type=type_)
 
 
-def _conversation_from_hash(raw: dict[bytes, bytes]) -> Conversation:
+def _conversation_from_hash(raw: dict[Any, Any]) -> Conversation:
     doc = _conv_doc_dec.decode(raw[b"doc"])
     doc["status"] = raw[b"status"].decode()
     doc["last_seq"] = int(raw[b"last_seq"])

@@ -36,7 +36,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     valkey: ChildProcess = start_valkey(data_dir, "127.0.0.1", redis_port)
     nats: ChildProcess = start_nats(data_dir, "127.0.0.1", nats_port)
     try:
-        yield Servers(f"nats://127.0.0.1:{nats_port}", f"redis://127.0.0.1:{redis_port}/0", data_dir)
+        yield Servers(
+            f"nats://127.0.0.1:{nats_port}", f"redis://127.0.0.1:{redis_port}/0", data_dir
+        )
     finally:
         nats.stop()
         valkey.stop()
@@ -47,8 +49,9 @@ def namespace() -> str:
     return "t" + uuid.uuid4().hex[:12]
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 10.0,
-                     what: str = "condition") -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], timeout: float = 10.0, what: str = "condition"
+) -> T:
     """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -61,8 +64,13 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
 
 
 def settings_env(servers: Servers, namespace: str) -> dict[str, Any]:
-    return {"nats_url": servers.nats_url, "redis_url": servers.redis_url,
-            "namespace": namespace, "partitions": 4, "log_format": "text"}
+    return {
+        "nats_url": servers.nats_url,
+        "redis_url": servers.redis_url,
+        "namespace": namespace,
+        "partitions": 4,
+        "log_format": "text",
+    }
 
 
 @dataclass
@@ -88,12 +96,14 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     env = settings_env(servers, namespace)
     core = Core(CoreSettings(**env, core_health_port=0))
     await core.start()
-    api = HttpServer(create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)),
-                     "127.0.0.1", 0)
+    api = HttpServer(
+        create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
+    )
     await api.start()
     base_url = f"http://127.0.0.1:{api.port}"
-    async with httpx.AsyncClient(base_url=base_url, headers={"x-api-key": ADMIN_KEY},
-                                 timeout=20) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20
+    ) as client:
         yield Stack(api=client, namespace=namespace, core=core, base_url=base_url)
     await api.stop()
     await core.stop()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
@@ -30,36 +31,55 @@ log = logging.getLogger("switchboard.api")
 MAX_BODY = 1024 * 1024
 
 
-def _error(status: int, code: str, message: str, details: dict[str, object] | None = None
-           ) -> Response[ErrorResponse]:
-    return Response(ErrorResponse(error=ErrorBody(code=code, message=message, details=details or {})),
-                    status_code=status, media_type=MediaType.JSON)
+def _error(
+    status: int, code: str, message: str, details: dict[str, object] | None = None
+) -> Response[ErrorResponse]:
+    return Response(
+        ErrorResponse(error=ErrorBody(code=code, message=message, details=details or {})),
+        status_code=status,
+        media_type=MediaType.JSON,
+    )
 
 
-def on_domain_error(request: Request, exc: SwitchboardError) -> Response[ErrorResponse]:  # type: ignore[type-arg]
+def on_domain_error(
+    request: Request[Any, Any, Any], exc: SwitchboardError
+) -> Response[ErrorResponse]:
     if exc.status >= 500:
         log.error("request failed: %s", exc.code, extra={"path": request.url.path})
     return _error(exc.status, exc.code, exc.message, exc.details)
 
 
-def on_validation_error(request: Request, exc: ValidationException) -> Response[ErrorResponse]:  # type: ignore[type-arg]
-    return _error(422, "invalid_request", "the request is malformed",
-                  {"errors": exc.extra if isinstance(exc.extra, list) else []})
+def on_validation_error(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[ErrorResponse]:
+    return _error(
+        422,
+        "invalid_request",
+        "the request is malformed",
+        {"errors": exc.extra if isinstance(exc.extra, list) else []},
+    )
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
-               429: "rate_limited"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
 
 
-def on_http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:  # type: ignore[type-arg]
+def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorResponse]:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     if exc.status_code == 400:  # malformed JSON and friends: the body is unusable
         return _error(422, "invalid_request", exc.detail)
     return _error(exc.status_code, code, exc.detail)
 
 
-def on_unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:  # type: ignore[type-arg]
+def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
     log.exception("unhandled error", extra={"path": request.url.path})
     return _error(500, "internal_error", "something went wrong on our side")
 
@@ -80,8 +100,9 @@ def create_app(settings: ApiSettings) -> Litestar:
         await bus.connect()
         await bus.ensure_streams()
         if settings.bootstrap_api_key:
-            await keyring.create("bootstrap", ("admin",), secret=settings.bootstrap_api_key,
-                                 key_id="key_bootstrap")
+            await keyring.create(
+                "bootstrap", ("admin",), secret=settings.bootstrap_api_key, key_id="key_bootstrap"
+            )
         log.info("api ready", extra={"port": settings.api_port})
         try:
             yield
@@ -93,8 +114,13 @@ def create_app(settings: ApiSettings) -> Litestar:
         return state.gateway  # type: ignore[no-any-return]
 
     return Litestar(
-        route_handlers=[ConversationController, IdentityController, AgentController,
-                        KeyController, *probe_handlers(ready, metrics)],
+        route_handlers=[
+            ConversationController,
+            IdentityController,
+            AgentController,
+            KeyController,
+            *probe_handlers(ready, metrics),
+        ],
         lifespan=[lifespan],
         guards=[require_scope],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},

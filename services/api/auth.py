@@ -31,11 +31,21 @@ class KeyRing:
         self.store = store
         self._cache: dict[str, tuple[float, ApiKey]] = {}
 
-    async def create(self, name: str, scopes: tuple[Scope, ...], secret: str | None = None,
-                     key_id: str | None = None) -> tuple[ApiKey, str]:
+    async def create(
+        self,
+        name: str,
+        scopes: tuple[Scope, ...],
+        secret: str | None = None,
+        key_id: str | None = None,
+    ) -> tuple[ApiKey, str]:
         secret = secret or new_secret()
-        key = ApiKey(id=key_id or new_id("key"), name=name, scopes=scopes, created_at=utcnow(),
-                     prefix=secret[:7])
+        key = ApiKey(
+            id=key_id or new_id("key"),
+            name=name,
+            scopes=scopes,
+            created_at=utcnow(),
+            prefix=secret[:7],
+        )
         await self.store.put_api_key(key, hash_api_key(secret))
         return key, secret
 
@@ -67,6 +77,8 @@ async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -
         raise Unauthenticated("unknown API key")
     needed = handler.opt.get("scope", "admin")
     if not allows(key, needed):
-        raise Forbidden(f"this route needs the {needed} scope",
-                        details={"needed": needed, "scopes": list(key.scopes)})
+        raise Forbidden(
+            f"this route needs the {needed} scope",
+            details={"needed": needed, "scopes": list(key.scopes)},
+        )
     connection.state.api_key = key

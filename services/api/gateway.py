@@ -41,22 +41,39 @@ class Gateway:
 
     async def command(self, verb: str, command: Command) -> Conversation:
         try:
-            raw = await self.bus.request(self.subjects.command(verb), _enc.encode(command),
-                                         timeout=self.settings.command_timeout_seconds)
+            raw = await self.bus.request(
+                self.subjects.command(verb),
+                _enc.encode(command),
+                timeout=self.settings.command_timeout_seconds,
+            )
         except (NoRespondersError, NatsTimeout) as exc:
             raise Unavailable("core did not answer; try again") from exc
         result = _result.decode(raw)
         if not result.ok or result.conversation is None:
-            raise error_from_code(result.error_code or "internal_error",
-                                  result.error_message or "command failed", result.error_details)
+            raise error_from_code(
+                result.error_code or "internal_error",
+                result.error_message or "command failed",
+                result.error_details,
+            )
         return result.conversation
 
-    async def post_turn(self, conv: Conversation, text: str, *, idempotency_key: str | None,
-                        metadata: dict[str, Any]) -> TurnReply:
+    async def post_turn(
+        self,
+        conv: Conversation,
+        text: str,
+        *,
+        idempotency_key: str | None,
+        metadata: dict[str, Any],
+    ) -> TurnReply:
         """Publish the user's message durably and wait for core's reply to that very envelope."""
         env = InboundMessage(
-            id=envelope_id_for(conv.id, idempotency_key), channel="api", received_at=utcnow(),
-            session_type=conv.session_type, conversation_id=conv.id, text=text, metadata=metadata,
+            id=envelope_id_for(conv.id, idempotency_key),
+            channel="api",
+            received_at=utcnow(),
+            session_type=conv.session_type,
+            conversation_id=conv.id,
+            text=text,
+            metadata=metadata,
         )
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[TurnReply] = loop.create_future()
@@ -69,8 +86,9 @@ class Gateway:
         # Subscribed before publishing, on the same connection: the reply cannot overtake us.
         sub = await self.bus.nc.subscribe(self.subjects.reply(conv.id), cb=on_reply)
         try:
-            ack = await self.bus.publish(self.subjects.inbound("api", conv.id), _enc.encode(env),
-                                         msg_id=env.id)
+            ack = await self.bus.publish(
+                self.subjects.inbound("api", conv.id), _enc.encode(env), msg_id=env.id
+            )
             if ack.duplicate:
                 # A client retry of an envelope JetStream already holds: answer from the store if
                 # core is done with it, else wait for the reply of the delivery in flight.
@@ -79,8 +97,11 @@ class Gateway:
                     return earlier
             return await asyncio.wait_for(answered, self.settings.turn_timeout_seconds)
         except TimeoutError as exc:
-            raise TurnTimeout("the agent did not answer in time; the turn is accepted and will "
-                              "appear in the transcript", details={"envelope_id": env.id}) from exc
+            raise TurnTimeout(
+                "the agent did not answer in time; the turn is accepted and will "
+                "appear in the transcript",
+                details={"envelope_id": env.id},
+            ) from exc
         finally:
             await sub.unsubscribe()
 
@@ -92,11 +113,22 @@ class Gateway:
         answer_seq = await self.store.seen_seq(cid, f"{envelope_id}:reply")
         answer = await self.store.get_turn(cid, answer_seq) if answer_seq else None
         if answer is not None:
-            return TurnReply(envelope_id=envelope_id, conversation_id=cid, outcome="answered",
-                             session_status=conv.status, message_seqs=(user_seq, answer.seq),
-                             turn=answer, user_seq=user_seq)
+            return TurnReply(
+                envelope_id=envelope_id,
+                conversation_id=cid,
+                outcome="answered",
+                session_status=conv.status,
+                message_seqs=(user_seq, answer.seq),
+                turn=answer,
+                user_seq=user_seq,
+            )
         if conv.status != "active":
-            return TurnReply(envelope_id=envelope_id, conversation_id=cid, outcome="queued",
-                             session_status=conv.status, message_seqs=(user_seq,),
-                             user_seq=user_seq)
+            return TurnReply(
+                envelope_id=envelope_id,
+                conversation_id=cid,
+                outcome="queued",
+                session_status=conv.status,
+                message_seqs=(user_seq,),
+                user_seq=user_seq,
+            )
         return None

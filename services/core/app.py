@@ -40,11 +40,14 @@ class Core:
         self.settings = settings
         self.metrics = Metrics("core")
         self.subjects = Subjects(settings.namespace, settings.partitions)
-        self.bus = Bus(settings.nats_url, self.subjects, name="switchboard-core", metrics=self.metrics)
+        self.bus = Bus(
+            settings.nats_url, self.subjects, name="switchboard-core", metrics=self.metrics
+        )
         self.store = Store(settings.redis_url, settings.namespace)
         self.conversations = Conversations(settings, self.store, self.bus, self.metrics)
-        self.http = HttpServer(probe_app(self.ready, self.metrics), settings.host,
-                               settings.core_health_port)
+        self.http = HttpServer(
+            probe_app(self.ready, self.metrics), settings.host, settings.core_health_port
+        )
 
     async def ready(self) -> dict[str, bool]:
         return {"nats": self.bus.ready, "redis": await self.store.ping()}
@@ -65,8 +68,10 @@ class Core:
                 max_deliver=self.settings.max_deliver,
                 ack_wait=self.settings.ack_wait_seconds,
             )
-        log.info("core ready", extra={"partitions": self.settings.partitions,
-                                      "health_port": self.http.port})
+        log.info(
+            "core ready",
+            extra={"partitions": self.settings.partitions, "health_port": self.http.port},
+        )
 
     async def stop(self) -> None:
         await self.bus.close()
@@ -95,8 +100,9 @@ class Core:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             result = CommandResult(ok=False, error_code="invalid_request", error_message=str(exc))
         except SwitchboardError as exc:
-            result = CommandResult(ok=False, error_code=exc.code, error_message=exc.message,
-                                   error_details=exc.details)
+            result = CommandResult(
+                ok=False, error_code=exc.code, error_message=exc.message, error_details=exc.details
+            )
         except Exception as exc:
             log.exception("command failed")
             result = CommandResult(ok=False, error_code="internal_error", error_message=str(exc))
@@ -105,12 +111,17 @@ class Core:
     async def run_command(self, command: Command) -> CommandResult:
         if isinstance(command, OpenConversation):
             conv = await self.conversations.open(
-                channel=command.channel, end_user_id=command.end_user_id,
-                agent_id=command.agent_id, session_type=command.session_type,
-                context_variables=command.context_variables, actor=command.actor)
+                channel=command.channel,
+                end_user_id=command.end_user_id,
+                agent_id=command.agent_id,
+                session_type=command.session_type,
+                context_variables=command.context_variables,
+                actor=command.actor,
+            )
         elif isinstance(command, CloseConversation):
-            conv = await self.conversations.close(command.conversation_id, command.reason,
-                                                  command.actor)
+            conv = await self.conversations.close(
+                command.conversation_id, command.reason, command.actor
+            )
         return CommandResult(ok=True, conversation=conv)
 
 

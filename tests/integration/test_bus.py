@@ -57,8 +57,12 @@ async def test_one_partition_is_consumed_in_order(bus: Bus) -> None:
     for i in range(30):
         await bus.publish(bus.subjects.inbound("api", "conv_a"), str(i).encode(), msg_id=f"m{i}")
     partition = bus.subjects.partition_of("conv_a")
-    await bus.consume(stream=bus.subjects.inbound_stream, durable="p",
-                      filter_subject=bus.subjects.inbound_partition(partition), handler=handler)
+    await bus.consume(
+        stream=bus.subjects.inbound_stream,
+        durable="p",
+        filter_subject=bus.subjects.inbound_partition(partition),
+        handler=handler,
+    )
     await eventually(lambda: asyncio.sleep(0, len(seen) == 30), what="30 messages")
     assert seen == [str(i).encode() for i in range(30)]
 
@@ -71,8 +75,13 @@ async def test_a_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None
         raise RuntimeError("store down")
 
     await bus.publish(bus.subjects.inbound("api", "k"), b"payload", msg_id="x1")
-    await bus.consume(stream=bus.subjects.inbound_stream, durable="fail",
-                      filter_subject=bus.subjects.inbound_all, handler=handler, max_deliver=3)
+    await bus.consume(
+        stream=bus.subjects.inbound_stream,
+        durable="fail",
+        filter_subject=bus.subjects.inbound_all,
+        handler=handler,
+        max_deliver=3,
+    )
     letters = await eventually(lambda: dead_letters(bus), what="a dead letter")
     assert attempts == [1, 2, 3]
     assert letters[0].reason.startswith("max_deliver: RuntimeError: store down")
@@ -90,8 +99,12 @@ async def test_undeliverable_goes_to_dead_at_once_and_later_messages_still_flow(
 
     await bus.publish(bus.subjects.inbound("api", "k"), b"poison", msg_id="p")
     await bus.publish(bus.subjects.inbound("api", "k"), b"fine", msg_id="f")
-    await bus.consume(stream=bus.subjects.inbound_stream, durable="poison",
-                      filter_subject=bus.subjects.inbound_all, handler=handler)
+    await bus.consume(
+        stream=bus.subjects.inbound_stream,
+        durable="poison",
+        filter_subject=bus.subjects.inbound_all,
+        handler=handler,
+    )
     await eventually(lambda: asyncio.sleep(0, handled == [b"fine"]), what="the next message")
     letters = await dead_letters(bus)
     assert [(d.reason, d.deliveries) for d in letters] == [("unknown_version: v=9", 1)]

@@ -23,16 +23,32 @@ async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
 
 async def new_conversation(store: Store, cid: str = "conv_1") -> Conversation:
     now = utcnow()
-    conv = Conversation(id=cid, end_user_id="usr_1", channel="api", status="active",
-                        session_type="live", assigned_agent_id="a", pinned_revision_id="r",
-                        created_at=now, updated_at=now, context_variables={"plan": "gold"})
+    conv = Conversation(
+        id=cid,
+        end_user_id="usr_1",
+        channel="api",
+        status="active",
+        session_type="live",
+        assigned_agent_id="a",
+        pinned_revision_id="r",
+        created_at=now,
+        updated_at=now,
+        context_variables={"plan": "gold"},
+    )
     await store.create_conversation(conv)
     return conv
 
 
 def turn(cid: str, text: str, tid: str = "t") -> Turn:
-    return Turn(id=tid, conversation_id=cid, seq=0, role="user", content=text,
-                author=Author(kind="end_user"), created_at=utcnow())
+    return Turn(
+        id=tid,
+        conversation_id=cid,
+        seq=0,
+        role="user",
+        content=text,
+        author=Author(kind="end_user"),
+        created_at=utcnow(),
+    )
 
 
 async def test_conversation_round_trips(store: Store) -> None:
@@ -45,10 +61,12 @@ async def test_conversation_round_trips(store: Store) -> None:
 
 async def test_turns_get_consecutive_seqs_even_when_appended_concurrently(store: Store) -> None:
     conv = await new_conversation(store)
-    results = await asyncio.gather(*[
-        store.append_turn(turn(conv.id, f"m{i}", f"t{i}"), allowed=ACCEPTS_USER_TURNS)
-        for i in range(50)
-    ])
+    results = await asyncio.gather(
+        *[
+            store.append_turn(turn(conv.id, f"m{i}", f"t{i}"), allowed=ACCEPTS_USER_TURNS)
+            for i in range(50)
+        ]
+    )
     assert sorted(r.seq for r in results) == list(range(1, 51))
     turns = await store.turns_after(conv.id, 0, 100)
     assert [t.seq for t in turns] == list(range(1, 51))
@@ -67,10 +85,12 @@ async def test_user_content_that_looks_like_a_seq_field_is_kept_verbatim(store: 
 
 async def test_the_same_dedupe_key_appends_once(store: Store) -> None:
     conv = await new_conversation(store)
-    first = await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS,
-                                    dedupe_key="env_1", dedupe_ttl=60)
-    second = await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS,
-                                     dedupe_key="env_1", dedupe_ttl=60)
+    first = await store.append_turn(
+        turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, dedupe_key="env_1", dedupe_ttl=60
+    )
+    second = await store.append_turn(
+        turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, dedupe_key="env_1", dedupe_ttl=60
+    )
     assert (first.seq, first.duplicate) == (1, False)
     assert (second.seq, second.duplicate) == (1, True)
     assert len(await store.turns_after(conv.id, 0, 10)) == 1
@@ -87,8 +107,9 @@ async def test_closed_conversations_refuse_turns(store: Store) -> None:
 async def test_messages_for_an_inactive_conversation_are_queued(store: Store) -> None:
     conv = await new_conversation(store)
     await transition(store, conv.id, "waiting_for_human")
-    appended = await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS,
-                                       queue_if_inactive=True)
+    appended = await store.append_turn(
+        turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, queue_if_inactive=True
+    )
     assert appended.status == "waiting_for_human"
     assert await store.pending_seqs(conv.id) == [appended.seq]
 
@@ -114,8 +135,9 @@ async def test_unknown_conversations_are_not_found(store: Store) -> None:
 
 
 async def test_concurrent_identity_resolution_creates_one_end_user(store: Store) -> None:
-    results = await asyncio.gather(*[store.resolve_identity("phone", "+14155550109")
-                                     for _ in range(20)])
+    results = await asyncio.gather(
+        *[store.resolve_identity("phone", "+14155550109") for _ in range(20)]
+    )
     assert len({uid for uid, _ in results}) == 1
     assert sum(created for _, created in results) == 1
     user = await store.get_end_user(results[0][0])
@@ -124,8 +146,9 @@ async def test_concurrent_identity_resolution_creates_one_end_user(store: Store)
 
 async def test_keys_are_hash_tagged_by_conversation(store: Store) -> None:
     conv = await new_conversation(store, "conv_tagged")
-    await store.append_turn(turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, dedupe_key="e",
-                            dedupe_ttl=60)
+    await store.append_turn(
+        turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, dedupe_key="e", dedupe_ttl=60
+    )
     keys = [k.decode() for k in await store.redis.keys(f"{store.ns}*{{conv_tagged}}*")]
     assert len(keys) == 3  # conversation, turns, dedupe key: one cluster slot
 

@@ -10,8 +10,17 @@ from shared.models import Revision, utcnow
 
 @pytest.fixture(scope="module")
 def demo() -> Runtime:
-    return Runtime(Revision(id="rev", agent_id="a", number=1, created_at=utcnow(),
-                            knowledge_base=DEMO_KB, tools=DEMO_TOOLS, policies=DEMO_POLICIES))
+    return Runtime(
+        Revision(
+            id="rev",
+            agent_id="a",
+            number=1,
+            created_at=utcnow(),
+            knowledge_base=DEMO_KB,
+            tools=DEMO_TOOLS,
+            policies=DEMO_POLICIES,
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,8 +73,10 @@ def test_general_question_is_answered_from_the_knowledge_base_with_evidence(demo
     assert not reply.tool_calls
 
 
-@pytest.mark.parametrize(("text", "status"), [("status of order 12345", "shipped"),
-                                               ("where is my order #67890?", "processing")])
+@pytest.mark.parametrize(
+    ("text", "status"),
+    [("status of order 12345", "shipped"), ("where is my order #67890?", "processing")],
+)
 def test_order_questions_call_lookup_order(demo: Runtime, text: str, status: str) -> None:
     reply = demo.reply(text)
     assert reply.tool_calls[0].name == "lookup_order"
@@ -87,8 +98,9 @@ def test_refund_request_is_held_for_approval_by_policy(demo: Runtime) -> None:
     assert reply.tool_calls[0].result is None  # not run yet
 
 
-@pytest.mark.parametrize("text", ["I want to talk to a human", "can I speak to a representative",
-                                  "get me a real person"])
+@pytest.mark.parametrize(
+    "text", ["I want to talk to a human", "can I speak to a representative", "get me a real person"]
+)
 def test_asking_for_a_person_transfers(demo: Runtime, text: str) -> None:
     reply = demo.reply(text)
     assert reply.handoff

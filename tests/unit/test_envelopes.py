@@ -4,17 +4,22 @@ import msgspec
 import pytest
 
 from shared.bus import Undeliverable, decode_or_dead
-from shared.envelopes import CallEnded, InboundEnvelope, InboundMessage, Identifier
+from shared.envelopes import CallEnded, Identifier, InboundEnvelope, InboundMessage
 from shared.models import utcnow
 
 decoder = msgspec.json.Decoder(InboundEnvelope)
 
 
 def message(**extra: object) -> InboundMessage:
-    return InboundMessage(id="env_1", channel="sms", received_at=utcnow(), text="hi",
-                          sender=Identifier(kind="phone", raw="415 555 0109",
-                                            normalized="+14155550109"),
-                          recipient="+15550001111", **extra)  # type: ignore[arg-type]
+    return InboundMessage(
+        id="env_1",
+        channel="sms",
+        received_at=utcnow(),
+        text="hi",
+        sender=Identifier(kind="phone", raw="415 555 0109", normalized="+14155550109"),
+        recipient="+15550001111",
+        **extra,
+    )  # type: ignore[arg-type]
 
 
 def test_round_trip_keeps_the_kind() -> None:
@@ -37,12 +42,15 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
 
 def test_routing_key_orders_by_conversation_or_by_sender_and_recipient() -> None:
     assert message().routing_key == "+14155550109|+15550001111"
-    api = InboundMessage(id="e", channel="api", received_at=utcnow(), text="x", conversation_id="conv_1")
+    api = InboundMessage(
+        id="e", channel="api", received_at=utcnow(), text="x", conversation_id="conv_1"
+    )
     assert api.routing_key == "conv_1"
 
 
-@pytest.mark.parametrize("data", [b"", b"{", b'{"kind":"nope","id":"x"}', b'{"kind":"message"}',
-                                  b"\xff\xfe", b"[]"])
+@pytest.mark.parametrize(
+    "data", [b"", b"{", b'{"kind":"nope","id":"x"}', b'{"kind":"message"}', b"\xff\xfe", b"[]"]
+)
 def test_undecodable_messages_are_undeliverable_not_retried(data: bytes) -> None:
     with pytest.raises(Undeliverable, match="undecodable"):
         decode_or_dead(decoder, data)

@@ -35,8 +35,14 @@ def test_namespace_prefixes_subjects_and_streams() -> None:
 def test_settings_read_the_documented_variable_names() -> None:
     assert env_name("api_port") == "SWITCHBOARD_API_PORT"
     assert env_name("nats_url") == "NATS_URL"
-    settings = load_settings(ApiSettings, {"SWITCHBOARD_API_PORT": "9999", "REDIS_URL": "redis://x",
-                                           "SWITCHBOARD_BOOTSTRAP_API_KEY": "k"})
+    settings = load_settings(
+        ApiSettings,
+        {
+            "SWITCHBOARD_API_PORT": "9999",
+            "REDIS_URL": "redis://x",
+            "SWITCHBOARD_BOOTSTRAP_API_KEY": "k",
+        },
+    )
     assert settings.api_port == 9999
     assert settings.redis_url == "redis://x"
     assert settings.bootstrap_api_key == "k"

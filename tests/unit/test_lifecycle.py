@@ -3,9 +3,13 @@ from services.core.lifecycle import ACCEPTS_USER_TURNS, TRANSITIONS, legal_sourc
 
 def test_the_table_is_the_product_briefs_lifecycle() -> None:
     assert TRANSITIONS == {
-        ("active", "waiting_for_human"), ("waiting_for_human", "active"),
-        ("active", "awaiting_approval"), ("awaiting_approval", "active"),
-        ("awaiting_approval", "closed"), ("active", "closed"), ("waiting_for_human", "closed"),
+        ("active", "waiting_for_human"),
+        ("waiting_for_human", "active"),
+        ("active", "awaiting_approval"),
+        ("awaiting_approval", "active"),
+        ("awaiting_approval", "closed"),
+        ("active", "closed"),
+        ("waiting_for_human", "closed"),
     }
 
 

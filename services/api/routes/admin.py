@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import Controller, Request, get, post
 
 from services.api.auth import KeyRing
@@ -61,7 +63,9 @@ class AgentController(Controller):
         return await gateway.store.get_agent(agent_id)
 
     @post("/{agent_id:str}/revisions", status_code=201)
-    async def create_revision(self, agent_id: str, data: RevisionSpec, gateway: Gateway) -> Revision:
+    async def create_revision(
+        self, agent_id: str, data: RevisionSpec, gateway: Gateway
+    ) -> Revision:
         agent = await gateway.store.get_agent(agent_id)
         revision = await _add_revision(gateway, agent, data)
         if data.activate:
@@ -86,9 +90,15 @@ async def _add_revision(gateway: Gateway, agent: Agent, spec: RevisionSpec) -> R
     number = await gateway.store.next_revision_number(agent.id)
     defaults = Revision(id="", agent_id=agent.id, number=number, created_at=utcnow())
     revision = Revision(
-        id=new_id("rev"), agent_id=agent.id, number=number, runtime=spec.runtime,
-        created_at=utcnow(), knowledge_base=spec.knowledge_base, tools=tuple(spec.tools),
-        policies=tuple(spec.policies), greeting=spec.greeting or defaults.greeting,
+        id=new_id("rev"),
+        agent_id=agent.id,
+        number=number,
+        runtime=spec.runtime,
+        created_at=utcnow(),
+        knowledge_base=spec.knowledge_base,
+        tools=tuple(spec.tools),
+        policies=tuple(spec.policies),
+        greeting=spec.greeting or defaults.greeting,
         fallback=spec.fallback or defaults.fallback,
     )
     await gateway.store.put_revision(revision)
@@ -97,8 +107,9 @@ async def _add_revision(gateway: Gateway, agent: Agent, spec: RevisionSpec) -> R
 
 async def _activate(gateway: Gateway, agent: Agent, revision_id: str) -> Agent:
     """New conversations pin this revision; running ones keep the one they were opened with."""
-    agent = Agent(id=agent.id, name=agent.name, created_at=agent.created_at,
-                  active_revision_id=revision_id)
+    agent = Agent(
+        id=agent.id, name=agent.name, created_at=agent.created_at, active_revision_id=revision_id
+    )
     await gateway.store.put_agent(agent)
     return agent
 
@@ -108,12 +119,14 @@ class KeyController(Controller):
     tags = ["api-keys"]
 
     @post("/api-keys", status_code=201)
-    async def create_key(self, data: CreateApiKey, request: Request) -> CreatedApiKey:  # type: ignore[type-arg]
+    async def create_key(
+        self, data: CreateApiKey, request: Request[Any, Any, Any]
+    ) -> CreatedApiKey:
         keyring: KeyRing = request.app.state.keyring
         key, secret = await keyring.create(data.name, tuple(data.scopes))
         return CreatedApiKey(id=key.id, name=key.name, scopes=list(key.scopes), key=secret)
 
     @get("/whoami", opt={"scope": "client"})
-    async def whoami(self, request: Request) -> WhoAmI:  # type: ignore[type-arg]
+    async def whoami(self, request: Request[Any, Any, Any]) -> WhoAmI:
         key = request.state.api_key
         return WhoAmI(id=key.id, name=key.name, scopes=list(key.scopes))

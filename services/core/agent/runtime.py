@@ -23,7 +23,9 @@ _HUMAN = re.compile(
 )
 _ORDER = re.compile(r"\border\b\D{0,20}?(\d{4,10})\b|#(\d{4,10})\b", re.IGNORECASE)
 _REFUND = re.compile(r"\brefund", re.IGNORECASE)
-_GREETING = re.compile(r"^\s*(hi|hello|hey|good (morning|afternoon|evening))\b[\s!.,]*$", re.IGNORECASE)
+_GREETING = re.compile(
+    r"^\s*(hi|hello|hey|good (morning|afternoon|evening))\b[\s!.,]*$", re.IGNORECASE
+)
 # A knowledge answer needs at least this BM25 score: one rare shared term, not a stop-word echo.
 MIN_SCORE = 0.5
 
@@ -59,7 +61,9 @@ def _order_answer(result: dict[str, Any]) -> str:
     if "refunded" in result:
         if result["refunded"]:
             return f"Done: the refund for order {result['order_id']} has been issued."
-        return f"I couldn't refund order {result['order_id']}: {result.get('reason', 'not eligible')}."
+        return (
+            f"I couldn't refund order {result['order_id']}: {result.get('reason', 'not eligible')}."
+        )
     return f"Order {result['order_id']} is {result['status']}."
 
 
@@ -73,10 +77,16 @@ class Runtime:
 
     def reply(self, text: str, *, simulate: bool = False) -> AgentReply:
         if _HUMAN.search(text) and "transfer_call" in self.tool_names:
-            call = ToolCall(name="transfer_call", arguments={"reason": "user asked for a person"},
-                            result={"transferred": True})
-            return AgentReply(text="Let me connect you with a member of our team.",
-                              tool_calls=(call,), handoff=True)
+            call = ToolCall(
+                name="transfer_call",
+                arguments={"reason": "user asked for a person"},
+                result={"transferred": True},
+            )
+            return AgentReply(
+                text="Let me connect you with a member of our team.",
+                tool_calls=(call,),
+                handoff=True,
+            )
         order_id = _order_id(text)
         if order_id is not None:
             tool = "issue_refund" if _REFUND.search(text) else "lookup_order"
@@ -92,25 +102,42 @@ class Runtime:
             return AgentReply(text=self.revision.greeting)
         return AgentReply(text=self.revision.fallback)
 
-    def call_tool(self, name: str, arguments: dict[str, Any], *, simulate: bool = False,
-                  approved: bool = False) -> AgentReply:
+    def call_tool(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        simulate: bool = False,
+        approved: bool = False,
+    ) -> AgentReply:
         """Run a tool under the revision's policy (skipped for approved calls)."""
         policy = policy_for(self.revision, name)
         if not approved and policy.decision == "deny":
-            call = ToolCall(name=name, arguments=arguments, decision="deny",
-                            result={"error": "denied by policy"})
+            call = ToolCall(
+                name=name,
+                arguments=arguments,
+                decision="deny",
+                result={"error": "denied by policy"},
+            )
             return AgentReply(text="Sorry, I'm not able to do that.", tool_calls=(call,))
         if not approved and policy.decision == "require_approval":
             call = ToolCall(name=name, arguments=arguments, decision="require_approval")
-            return AgentReply(text=policy.suspend_message, tool_calls=(call,),
-                              approval=PendingToolCall(name, arguments, policy))
+            return AgentReply(
+                text=policy.suspend_message,
+                tool_calls=(call,),
+                approval=PendingToolCall(name, arguments, policy),
+            )
         if simulate and name in SIDE_EFFECTS:
             result: dict[str, Any] = {"simulated": True, **arguments}
             call = ToolCall(name=name, arguments=arguments, result=result)
             return AgentReply(text=f"(simulation) {name} would run now.", tool_calls=(call,))
         result = run_tool(name, arguments)
-        call = ToolCall(name=name, arguments=arguments, result=result,
-                        decision="allow" if not approved else "approved")
+        call = ToolCall(
+            name=name,
+            arguments=arguments,
+            result=result,
+            decision="allow" if not approved else "approved",
+        )
         return AgentReply(text=_order_answer(result), tool_calls=(call,))
 
 
