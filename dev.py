@@ -27,8 +27,6 @@ def run(*argv: str | Path) -> None:
 
 
 def ensure_venv(lock: str) -> None:
-    if sys.version_info < (3, 11):
-        sys.exit(f"Switchboard needs Python 3.11+, this is {sys.version.split()[0]}")
     inputs = [ROOT / "pyproject.toml", ROOT / "requirements.lock", ROOT / lock]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()
     stamp = VENV / f".installed-{lock}"

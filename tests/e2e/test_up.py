@@ -19,11 +19,12 @@ from services.supervisor.embedded import free_port
 pytestmark = pytest.mark.e2e
 
 
-def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
+def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
     """Collect stdout until `marker` appears; fail with everything printed so far."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+    selector.register(fd, selectors.EVENT_READ)
     output = ""
     deadline = time.monotonic() + timeout
     while marker not in output:
@@ -31,20 +32,27 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
         if remaining <= 0 or proc.poll() is not None:
             raise AssertionError(f"`switchboard up` never printed {marker!r}:\n{output}")
         if selector.select(remaining):
-            line = proc.stdout.readline()
-            output += line
+            output += os.read(fd, 65536).decode(errors="replace")
     return output
 
 
 def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("API", "CORE_HEALTH", "NATS", "REDIS")}
-    env = {**os.environ, "SWITCHBOARD_DATA_DIR": str(tmp_path / "data"),
-           "SWITCHBOARD_BOOTSTRAP_API_KEY": "sk_e2e", "PYTHONUNBUFFERED": "1",
-           **{f"SWITCHBOARD_{name}_PORT": str(port) for name, port in ports.items()}}
+    env = {
+        **os.environ,
+        "SWITCHBOARD_DATA_DIR": str(tmp_path / "data"),
+        "SWITCHBOARD_BOOTSTRAP_API_KEY": "sk_e2e",
+        "PYTHONUNBUFFERED": "1",
+        **{f"SWITCHBOARD_{name}_PORT": str(port) for name, port in ports.items()},
+    }
     env.pop("NATS_URL", None)
     env.pop("REDIS_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "services.supervisor", "up"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.supervisor", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         banner = read_until(proc, "Press Ctrl-C to stop.", timeout=90)
         api = f"http://127.0.0.1:{ports['API']}"
@@ -53,14 +61,18 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "curl" in banner
         children = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
-        assert "nats-server" in names and "valkey-server" in names
-        assert "services.core" in names and "services.api" in names
+        assert "nats-server" in names
+        assert "valkey-server" in names
+        assert "services.core" in names
+        assert "services.api" in names
 
         with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:
             conv = client.post("/v1/conversations", json={})
             assert conv.status_code == 201, conv.text
-            reply = client.post(f"/v1/conversations/{conv.json()['id']}/turns",
-                                json={"user_message": "how long does standard shipping take?"})
+            reply = client.post(
+                f"/v1/conversations/{conv.json()['id']}/turns",
+                json={"user_message": "how long does standard shipping take?"},
+            )
             assert reply.status_code == 200, reply.text
             assert "3-5 business days" in reply.json()["text"]
             assert reply.json()["evidence"][0]["chunk_id"] == "shipping#0"
@@ -68,9 +80,11 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
             assert core_ready.json()["ready"] is True
 
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=60)
+        rest = out.decode(errors="replace")
         assert proc.returncode == 0, rest
-        assert "stopped nats-server" in rest and "stopped valkey-server" in rest
+        assert "stopped nats-server" in rest
+        assert "stopped valkey-server" in rest
         _, alive = psutil.wait_procs(children, timeout=10)
         assert alive == [], f"left running: {alive}"
         assert (tmp_path / "data" / "valkey" / "appendonlydir").is_dir()
