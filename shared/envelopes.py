@@ -13,6 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 from shared.models import (
+    Approval,
     Channel,
     Conversation,
     Evidence,
@@ -74,6 +75,8 @@ class _Inbound(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
 class InboundMessage(_Inbound, frozen=True, kw_only=True, tag="message"):
     text: str
     attachments: tuple[Attachment, ...] = ()
+    # A client waits on gw.stream.<conversation_id> for token deltas of the reply.
+    stream: bool = False
 
 
 class CallStarted(_Inbound, frozen=True, kw_only=True, tag="call_started"):
@@ -84,7 +87,17 @@ class CallEnded(_Inbound, frozen=True, kw_only=True, tag="call_ended"):
     reason: str = "completed"
 
 
-InboundEnvelope = InboundMessage | CallStarted | CallEnded
+class Resume(_Inbound, frozen=True, kw_only=True, tag="resume"):
+    """Internal: the conversation is active again; answer its queued messages, in order."""
+
+
+class ApprovalDecided(_Inbound, frozen=True, kw_only=True, tag="approval_decided"):
+    """Internal: an approval was resolved (or timed out); continue the conversation."""
+
+    approval_id: str
+
+
+InboundEnvelope = InboundMessage | CallStarted | CallEnded | Resume | ApprovalDecided
 
 
 class OutboundEnvelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,6 +146,13 @@ class TurnReply(msgspec.Struct, frozen=True, kw_only=True):
     error_message: str | None = None
 
 
+class StreamDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of the agent's reply, published on gw.stream.<conversation_id> before the reply."""
+
+    envelope_id: str
+    text: str
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     source_subject: str
@@ -160,12 +180,46 @@ class CloseConversation(msgspec.Struct, frozen=True, kw_only=True, tag="close_co
     actor: str = "system"
 
 
-Command = OpenConversation | CloseConversation
+class StartHandoff(msgspec.Struct, frozen=True, kw_only=True, tag="handoff"):
+    conversation_id: str
+    reason: str = "operator_takeover"
+    actor: str = "system"
+
+
+class HumanTurn(msgspec.Struct, frozen=True, kw_only=True, tag="human_turn"):
+    conversation_id: str
+    content: str
+    operator_id: str
+    hand_back: bool = False
+    close: bool = False
+
+
+class ResolveApproval(msgspec.Struct, frozen=True, kw_only=True, tag="resolve_approval"):
+    conversation_id: str
+    approval_id: str
+    decision: Literal["approve", "reject"]
+    reviewer: str
+    reviewer_scopes: tuple[str, ...] = ()
+    note: str | None = None
+
+
+class Simulate(msgspec.Struct, frozen=True, kw_only=True, tag="simulate"):
+    agent_id: str | None = None
+    revision_id: str | None = None
+    user_turns: tuple[str, ...]
+    actor: str = "system"
+
+
+Command = (
+    OpenConversation | CloseConversation | StartHandoff | HumanTurn | ResolveApproval | Simulate
+)
 
 
 class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
     ok: bool
     conversation: Conversation | None = None
+    approval: Approval | None = None
+    turns: tuple[Turn, ...] = ()
     error_code: str | None = None
     error_message: str | None = None
     error_details: dict[str, Any] = {}

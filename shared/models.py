@@ -77,6 +77,14 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     user_address: str | None = None
     last_seq: int = 0
     closed_reason: str | None = None
+    # Orders this conversation's envelopes: every producer publishes to its partition.
+    routing_key: str | None = None
+    # The approval the conversation waits for while `awaiting_approval`.
+    approval_id: str | None = None
+
+    @property
+    def partition_key(self) -> str:
+        return self.routing_key or self.id
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,3 +158,49 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     scopes: tuple[Scope, ...]
     created_at: datetime
     prefix: str  # first characters of the secret, to tell keys apart in a list
+
+
+ApprovalStatus = Literal["pending", "approved", "rejected", "timed_out"]
+
+
+class Approval(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool call held by a policy until a human decides (or the deadline passes)."""
+
+    id: str
+    conversation_id: str
+    subject_kind: Literal["tool_call"] = "tool_call"
+    subject_ref: str  # the assistant turn that asked for it
+    payload: dict[str, Any]  # {"tool": ..., "arguments": {...}}
+    approver_role: Scope
+    suspend_message: str
+    fallback_message: str
+    on_reject: Literal["close", "continue"]
+    timeout_at: datetime
+    created_at: datetime
+    status: ApprovalStatus = "pending"
+    reviewer: str | None = None
+    note: str | None = None
+    resolved_at: datetime | None = None
+
+
+class WebhookSubscription(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    url: str
+    events: tuple[str, ...]  # event types, or ("*",)
+    secret: str
+    created_at: datetime
+
+    def wants(self, event_type: str) -> bool:
+        return "*" in self.events or event_type in self.events
+
+
+class WebhookDelivery(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt to deliver one event to one subscription, for the delivery log."""
+
+    event_id: str
+    event_type: str
+    attempt: int
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    at: datetime

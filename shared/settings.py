@@ -48,6 +48,13 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
     ack_wait_seconds: float = 30.0
     # Envelope-id dedupe keys live this long: far beyond Twilio's and SMTP senders' retry windows.
     dedupe_ttl_seconds: int = 7 * 24 * 3600
+    # How often the durable approval timer looks for approvals past their deadline.
+    approval_sweep_seconds: float = 0.5
+    # Sent once per approval wait when the user writes while a tool call awaits approval.
+    still_waiting_message: str = (
+        "Thanks for your message. We're still waiting for approval on your earlier request "
+        "and will get back to you as soon as it's decided."
+    )
 
 
 S = TypeVar("S", bound=CommonSettings)

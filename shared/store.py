@@ -16,11 +16,13 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import redis.asyncio as redis
 
-from shared.errors import ConversationClosed, IllegalTransition, NotFound
+from shared.envelopes import Event
+from shared.errors import Conflict, ConversationClosed, IllegalTransition, NotFound
 from shared.ids import new_id
 from shared.models import (
     Agent,
     ApiKey,
+    Approval,
     Conversation,
     EndUser,
     IdentifierKind,
@@ -28,6 +30,8 @@ from shared.models import (
     Revision,
     Status,
     Turn,
+    WebhookDelivery,
+    WebhookSubscription,
     utcnow,
 )
 
@@ -36,6 +40,7 @@ T = TypeVar("T")
 _enc = msgspec.json.Encoder()
 _turn_dec = msgspec.json.Decoder(Turn)
 _conv_doc_dec = msgspec.json.Decoder(dict[str, Any])
+_event_dec = msgspec.json.Decoder(Event)
 
 # Turns are encoded with this placeholder seq; the append script splices in the real one, so a
 # seq is assigned and the turn written in one atomic step. msgspec writes fields in declaration
@@ -81,6 +86,26 @@ return {status, 'illegal'}
 """
 
 
+# KEYS: per-conversation event hash, per-conversation event order list. ARGV: event id, json
+_RECORD_EVENT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: approval hash. ARGV: new status, reviewer, note, resolved_at
+_RESOLVE_APPROVAL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'not_found' end
+if status ~= 'pending' then return status end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'reviewer', ARGV[2], 'note', ARGV[3],
+           'resolved_at', ARGV[4])
+return 'ok'
+"""
+
+
 @dataclass(frozen=True)
 class Appended:
     """The result of appending a turn: its seq and the conversation status it was appended in."""
@@ -113,6 +138,8 @@ class Store:
         self.ns = f"{namespace}:" if namespace else ""
         self._append = self.redis.register_script(_APPEND_TURN)
         self._transition = self.redis.register_script(_TRANSITION)
+        self._record_event = self.redis.register_script(_RECORD_EVENT)
+        self._resolve_approval = self.redis.register_script(_RESOLVE_APPROVAL)
 
     async def ping(self) -> bool:
         try:
@@ -156,6 +183,7 @@ class Store:
         status, last_seq = doc.pop("status"), doc.pop("last_seq")
         doc.pop("updated_at")
         doc.pop("closed_reason")
+        doc.pop("approval_id")
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             self._conv(conv.id),
@@ -280,6 +308,171 @@ class Store:
 
     async def pending_seqs(self, cid: str) -> list[int]:
         return [int(s) for s in await self.redis.lrange(self._pending(cid), 0, -1)]
+
+    async def set_approval_id(self, cid: str, aid: str) -> None:
+        await self.redis.hset(self._conv(cid), "approval_id", aid)
+
+    async def queue_pending(self, cid: str, seq: int) -> None:
+        await self.redis.rpush(self._pending(cid), str(seq))
+
+    async def next_pending(self, cid: str) -> int | None:
+        """The oldest queued user message, still queued (pop it with `drop_pending` once answered)."""
+        raw = await self.redis.lindex(self._pending(cid), 0)
+        return int(raw) if raw is not None else None
+
+    async def drop_pending(self, cid: str, seq: int) -> None:
+        await self.redis.lrem(self._pending(cid), 1, str(seq))
+
+    # Audit events and usage ----------------------------------------------------------------------
+
+    async def record_event(self, cid: str, event: Event) -> bool:
+        """Keep the event in the conversation's audit log once, however often it is emitted."""
+        created = await self._record_event(
+            keys=[f"{self.ns}events:{{{cid}}}", f"{self.ns}event-order:{{{cid}}}"],
+            args=[event.id, _enc.encode(event)],
+        )
+        return bool(created)
+
+    async def list_events(self, cid: str, offset: int, limit: int) -> list[Event]:
+        ids = await self.redis.lrange(f"{self.ns}event-order:{{{cid}}}", offset, offset + limit - 1)
+        if not ids:
+            return []
+        raws = await self.redis.hmget(f"{self.ns}events:{{{cid}}}", ids)
+        return [_event_dec.decode(r) for r in raws if r]
+
+    async def count_usage(self, channel: str, *, conversations: int = 0, turns: int = 0) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        if conversations:
+            pipe.hincrby(f"{self.ns}usage", f"conversations:{channel}", conversations)
+        if turns:
+            pipe.hincrby(f"{self.ns}usage", f"turns:{channel}", turns)
+        await pipe.execute()
+
+    async def usage(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(f"{self.ns}usage")
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    # Approvals -----------------------------------------------------------------------------------
+
+    def _approval(self, aid: str) -> str:
+        return f"{self.ns}approval:{{{aid}}}"
+
+    async def create_approval(self, approval: Approval) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self._approval(approval.id),
+            mapping={"doc": _enc.encode(approval), "status": approval.status},
+        )
+        pipe.zadd(f"{self.ns}approvals", {approval.id: 0})
+        pipe.zadd(f"{self.ns}approvals:pending", {approval.id: approval.timeout_at.timestamp()})
+        await pipe.execute()
+
+    async def get_approval(self, aid: str) -> Approval:
+        raw = await self.redis.hgetall(self._approval(aid))
+        if not raw:
+            raise NotFound(f"approval {aid} not found", details={"approval_id": aid})
+        approval = msgspec.json.decode(raw[b"doc"], type=Approval)
+        resolved = raw.get(b"resolved_at")
+        return msgspec.structs.replace(
+            approval,
+            status=_text(raw[b"status"]),
+            reviewer=_text(raw[b"reviewer"]) if raw.get(b"reviewer") else None,
+            note=_text(raw[b"note"]) if raw.get(b"note") else None,
+            resolved_at=datetime.fromisoformat(_text(resolved)) if resolved else None,
+        )
+
+    async def resolve_approval(
+        self, aid: str, status: str, reviewer: str, note: str | None
+    ) -> Approval:
+        """pending → `status`, once. A second resolve is a Conflict carrying the current status."""
+        outcome = _text(
+            await self._resolve_approval(
+                keys=[self._approval(aid)],
+                args=[status, reviewer, note or "", utcnow().isoformat()],
+            )
+        )
+        if outcome == "not_found":
+            raise NotFound(f"approval {aid} not found", details={"approval_id": aid})
+        if outcome != "ok":
+            raise Conflict(f"approval is already {outcome}", details={"status": outcome})
+        await self.mark_unapplied(aid)
+        return await self.get_approval(aid)
+
+    async def mark_unapplied(self, aid: str) -> None:
+        """Decided but not yet carried out by core: the sweeper re-sends it until it is."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(f"{self.ns}approvals:pending", aid)
+        pipe.zadd(f"{self.ns}approvals:unapplied", {aid: utcnow().timestamp()}, nx=True)
+        await pipe.execute()
+
+    async def mark_applied(self, aid: str) -> None:
+        await self.redis.zrem(f"{self.ns}approvals:unapplied", aid)
+
+    async def approvals_due(self, now: float, limit: int = 100) -> list[str]:
+        ids = await self.redis.zrangebyscore(
+            f"{self.ns}approvals:pending", "-inf", now, start=0, num=limit
+        )
+        return [_text(i) for i in ids]
+
+    async def approvals_unapplied(self, before: float, limit: int = 100) -> list[str]:
+        ids = await self.redis.zrangebyscore(
+            f"{self.ns}approvals:unapplied", "-inf", before, start=0, num=limit
+        )
+        return [_text(i) for i in ids]
+
+    async def list_approvals(self, *, status: str | None, cursor: str | None, limit: int) -> Page:
+        upper = f"({cursor}".encode() if cursor else b"+"
+        found: list[Approval] = []
+        while len(found) <= limit:
+            ids = await self.redis.zrevrangebylex(
+                f"{self.ns}approvals", upper, b"-", start=0, num=max(limit * 2, 50)
+            )
+            if not ids:
+                break
+            for aid in ids:
+                approval = await self.get_approval(_text(aid))
+                if status is None or approval.status == status:
+                    found.append(approval)
+            upper = b"(" + _text(ids[-1]).encode()
+        items = found[:limit]
+        return Page(items=items, next_cursor=items[-1].id if len(found) > limit and items else None)
+
+    async def claim_once(self, key: str, ttl: int = 7 * 24 * 3600) -> bool:
+        """True the first time `key` is claimed (e.g. one "still waiting" notice per approval)."""
+        return bool(await self.redis.set(f"{self.ns}once:{key}", 1, nx=True, ex=ttl))
+
+    # Webhook subscriptions -----------------------------------------------------------------------
+
+    async def put_webhook(self, sub: WebhookSubscription) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(f"{self.ns}webhooks", sub.id, _enc.encode(sub))
+        await pipe.execute()
+
+    async def list_webhooks(self) -> list[WebhookSubscription]:
+        raw = await self.redis.hgetall(f"{self.ns}webhooks")
+        subs = [msgspec.json.decode(v, type=WebhookSubscription) for v in raw.values()]
+        return sorted(subs, key=lambda s: s.id)
+
+    async def get_webhook(self, wid: str) -> WebhookSubscription:
+        raw = await self.redis.hget(f"{self.ns}webhooks", wid)
+        if not raw:
+            raise NotFound(f"webhook {wid} not found", details={"webhook_id": wid})
+        return msgspec.json.decode(raw, type=WebhookSubscription)
+
+    async def delete_webhook(self, wid: str) -> None:
+        if not await self.redis.hdel(f"{self.ns}webhooks", wid):
+            raise NotFound(f"webhook {wid} not found", details={"webhook_id": wid})
+
+    async def log_delivery(self, wid: str, delivery: WebhookDelivery, keep: int = 200) -> None:
+        key = f"{self.ns}webhook-log:{wid}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(key, _enc.encode(delivery))
+        pipe.ltrim(key, 0, keep - 1)
+        await pipe.execute()
+
+    async def deliveries(self, wid: str, limit: int = 50) -> list[WebhookDelivery]:
+        raws = await self.redis.lrange(f"{self.ns}webhook-log:{wid}", 0, limit - 1)
+        return [msgspec.json.decode(r, type=WebhookDelivery) for r in raws]
 
     # Which conversation an inbound envelope belongs to ------------------------------------------
 

@@ -4,12 +4,14 @@ server, and the probes on a side port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 import msgspec
 from nats.aio.msg import Msg
 
+from services.core import approvals
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
@@ -45,6 +47,7 @@ class Core:
         )
         self.store = Store(settings.redis_url, settings.namespace)
         self.conversations = Conversations(settings, self.store, self.bus, self.metrics)
+        self._timer: asyncio.Task[None] | None = None
         self.http = HttpServer(
             probe_app(self.ready, self.metrics), settings.host, settings.core_health_port
         )
@@ -74,9 +77,22 @@ class Core:
         )
 
     async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
         await self.bus.close()
         await self.store.close()
         await self.http.stop()
+
+    async def approval_timer(self) -> None:
+        """The durable approval timer: its state is the deadline index in Valkey, not memory."""
+        while True:
+            try:
+                await approvals.sweep(self.conversations)
+            except Exception:
+                log.exception("approval sweep failed; retrying")
+            await asyncio.sleep(self.settings.approval_sweep_seconds)
 
     async def on_inbound(self, delivery: Delivery) -> None:
         started = time.perf_counter()

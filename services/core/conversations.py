@@ -1,40 +1,47 @@
-"""Applying inbound envelopes and commands to conversations: the heart of the gateway.
+"""Applying inbound envelopes to conversations: the heart of the gateway.
 
 Every step is idempotent so a redelivered envelope converges on the same result: the user turn is
-deduplicated by envelope id, the agent's reply by envelope id + ":reply", and every bus publish
-carries a deterministic Nats-Msg-Id.
+deduplicated by envelope id, the agent's reply by a reply key, and every bus publish carries a
+deterministic Nats-Msg-Id. Everything that makes the agent speak runs in the conversation's ordered
+partition consumer, so queued messages are answered strictly in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable
+from datetime import timedelta
 from typing import Any
 
 import msgspec
 
 from services.core.agent import AgentReply, runtime_for
+from services.core.agent.runtime import PendingToolCall
 from services.core.lifecycle import ACCEPTS_USER_TURNS, transition
 from shared.bus import Bus, Undeliverable
 from shared.envelopes import (
-    CallEnded,
-    CallStarted,
     Event,
     InboundEnvelope,
     InboundMessage,
     OutboundEnvelope,
+    Resume,
+    StreamDelta,
+    ThreadHints,
     TurnReply,
 )
 from shared.errors import ConversationClosed, InvalidRequest, NotFound, SwitchboardError
 from shared.ids import new_id
 from shared.models import (
+    Approval,
     Author,
     Channel,
     Conversation,
     Revision,
     SessionType,
     Status,
+    ToolCall,
     Turn,
     utcnow,
 )
@@ -44,6 +51,7 @@ from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.core")
 _enc = msgspec.json.Encoder()
+_WORDS = re.compile(r"\S+\s*")
 
 
 class Conversations:
@@ -67,29 +75,40 @@ class Conversations:
         context_variables: dict[str, Any] | None = None,
         our_address: str | None = None,
         user_address: str | None = None,
+        routing_key: str | None = None,
+        revision_id: str | None = None,
         actor: str = "system",
     ) -> Conversation:
-        agent = await self.store.get_agent(agent_id or self.settings.default_agent)
-        if agent.active_revision_id is None:
-            raise InvalidRequest(
-                f"agent {agent.id} has no active revision", details={"agent_id": agent.id}
-            )
+        if revision_id is not None:
+            revision = await self.revision(revision_id)
+            agent = await self.store.get_agent(revision.agent_id)
+        else:
+            agent = await self.store.get_agent(agent_id or self.settings.default_agent)
+            if agent.active_revision_id is None:
+                raise InvalidRequest(
+                    f"agent {agent.id} has no active revision", details={"agent_id": agent.id}
+                )
+            revision_id = agent.active_revision_id
         now = utcnow()
+        cid = new_id("conv")
         conv = Conversation(
-            id=new_id("conv"),
+            id=cid,
             end_user_id=end_user_id,
             channel=channel,
             status="active",
             session_type=session_type,
             assigned_agent_id=agent.id,
-            pinned_revision_id=agent.active_revision_id,
+            pinned_revision_id=revision_id,
             created_at=now,
             updated_at=now,
             context_variables=context_variables or {},
             our_address=our_address,
             user_address=user_address,
+            routing_key=routing_key or cid,
         )
         await self.store.create_conversation(conv)
+        if session_type == "live":
+            await self.store.count_usage(channel, conversations=1)
         await self.emit(
             "conversation.created",
             conv,
@@ -105,22 +124,48 @@ class Conversations:
         log.info("conversation opened", extra={"conversation_id": conv.id, "channel": channel})
         return conv
 
-    async def close(self, cid: str, reason: str, actor: str) -> Conversation:
-        previous = await transition(self.store, cid, "closed", reason)
-        conv = await self.store.get_conversation(cid)
+    async def change_status(self, conv: Conversation, to: Status, reason: str, actor: str) -> None:
+        previous = await transition(self.store, conv.id, to, reason)
         await self.emit(
             "conversation.status_changed",
             conv,
             actor,
-            {"from": previous, "to": "closed", "reason": reason},
+            {"from": previous, "to": to, "reason": reason},
         )
-        return conv
+
+    async def close(self, cid: str, reason: str, actor: str) -> Conversation:
+        conv = await self.store.get_conversation(cid)
+        await self.change_status(conv, "closed", reason, actor)
+        return await self.store.get_conversation(cid)
+
+    async def handoff(self, conv: Conversation, reason: str, actor: str) -> None:
+        await self.change_status(conv, "waiting_for_human", reason, actor)
+        note = Turn(
+            id=new_id("turn"),
+            conversation_id=conv.id,
+            seq=0,
+            role="system",
+            content=f"Conversation handed to a human ({reason}).",
+            author=Author(kind="system"),
+            created_at=utcnow(),
+        )
+        appended = await self.store.append_turn(note, allowed=("waiting_for_human",))
+        await self.emit("handoff.started", conv, actor, {"reason": reason, "seq": appended.seq})
 
     # Inbound ------------------------------------------------------------------------------------
 
     async def apply_inbound(self, env: InboundEnvelope) -> None:
+        from shared.envelopes import ApprovalDecided, CallEnded, CallStarted
+
         if isinstance(env, InboundMessage):
             await self.apply_message(env)
+        elif isinstance(env, Resume):
+            conv = await self.store.get_conversation(env.conversation_id or "")
+            await self.answer_pending(conv)
+        elif isinstance(env, ApprovalDecided):
+            from services.core.approvals import apply_decision
+
+            await apply_decision(self, env.approval_id)
         elif isinstance(env, CallStarted):
             await self.conversation_for(env)
         elif isinstance(env, CallEnded):
@@ -157,6 +202,7 @@ class Conversations:
             session_type=env.session_type,
             our_address=env.recipient,
             user_address=env.sender.raw,
+            routing_key=env.routing_key,
             actor="channel",
         )
         winner = await self.store.claim_open_conversation(
@@ -198,53 +244,89 @@ class Conversations:
             return
         user_turn = msgspec.structs.replace(user_turn, seq=appended.seq)
         if not appended.duplicate:
-            await self.emit(
-                "turn.created",
-                conv,
-                "end_user",
-                {"seq": appended.seq, "role": "user", "turn_id": user_turn.id},
-                key=user_turn.id,
-            )
-        if appended.status != "active":
+            await self._record_turn(conv, user_turn, "end_user")
+        status = appended.status
+        if status == "active" and not appended.duplicate:
+            # Messages queued while a human or an approval had the conversation come first.
+            status = await self.answer_pending(conv, before_seq=appended.seq)
+            if status != "active":
+                await self.store.queue_pending(conv.id, appended.seq)
+        if status != "active":
+            if status == "awaiting_approval" and not appended.duplicate:
+                await self.still_waiting(conv)
             self.metrics.messages.labels("core", env.channel, "queued").inc()
             await self._publish_reply(
                 TurnReply(
                     envelope_id=env.id,
                     conversation_id=conv.id,
                     outcome="queued",
-                    session_status=appended.status,
+                    session_status=status,
                     message_seqs=(appended.seq,),
                     user_seq=appended.seq,
                 )
             )
             return
-        reply_key = f"{env.id}:reply"
         if appended.duplicate:
-            seq = await self.store.seen_seq(conv.id, reply_key)
-            if seq is not None:
-                # Already answered before a crash or a lost ack: re-publish (deduplicated by id).
-                answer = await self.store.get_turn(conv.id, seq)
-                if answer is not None:
-                    current = await self.store.get_conversation(conv.id)
-                    await self._deliver(
-                        conv, env, user_turn, answer, deliver=True, status=current.status
-                    )
-                    return
+            seq = await self.store.seen_seq(conv.id, f"{env.id}:reply")
+            answer = await self.store.get_turn(conv.id, seq) if seq is not None else None
+            if answer is not None:
+                # Answered before a crash or a lost ack: re-publish (deduplicated by id).
+                current = await self.store.get_conversation(conv.id)
+                await self.deliver(
+                    conv,
+                    answer,
+                    user_turn,
+                    thread=env.thread,
+                    deliver=True,
+                    status=current.status,
+                    stream=env.stream,
+                )
+                return
+        await self.respond(conv, user_turn, thread=env.thread, stream=env.stream)
+
+    async def respond(
+        self,
+        conv: Conversation,
+        user_turn: Turn,
+        *,
+        thread: ThreadHints | None = None,
+        stream: bool = False,
+    ) -> Status:
+        """Run the agent on one user turn and deliver its reply; returns the status after it."""
         revision = await self.revision(conv.pinned_revision_id)
-        reply = runtime_for(revision).reply(env.text, simulate=conv.session_type == "simulation")
-        await self.answer(conv, env, user_turn, reply, reply_key)
+        reply = runtime_for(revision).reply(
+            user_turn.content, simulate=conv.session_type == "simulation"
+        )
+        return await self.answer(
+            conv, user_turn, reply, f"{user_turn.envelope_id}:reply", thread=thread, stream=stream
+        )
+
+    async def answer_pending(self, conv: Conversation, before_seq: int | None = None) -> Status:
+        """Answer queued user messages in order while the conversation stays active."""
+        status: Status = "active"
+        while status == "active":
+            seq = await self.store.next_pending(conv.id)
+            if seq is None or (before_seq is not None and seq >= before_seq):
+                break
+            queued = await self.store.get_turn(conv.id, seq)
+            if queued is not None:
+                status = await self.respond(conv, queued)
+            await self.store.drop_pending(conv.id, seq)
+        return status
 
     async def answer(
         self,
         conv: Conversation,
-        env: InboundMessage,
         user_turn: Turn,
         reply: AgentReply,
         reply_key: str,
-    ) -> None:
+        *,
+        thread: ThreadHints | None = None,
+        stream: bool = False,
+    ) -> Status:
         """Record the agent's reply and deliver it, unless a human took over meanwhile."""
         answer = Turn(
-            id=f"turn_{env.id}_r",
+            id=f"turn_{reply_key.replace(':', '_')}",
             conversation_id=conv.id,
             seq=0,
             role="assistant",
@@ -253,7 +335,7 @@ class Conversations:
             created_at=utcnow(),
             tool_calls=reply.tool_calls,
             evidence=reply.evidence,
-            envelope_id=env.id,
+            envelope_id=user_turn.envelope_id,
             channel=conv.channel,
         )
         appended = await self.store.append_turn(
@@ -263,83 +345,131 @@ class Conversations:
             dedupe_ttl=self.settings.dedupe_ttl_seconds,
         )
         answer = msgspec.structs.replace(answer, seq=appended.seq)
+        if not appended.duplicate:
+            await self._record_turn(conv, answer, "agent")
         # The ownership re-check: the append saw the status atomically. A reply produced while a
         # handoff or an approval began is kept in the transcript but never sent.
         deliver = appended.status == "active"
         status = appended.status
-        if reply.handoff and deliver:
+        if deliver and reply.handoff:
             await self.handoff(conv, reason="transfer_call", actor="agent")
             status = "waiting_for_human"
-        await self._deliver(conv, env, user_turn, answer, deliver=deliver, status=status)
+        elif deliver and reply.approval is not None:
+            if conv.session_type == "simulation":  # read-only: nobody will approve it
+                await self.change_status(conv, "awaiting_approval", "simulated approval", "agent")
+            else:
+                await self.request_approval(conv, answer, reply.approval)
+            status = "awaiting_approval"
+        await self.deliver(
+            conv, answer, user_turn, thread=thread, deliver=deliver, status=status, stream=stream
+        )
+        return status
 
-    async def handoff(self, conv: Conversation, reason: str, actor: str) -> None:
-        previous = await transition(self.store, conv.id, "waiting_for_human", reason)
-        note = Turn(
-            id=new_id("turn"),
+    async def request_approval(
+        self, conv: Conversation, answer: Turn, call: PendingToolCall
+    ) -> None:
+        policy = call.policy
+        now = utcnow()
+        approval = Approval(
+            id=f"apr_{answer.id.removeprefix('turn_')}",
             conversation_id=conv.id,
-            seq=0,
-            role="system",
-            content=f"Conversation handed to a human ({reason}).",
-            author=Author(kind="system"),
-            created_at=utcnow(),
+            subject_ref=answer.id,
+            payload={"tool": call.name, "arguments": call.arguments},
+            approver_role=policy.approver_role,
+            suspend_message=policy.suspend_message,
+            fallback_message=policy.fallback_message,
+            on_reject=policy.on_reject,
+            timeout_at=now + timedelta(seconds=policy.timeout_seconds),
+            created_at=now,
         )
-        appended = await self.store.append_turn(note, allowed=("waiting_for_human",))
+        await self.store.create_approval(approval)
+        await self.store.set_approval_id(conv.id, approval.id)
+        await self.change_status(conv, "awaiting_approval", f"approval {approval.id}", "agent")
         await self.emit(
-            "conversation.status_changed",
+            "approval.requested",
             conv,
-            actor,
-            {"from": previous, "to": "waiting_for_human", "reason": reason},
+            "agent",
+            {
+                "approval_id": approval.id,
+                "tool": call.name,
+                "arguments": call.arguments,
+                "approver_role": policy.approver_role,
+                "timeout_at": approval.timeout_at.isoformat(),
+            },
+            key=approval.id,
         )
-        await self.emit("handoff.started", conv, actor, {"reason": reason, "seq": appended.seq})
 
-    async def _deliver(
+    async def still_waiting(self, conv: Conversation) -> None:
+        """Tell a user who writes during an approval that we are waiting: once per approval."""
+        current = await self.store.get_conversation(conv.id)
+        if not current.approval_id or not await self.store.claim_once(
+            f"notice:{current.approval_id}"
+        ):
+            return
+        await self.say(
+            conv,
+            self.settings.still_waiting_message,
+            author=Author(kind="system"),
+            allowed=("awaiting_approval",),
+        )
+
+    async def say(
         self,
         conv: Conversation,
-        env: InboundMessage,
-        user_turn: Turn,
-        answer: Turn,
+        text: str,
         *,
+        author: Author,
+        allowed: tuple[Status, ...],
+        key: str | None = None,
+        tool_calls: tuple[ToolCall, ...] = (),
+    ) -> Turn:
+        """Append a message to the user that is not an answer to one turn, and deliver it."""
+        turn = Turn(
+            id=f"turn_{key}" if key else new_id("turn"),
+            conversation_id=conv.id,
+            seq=0,
+            role="assistant",
+            content=text,
+            author=author,
+            created_at=utcnow(),
+            channel=conv.channel,
+            tool_calls=tool_calls,
+        )
+        appended = await self.store.append_turn(
+            turn, allowed=allowed, dedupe_key=key, dedupe_ttl=self.settings.dedupe_ttl_seconds
+        )
+        turn = msgspec.structs.replace(turn, seq=appended.seq)
+        if not appended.duplicate:
+            await self._record_turn(conv, turn, author.id or author.kind)
+        await self.publish_outbound(conv, turn, thread=None)
+        return turn
+
+    # Delivery -----------------------------------------------------------------------------------
+
+    async def deliver(
+        self,
+        conv: Conversation,
+        answer: Turn,
+        user_turn: Turn,
+        *,
+        thread: ThreadHints | None,
         deliver: bool,
         status: Status,
+        stream: bool = False,
     ) -> None:
-        publishes: list[Awaitable[Any]] = [
-            self.emit(
-                "turn.created",
-                conv,
-                "agent",
-                {
-                    "seq": answer.seq,
-                    "role": "assistant",
-                    "turn_id": answer.id,
-                    "delivered": deliver,
-                },
-                key=answer.id,
-            ),
-        ]
+        envelope_id = user_turn.envelope_id or answer.id
         if deliver:
-            outbound = OutboundEnvelope(
-                id=f"out_{answer.id}",
-                channel=conv.channel,
-                conversation_id=conv.id,
-                turn_id=answer.id,
-                seq=answer.seq,
-                session_type=conv.session_type,
-                text=answer.content,
-                recipient=conv.user_address,
-                sender=conv.our_address,
-                thread=env.thread,
-                created_at=utcnow(),
-            )
-            publishes.append(
-                self.bus.publish(
-                    self.subjects.outbound(conv.channel), _enc.encode(outbound), msg_id=outbound.id
-                )
-            )
-        await asyncio.gather(*publishes)
-        self.metrics.messages.labels("core", env.channel, "answered" if deliver else "held").inc()
+            if stream:
+                for piece in _WORDS.findall(answer.content):
+                    await self.bus.publish_core(
+                        self.subjects.stream(conv.id),
+                        _enc.encode(StreamDelta(envelope_id=envelope_id, text=piece)),
+                    )
+            await self.publish_outbound(conv, answer, thread=thread)
+        self.metrics.messages.labels("core", conv.channel, "answered" if deliver else "held").inc()
         await self._publish_reply(
             TurnReply(
-                envelope_id=env.id,
+                envelope_id=envelope_id,
                 conversation_id=conv.id,
                 outcome="answered" if deliver else "queued",
                 session_status=status,
@@ -348,6 +478,48 @@ class Conversations:
                 user_seq=user_turn.seq,
             )
         )
+
+    async def publish_outbound(
+        self, conv: Conversation, turn: Turn, thread: ThreadHints | None
+    ) -> None:
+        if conv.session_type == "simulation":
+            return  # read-only: nothing leaves for a real channel
+        outbound = OutboundEnvelope(
+            id=f"out_{turn.id}",
+            channel=conv.channel,
+            conversation_id=conv.id,
+            turn_id=turn.id,
+            seq=turn.seq,
+            session_type=conv.session_type,
+            text=turn.content,
+            recipient=conv.user_address,
+            sender=conv.our_address,
+            thread=thread,
+            author_kind=turn.author.kind,
+            created_at=utcnow(),
+        )
+        await self.bus.publish(
+            self.subjects.outbound(conv.channel), _enc.encode(outbound), msg_id=outbound.id
+        )
+
+    async def _record_turn(self, conv: Conversation, turn: Turn, actor: str) -> None:
+        work: list[Awaitable[Any]] = [
+            self.emit(
+                "turn.created",
+                conv,
+                actor,
+                {
+                    "seq": turn.seq,
+                    "role": turn.role,
+                    "turn_id": turn.id,
+                    "author": turn.author.kind,
+                },
+                key=turn.id,
+            )
+        ]
+        if conv.session_type == "live":
+            work.append(self.store.count_usage(conv.channel, turns=1))
+        await asyncio.gather(*work)
 
     async def _reject(self, env: InboundMessage, exc: SwitchboardError) -> None:
         self.metrics.messages.labels("core", env.channel, "rejected").inc()
@@ -376,6 +548,19 @@ class Conversations:
     async def _publish_reply(self, reply: TurnReply) -> None:
         await self.bus.publish_core(self.subjects.reply(reply.conversation_id), _enc.encode(reply))
 
+    async def resume(self, conv: Conversation, key: str) -> None:
+        """Ask the conversation's ordered consumer to answer what queued while it was not active."""
+        env = Resume(
+            id=f"env_resume_{key}",
+            channel=conv.channel,
+            received_at=utcnow(),
+            session_type=conv.session_type,
+            conversation_id=conv.id,
+        )
+        await self.bus.publish(
+            self.subjects.inbound(conv.channel, conv.partition_key), _enc.encode(env), msg_id=env.id
+        )
+
     async def emit(
         self,
         event_type: str,
@@ -384,7 +569,10 @@ class Conversations:
         data: dict[str, Any],
         key: str | None = None,
     ) -> Event:
-        """Publish an event. With `key`, a redelivered step re-emits the same id (deduplicated)."""
+        """Publish an event and keep it in the conversation's audit log.
+
+        With `key`, a redelivered step re-emits the same id, deduplicated in both places.
+        """
         event = Event(
             id=f"evt_{event_type}_{key}" if key else new_id("evt"),
             type=event_type,
@@ -394,5 +582,8 @@ class Conversations:
             actor=actor,
             data=data,
         )
-        await self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id)
+        await asyncio.gather(
+            self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id),
+            self.store.record_event(conv.id, event),
+        )
         return event

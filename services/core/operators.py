@@ -1,0 +1,73 @@
+"""What operators do: take over, write to the end user, hand back, close; and simulations."""
+
+from __future__ import annotations
+
+from services.core.conversations import Conversations
+from services.core.lifecycle import ACCEPTS_USER_TURNS
+from shared.envelopes import HumanTurn, InboundMessage, Simulate
+from shared.errors import ConversationClosed, IllegalTransition, InvalidRequest
+from shared.ids import ulid
+from shared.models import Author, Conversation, Turn, utcnow
+
+
+async def start_handoff(c: Conversations, cid: str, reason: str, actor: str) -> Conversation:
+    conv = await c.store.get_conversation(cid)
+    await c.handoff(conv, reason, actor)
+    return await c.store.get_conversation(cid)
+
+
+async def human_turn(c: Conversations, cmd: HumanTurn) -> Conversation:
+    """An operator's message goes to the end user on the conversation's own channel."""
+    conv = await c.store.get_conversation(cmd.conversation_id)
+    if conv.status == "closed":
+        raise ConversationClosed("conversation is closed", details={"status": "closed"})
+    if cmd.hand_back and conv.status != "waiting_for_human":
+        raise IllegalTransition(
+            f"conversation is {conv.status}; only a handed-off conversation can be handed back",
+            details={"status": conv.status},
+        )
+    if cmd.content:
+        await c.say(
+            conv,
+            cmd.content,
+            author=Author(kind="operator", id=cmd.operator_id),
+            allowed=ACCEPTS_USER_TURNS,
+        )
+    if cmd.hand_back:
+        await c.change_status(conv, "active", "hand_back", cmd.operator_id)
+        await c.resume(conv, key=ulid())
+    if cmd.close:
+        return await c.close(conv.id, "closed_by_operator", cmd.operator_id)
+    return await c.store.get_conversation(conv.id)
+
+
+async def simulate(c: Conversations, cmd: Simulate) -> tuple[Conversation, list[Turn]]:
+    """Replay user turns against a revision: the full runtime, but nothing leaves the gateway."""
+    revision_id = cmd.revision_id
+    if revision_id is None:
+        agent = await c.store.get_agent(cmd.agent_id or c.settings.default_agent)
+        revision_id = agent.active_revision_id
+        if revision_id is None:
+            raise InvalidRequest(f"agent {agent.id} has no active revision")
+    user = await c.store.create_anonymous_user()
+    conv = await c.open(
+        channel="api",
+        end_user_id=user,
+        agent_id=None,
+        revision_id=revision_id,
+        session_type="simulation",
+        actor=cmd.actor,
+    )
+    for index, text in enumerate(cmd.user_turns):
+        await c.apply_message(
+            InboundMessage(
+                id=f"env_{conv.id}_{index}",
+                channel="api",
+                received_at=utcnow(),
+                session_type="simulation",
+                conversation_id=conv.id,
+                text=text,
+            )
+        )
+    conv = await c.close(conv.id, "simulation_complete", cmd.actor)
+    return conv, await c.store.turns_after(conv.id, 0, 10_000)
