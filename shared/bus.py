@@ -60,6 +60,12 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+Backoff = Callable[[int], float]
+
+
+def short_backoff(attempt: int) -> float:
+    """Redelivery delay after `attempt` failures: 0.2 s doubling, capped at 10 s."""
+    return float(min(0.2 * 2 ** (attempt - 1), 10.0))
 
 
 def stream_configs(subjects: Subjects, replicas: int) -> list[StreamConfig]:
@@ -225,11 +231,14 @@ class Bus:
         max_deliver: int = 5,
         ack_wait: float = 30.0,
         batch: int = 1,
+        workers: int = 1,
+        backoff: Backoff = short_backoff,
     ) -> None:
-        """Run `handler` for every message of a durable pull consumer, in a task this bus owns.
+        """Run `handler` for every message of a durable pull consumer, in tasks this bus owns.
 
         `max_ack_pending=1` makes the consumer strictly ordered across every replica bound to the
         same durable: the next message is handed out only after the previous one is acked.
+        `workers` > 1 handles that many messages at once (for consumers that need no order).
         """
         config = ConsumerConfig(
             durable_name=durable,
@@ -241,17 +250,25 @@ class Bus:
             # The server's own cap sits above ours so the last attempt is always ours to dead-letter.
             max_deliver=max_deliver + 1,
         )
-        sub = await self.js.pull_subscribe(
-            filter_subject, durable=durable, stream=stream, config=config
-        )
-        self._pull_subs.append(sub)
-        task = asyncio.create_task(
-            self._pull_loop(sub, handler, batch, max_deliver), name=f"consume:{durable}"
-        )
-        self._consumers.append(task)
+        for worker in range(workers):
+            # One pull subscription per worker: fetches on a shared one would mix their replies.
+            sub = await self.js.pull_subscribe(
+                filter_subject, durable=durable, stream=stream, config=config
+            )
+            self._pull_subs.append(sub)
+            task = asyncio.create_task(
+                self._pull_loop(sub, handler, batch, max_deliver, backoff),
+                name=f"consume:{durable}:{worker}",
+            )
+            self._consumers.append(task)
 
     async def _pull_loop(
-        self, sub: JetStreamContext.PullSubscription, handler: Handler, batch: int, max_deliver: int
+        self,
+        sub: JetStreamContext.PullSubscription,
+        handler: Handler,
+        batch: int,
+        max_deliver: int,
+        backoff: Backoff,
     ) -> None:
         me = asyncio.current_task()
         assert me is not None
@@ -271,9 +288,9 @@ class Bus:
                 self._idle.discard(me)
             for msg in msgs:
                 # Shielded: a shutdown waits for the message in hand to be finished and acked.
-                await asyncio.shield(self._handle(msg, handler, max_deliver))
+                await asyncio.shield(self._handle(msg, handler, max_deliver, backoff))
 
-    async def _handle(self, msg: Msg, handler: Handler, max_deliver: int) -> None:
+    async def _handle(self, msg: Msg, handler: Handler, max_deliver: int, backoff: Backoff) -> None:
         attempt = msg.metadata.num_delivered or 1
         delivery = Delivery(
             subject=msg.subject, data=msg.data, headers=dict(msg.headers or {}), attempt=attempt
@@ -294,7 +311,7 @@ class Bus:
                     extra={"subject": msg.subject, "attempt": attempt},
                 )
                 with contextlib.suppress(Exception):
-                    await msg.nak(delay=min(0.2 * 2 ** (attempt - 1), 10.0))
+                    await msg.nak(delay=backoff(attempt))
         else:
             with contextlib.suppress(Exception):  # a lost ack means a redelivery, which dedupes
                 await msg.ack()

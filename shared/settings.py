@@ -77,3 +77,12 @@ def load_settings(cls: type[S], environ: Mapping[str, str] | None = None, **over
         return msgspec.convert(raw, cls, strict=False)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"bad setting: {exc}") from exc
+
+
+class EgressSettings(CommonSettings, kw_only=True, frozen=True):
+    egress_health_port: int = 8091
+    webhook_timeout_seconds: float = 10.0
+    # Attempts per event and subscription; the delay doubles from the base, capped at 10 minutes.
+    webhook_max_attempts: int = 8
+    webhook_backoff_seconds: float = 2.0
+    webhook_workers: int = 8

@@ -87,3 +87,7 @@ class Subjects:
 
     def stream(self, conversation_id: str) -> str:
         return self._s(f"gw.stream.{conversation_id}")
+
+    def conversation_feed(self, conversation_id: str) -> str:
+        """Both `gw.reply.<id>` and `gw.stream.<id>` on one subscription, so they stay in order."""
+        return self._s(f"gw.*.{conversation_id}")

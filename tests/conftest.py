@@ -79,6 +79,18 @@ class Stack:
     namespace: str
     core: Any
     base_url: str
+    servers: Servers
+
+    async def restart_core(self, **overrides: Any) -> None:
+        """Stop core and start a fresh process-equivalent: nothing survives but NATS and Valkey."""
+        from services.core.app import Core
+        from shared.settings import CoreSettings
+
+        await self.core.stop()
+        env = settings_env(self.servers, self.namespace)
+        self.core = Core(CoreSettings(**{**env, "core_health_port": 0,
+                                         "approval_sweep_seconds": 0.1, **overrides}))
+        await self.core.start()
 
     def client(self, key: str | None) -> httpx.AsyncClient:
         headers = {"x-api-key": key} if key else {}
@@ -90,12 +102,16 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     """Core and the API running in this process against the real servers, on real sockets."""
     from services.api.app import create_app
     from services.core.app import Core
+    from services.egress.app import Egress
     from shared.http import HttpServer
-    from shared.settings import ApiSettings, CoreSettings
+    from shared.settings import ApiSettings, CoreSettings, EgressSettings
 
     env = settings_env(servers, namespace)
-    core = Core(CoreSettings(**env, core_health_port=0))
+    core = Core(CoreSettings(**env, core_health_port=0, approval_sweep_seconds=0.1))
     await core.start()
+    egress = Egress(EgressSettings(**env, egress_health_port=0, webhook_backoff_seconds=0.05,
+                                   webhook_max_attempts=4))
+    await egress.start()
     api = HttpServer(
         create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
     )
@@ -104,6 +120,9 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     async with httpx.AsyncClient(
         base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20
     ) as client:
-        yield Stack(api=client, namespace=namespace, core=core, base_url=base_url)
+        stack = Stack(api=client, namespace=namespace, core=core, base_url=base_url,
+                      servers=servers)
+        yield stack
     await api.stop()
-    await core.stop()
+    await egress.stop()
+    await stack.core.stop()

@@ -18,6 +18,8 @@ from services.api.auth import KeyRing, require_scope
 from services.api.gateway import Gateway
 from services.api.routes.admin import AgentController, IdentityController, KeyController
 from services.api.routes.conversations import ConversationController
+from services.api.routes.operators import ApprovalController, OperatorController
+from services.api.routes.platform import SimulationController, WebhookController
 from services.api.schemas import ErrorBody, ErrorResponse
 from shared.bus import Bus
 from shared.errors import SwitchboardError
@@ -119,6 +121,10 @@ def create_app(settings: ApiSettings) -> Litestar:
             IdentityController,
             AgentController,
             KeyController,
+            OperatorController,
+            ApprovalController,
+            WebhookController,
+            SimulationController,
             *probe_handlers(ready, metrics),
         ],
         lifespan=[lifespan],

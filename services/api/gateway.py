@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
@@ -12,7 +13,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from shared.bus import Bus
-from shared.envelopes import Command, CommandResult, InboundMessage, TurnReply
+from shared.envelopes import Command, CommandResult, InboundMessage, StreamDelta, TurnReply
 from shared.errors import TurnTimeout, Unavailable, error_from_code
 from shared.ids import new_id
 from shared.models import Conversation, utcnow
@@ -22,6 +23,7 @@ from shared.store import Store
 _enc = msgspec.json.Encoder()
 _result = msgspec.json.Decoder(CommandResult)
 _reply = msgspec.json.Decoder(TurnReply)
+_delta = msgspec.json.Decoder(StreamDelta)
 
 
 def envelope_id_for(conversation_id: str, idempotency_key: str | None) -> str:
@@ -39,22 +41,29 @@ class Gateway:
         self.store = store
         self.subjects = bus.subjects
 
-    async def command(self, verb: str, command: Command) -> Conversation:
+    async def run(self, verb: str, command: Command, timeout: float | None = None) -> CommandResult:
+        """Ask core to do something and wait for its answer; core's errors come back as ours."""
         try:
             raw = await self.bus.request(
                 self.subjects.command(verb),
                 _enc.encode(command),
-                timeout=self.settings.command_timeout_seconds,
+                timeout=timeout or self.settings.command_timeout_seconds,
             )
         except (NoRespondersError, NatsTimeout) as exc:
             raise Unavailable("core did not answer; try again") from exc
         result = _result.decode(raw)
-        if not result.ok or result.conversation is None:
+        if not result.ok:
             raise error_from_code(
                 result.error_code or "internal_error",
                 result.error_message or "command failed",
                 result.error_details,
             )
+        return result
+
+    async def command(self, verb: str, command: Command) -> Conversation:
+        result = await self.run(verb, command)
+        if result.conversation is None:
+            raise Unavailable(f"core answered {verb} without a conversation")
         return result.conversation
 
     async def post_turn(
@@ -66,6 +75,23 @@ class Gateway:
         metadata: dict[str, Any],
     ) -> TurnReply:
         """Publish the user's message durably and wait for core's reply to that very envelope."""
+        async for item in self.turn_feed(
+            conv, text, idempotency_key=idempotency_key, metadata=metadata, stream=False
+        ):
+            if isinstance(item, TurnReply):
+                return item
+        raise TurnTimeout("the agent did not answer")  # unreachable: the feed ends with a reply
+
+    async def turn_feed(
+        self,
+        conv: Conversation,
+        text: str,
+        *,
+        idempotency_key: str | None,
+        metadata: dict[str, Any],
+        stream: bool,
+    ) -> AsyncGenerator[StreamDelta | TurnReply, None]:
+        """Yield the reply's deltas (when `stream`) and then the reply itself."""
         env = InboundMessage(
             id=envelope_id_for(conv.id, idempotency_key),
             channel="api",
@@ -74,28 +100,39 @@ class Gateway:
             conversation_id=conv.id,
             text=text,
             metadata=metadata,
+            stream=stream,
         )
-        loop = asyncio.get_running_loop()
-        answered: asyncio.Future[TurnReply] = loop.create_future()
+        feed: asyncio.Queue[StreamDelta | TurnReply] = asyncio.Queue()
+        reply_subject = self.subjects.reply(conv.id)
 
-        async def on_reply(msg: Msg) -> None:
-            reply = _reply.decode(msg.data)
-            if reply.envelope_id == env.id and not answered.done():
-                answered.set_result(reply)
+        async def on_message(msg: Msg) -> None:
+            item: StreamDelta | TurnReply = (
+                _reply.decode(msg.data) if msg.subject == reply_subject else _delta.decode(msg.data)
+            )
+            if item.envelope_id == env.id:
+                feed.put_nowait(item)
 
-        # Subscribed before publishing, on the same connection: the reply cannot overtake us.
-        sub = await self.bus.nc.subscribe(self.subjects.reply(conv.id), cb=on_reply)
+        # Subscribed before publishing, on the same connection: the reply cannot overtake us, and
+        # one subscription for deltas and reply keeps them in the order core sent them.
+        sub = await self.bus.nc.subscribe(self.subjects.conversation_feed(conv.id), cb=on_message)
+        deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_seconds
         try:
             ack = await self.bus.publish(
-                self.subjects.inbound("api", conv.id), _enc.encode(env), msg_id=env.id
+                self.subjects.inbound("api", conv.partition_key), _enc.encode(env), msg_id=env.id
             )
             if ack.duplicate:
                 # A client retry of an envelope JetStream already holds: answer from the store if
                 # core is done with it, else wait for the reply of the delivery in flight.
                 earlier = await self.earlier_reply(conv.id, env.id)
                 if earlier is not None:
-                    return earlier
-            return await asyncio.wait_for(answered, self.settings.turn_timeout_seconds)
+                    yield earlier
+                    return
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                item = await asyncio.wait_for(feed.get(), max(remaining, 0.001))
+                yield item
+                if isinstance(item, TurnReply):
+                    return
         except TimeoutError as exc:
             raise TurnTimeout(
                 "the agent did not answer in time; the turn is accepted and will "

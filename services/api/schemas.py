@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -16,6 +17,7 @@ from shared.models import (
     Status,
     ToolCall,
     ToolSpec,
+    Turn,
 )
 
 T = TypeVar("T")
@@ -110,6 +112,73 @@ class WhoAmI(msgspec.Struct, kw_only=True):
     id: str
     name: str
     scopes: list[Scope]
+
+
+class HandoffRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "operator_takeover"
+
+
+class HumanTurnRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    content: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE)] = ""
+    hand_back: bool = False
+    close: bool = False
+
+
+class ResolveApprovalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    decision: Literal["approve", "reject"]
+    note: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    reviewer: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+
+class Messages(msgspec.Struct, kw_only=True):
+    conversation_id: str
+    session_status: Status
+    messages: list[Turn]
+    next_seq: int
+
+
+class CreateWebhook(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
+    events: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["*"]
+    )
+    secret: Annotated[str, msgspec.Meta(min_length=16, max_length=200)] | None = None
+
+
+class WebhookView(msgspec.Struct, kw_only=True):
+    """A subscription as listed: never its secret."""
+
+    id: str
+    url: str
+    events: list[str]
+    created_at: datetime
+
+
+class CreatedWebhook(WebhookView, kw_only=True):
+    secret: str  # returned once, at creation
+
+
+class CreateSimulation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    agent_id: str | None = None
+    revision_id: str | None = None
+    user_turns: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE)]],
+        msgspec.Meta(min_length=1, max_length=100),
+    ]
+
+
+class SimulationResult(msgspec.Struct, kw_only=True):
+    conversation_id: str
+    revision_id: str
+    session_type: SessionType
+    transcript: list[Turn]
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    """Live sessions only: test and simulation sessions are never counted."""
+
+    conversations: dict[str, int]
+    turns: dict[str, int]
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

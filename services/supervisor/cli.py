@@ -1,7 +1,7 @@
 """The `switchboard` command.
 
 switchboard up [--external]   run embedded NATS + Valkey and every service; Ctrl-C stops all
-switchboard <service>         run one service in the foreground (core, api)
+switchboard <service>         run one service in the foreground (core, egress, api)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class ServiceSpec:
 # In start order: core first, so the streams and the demo agent exist when ingress opens.
 SERVICES = (
     ServiceSpec("core", "SWITCHBOARD_CORE_HEALTH_PORT", 8090, "conversation core (probes)"),
+    ServiceSpec("egress", "SWITCHBOARD_EGRESS_HEALTH_PORT", 8091, "egress workers (probes)"),
     ServiceSpec("api", "SWITCHBOARD_API_PORT", 8080, "HTTP API"),
 )
 
@@ -117,7 +118,7 @@ def up(external: bool) -> int:
                 say(tail(child.log_path))
                 raise
             say(f"  ✓ {spec.name:<6} http://{host}:{spec.port(env)}  {spec.what}")
-        api = f"http://{host}:{SERVICES[1].port(env)}"
+        api = f"http://{host}:{SERVICES[-1].port(env)}"
         say(f"""
 Switchboard is up. Logs: {logs}
   API            {api}   (OpenAPI: {api}/schema)

@@ -37,7 +37,7 @@ def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> st
 
 
 def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("API", "CORE_HEALTH", "NATS", "REDIS")}
+    ports = {name: free_port() for name in ("API", "CORE_HEALTH", "EGRESS_HEALTH", "NATS", "REDIS")}
     env = {
         **os.environ,
         "SWITCHBOARD_DATA_DIR": str(tmp_path / "data"),
@@ -64,6 +64,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "nats-server" in names
         assert "valkey-server" in names
         assert "services.core" in names
+        assert "services.egress" in names
         assert "services.api" in names
 
         with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from services.api.gateway import Gateway
 from services.api.schemas import (
     CloseRequest,
     CreateConversation,
     ItemList,
+    Messages,
     PostTurn,
     QueuedTurn,
     TurnResult,
 )
-from shared.envelopes import CloseConversation, OpenConversation
-from shared.errors import InvalidRequest, NotFound, error_from_code
+from shared.envelopes import CloseConversation, Event, OpenConversation, StreamDelta, TurnReply
+from shared.errors import InvalidRequest, NotFound, SwitchboardError, error_from_code
 from shared.identity import kind_for_channel, make_identifier
 from shared.models import Conversation, Turn
 
@@ -158,6 +162,82 @@ class ConversationController(Controller):
             )
         )
 
+    @post("/{conversation_id:str}/turns/stream", status_code=200)
+    async def stream_turn(
+        self,
+        conversation_id: str,
+        data: PostTurn,
+        gateway: Gateway,
+        request: Request[Any, Any, Any],
+    ) -> ServerSentEvent:
+        """Server-sent events: `delta` frames with pieces of the reply, then `complete` with the
+        same body as the sync endpoint (or the queued body), or `error` with the error shape."""
+        conv = await gateway.store.get_conversation(conversation_id)
+        if conv.status == "closed":
+            raise error_from_code(
+                "conversation_closed", "conversation is closed", {"status": "closed"}
+            )
+        feed = gateway.turn_feed(
+            conv,
+            data.user_message,
+            stream=True,
+            metadata=data.metadata,
+            idempotency_key=request.headers.get("idempotency-key"),
+        )
+
+        async def frames() -> AsyncGenerator[ServerSentEventMessage, None]:
+            try:
+                async for item in feed:
+                    if isinstance(item, StreamDelta):
+                        yield ServerSentEventMessage(event="delta", data=_json({"text": item.text}))
+                    else:
+                        body, _ = _turn_body(item, data.include_evidence)
+                        yield ServerSentEventMessage(event="complete", data=_json(body))
+            except SwitchboardError as exc:
+                yield ServerSentEventMessage(
+                    event="error",
+                    data=_json(
+                        {
+                            "error": {
+                                "code": exc.code,
+                                "message": exc.message,
+                                "details": exc.details,
+                            }
+                        }
+                    ),
+                )
+
+        return ServerSentEvent(frames())
+
+    @get("/{conversation_id:str}/messages")
+    async def messages(
+        self,
+        conversation_id: str,
+        gateway: Gateway,
+        since_seq: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Limit = 100,
+    ) -> Messages:
+        """Polling: the status and every message after `since_seq`. `next_seq` never rewinds."""
+        conv = await gateway.store.get_conversation(conversation_id)
+        turns = await gateway.store.turns_after(conv.id, since_seq, limit)
+        return Messages(
+            conversation_id=conv.id,
+            session_status=conv.status,
+            messages=turns,
+            next_seq=turns[-1].seq if turns else since_seq,
+        )
+
+    @get("/{conversation_id:str}/events")
+    async def events(
+        self, conversation_id: str, gateway: Gateway, cursor: str | None = None, limit: Limit = 100
+    ) -> ItemList[Event]:
+        """The audit trail: every state change, with who, what and when."""
+        conv = await gateway.store.get_conversation(conversation_id)
+        offset = int(cursor) if cursor and cursor.isdigit() else 0
+        items = await gateway.store.list_events(conv.id, offset, limit + 1)
+        more = len(items) > limit
+        return ItemList(items=items[:limit], next_cursor=str(offset + limit) if more else None)
+
     @get("/{conversation_id:str}/turns")
     async def list_turns(
         self, conversation_id: str, gateway: Gateway, cursor: str | None = None, limit: Limit = 50
@@ -174,3 +254,34 @@ class ConversationController(Controller):
 
 
 __all__ = ["ConversationController", "NotFound"]
+
+
+def _turn_body(reply: TurnReply, include_evidence: bool) -> tuple[TurnResult | QueuedTurn, int]:
+    """Core's reply as the API shows it: 200 with the answer, or 202 when it was queued."""
+    if reply.outcome == "rejected":
+        raise error_from_code(
+            reply.error_code or "conflict",
+            reply.error_message or "rejected",
+            {"status": reply.session_status},
+        )
+    if reply.outcome == "queued" or reply.turn is None:
+        return QueuedTurn(
+            conversation_id=reply.conversation_id,
+            session_status=reply.session_status,
+            seq=reply.user_seq or reply.message_seqs[0],
+            message_seqs=list(reply.message_seqs),
+        ), 202
+    turn = reply.turn
+    return TurnResult(
+        turn_id=turn.id,
+        conversation_id=reply.conversation_id,
+        text=turn.content,
+        session_status=reply.session_status,
+        message_seqs=list(reply.message_seqs),
+        tool_calls=list(turn.tool_calls),
+        evidence=list(turn.evidence) if include_evidence else [],
+    ), 200
+
+
+def _json(value: object) -> str:
+    return msgspec.json.encode(value).decode()

@@ -1,0 +1,113 @@
+"""What operators do: take over, write to the end user, hand back; decide approvals."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from litestar import Controller, Request, get, post
+from litestar.params import Parameter
+
+from services.api.auth import allows
+from services.api.gateway import Gateway
+from services.api.schemas import HandoffRequest, HumanTurnRequest, ItemList, ResolveApprovalRequest
+from shared.envelopes import HumanTurn, ResolveApproval, StartHandoff
+from shared.errors import Forbidden, NotFound
+from shared.models import Approval, Conversation
+
+Limit = Annotated[int, Parameter(ge=1, le=100)]
+
+
+class OperatorController(Controller):
+    path = "/v1/conversations/{conversation_id:str}"
+    opt = {"scope": "operator"}
+    tags = ["operators"]
+
+    @post("/handoff", status_code=200)
+    async def handoff(
+        self,
+        conversation_id: str,
+        gateway: Gateway,
+        request: Request[Any, Any, Any],
+        data: HandoffRequest | None = None,
+    ) -> Conversation:
+        """An operator takes over: `active` → `waiting_for_human`; the AI stops answering."""
+        reason = data.reason if data else "operator_takeover"
+        return await gateway.command(
+            "handoff",
+            StartHandoff(
+                conversation_id=conversation_id, reason=reason, actor=request.state.api_key.id
+            ),
+        )
+
+    @post("/human-turns", status_code=200)
+    async def human_turn(
+        self,
+        conversation_id: str,
+        data: HumanTurnRequest,
+        gateway: Gateway,
+        request: Request[Any, Any, Any],
+    ) -> Conversation:
+        """The operator's message goes to the end user on the conversation's own channel;
+        `hand_back: true` returns control to the agent, which answers what queued meanwhile."""
+        return await gateway.command(
+            "human_turn",
+            HumanTurn(
+                conversation_id=conversation_id,
+                content=data.content,
+                hand_back=data.hand_back,
+                close=data.close,
+                operator_id=request.state.api_key.id,
+            ),
+        )
+
+    @post("/approvals/{approval_id:str}/resolve", status_code=200)
+    async def resolve(
+        self,
+        conversation_id: str,
+        approval_id: str,
+        data: ResolveApprovalRequest,
+        gateway: Gateway,
+        request: Request[Any, Any, Any],
+    ) -> Approval:
+        key = request.state.api_key
+        approval = await gateway.store.get_approval(approval_id)
+        if approval.conversation_id != conversation_id:
+            raise NotFound(f"approval {approval_id} not found in conversation {conversation_id}")
+        if not allows(key, approval.approver_role):
+            raise Forbidden(
+                f"this approval needs the {approval.approver_role} role",
+                details={"needed": approval.approver_role},
+            )
+        result = await gateway.run(
+            "resolve_approval",
+            ResolveApproval(
+                conversation_id=conversation_id,
+                approval_id=approval_id,
+                decision=data.decision,
+                note=data.note,
+                reviewer=data.reviewer or key.id,
+            ),
+        )
+        assert result.approval is not None
+        return result.approval
+
+
+class ApprovalController(Controller):
+    path = "/v1/approvals"
+    opt = {"scope": "operator"}
+    tags = ["operators"]
+
+    @get("/")
+    async def list_approvals(
+        self,
+        gateway: Gateway,
+        status: Literal["pending", "approved", "rejected", "timed_out"] | None = None,
+        cursor: str | None = None,
+        limit: Limit = 50,
+    ) -> ItemList[Approval]:
+        page = await gateway.store.list_approvals(status=status, cursor=cursor, limit=limit)
+        return ItemList(items=page.items, next_cursor=page.next_cursor)
+
+    @get("/{approval_id:str}")
+    async def get_approval(self, approval_id: str, gateway: Gateway) -> Approval:
+        return await gateway.store.get_approval(approval_id)

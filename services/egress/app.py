@@ -1,0 +1,82 @@
+"""Egress wiring: the bus, the store, an HTTP client, one worker per kind of delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from services.egress.webhooks import Webhooks
+from shared.bus import Bus
+from shared.http import HttpServer, probe_app
+from shared.settings import EgressSettings
+from shared.store import Store
+from shared.subjects import Subjects
+from shared.telemetry import Metrics
+
+log = logging.getLogger("switchboard.egress")
+
+
+class Egress:
+    def __init__(self, settings: EgressSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics("egress")
+        self.subjects = Subjects(settings.namespace, settings.partitions)
+        self.bus = Bus(
+            settings.nats_url, self.subjects, name="switchboard-egress", metrics=self.metrics
+        )
+        self.store = Store(settings.redis_url, settings.namespace)
+        self.http_client = httpx.AsyncClient(
+            timeout=settings.webhook_timeout_seconds, follow_redirects=False
+        )
+        self.webhooks = Webhooks(self.bus, self.store, self.http_client)
+        self.http = HttpServer(
+            probe_app(self.ready, self.metrics), settings.host, settings.egress_health_port
+        )
+
+    async def ready(self) -> dict[str, bool]:
+        return {"nats": self.bus.ready, "redis": await self.store.ping()}
+
+    def webhook_backoff(self, attempt: int) -> float:
+        return float(min(self.settings.webhook_backoff_seconds * 2 ** (attempt - 1), 600.0))
+
+    async def start(self) -> None:
+        await self.http.start()
+        await self.bus.connect()
+        await self.bus.ensure_streams()
+        await self.bus.consume(
+            stream=self.subjects.events_stream,
+            durable="egress-webhook-fanout",
+            filter_subject=self.subjects.events_all,
+            handler=self.webhooks.fan_out,
+            max_ack_pending=256,
+        )
+        await self.bus.consume(
+            stream=self.subjects.outbound_stream,
+            durable="egress-webhook",
+            filter_subject=self.subjects.outbound("webhook"),
+            handler=self.webhooks.deliver,
+            max_ack_pending=256,
+            workers=self.settings.webhook_workers,
+            max_deliver=self.settings.webhook_max_attempts,
+            backoff=self.webhook_backoff,
+            ack_wait=self.settings.webhook_timeout_seconds + 20,
+        )
+        log.info("egress ready", extra={"health_port": self.http.port})
+
+    async def stop(self) -> None:
+        await self.bus.close()
+        await self.http_client.aclose()
+        await self.store.close()
+        await self.http.stop()
+
+
+async def run(settings: EgressSettings, stop: asyncio.Event) -> None:
+    egress = Egress(settings)
+    await egress.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("egress stopping: finishing in-flight deliveries")
+        await egress.stop()

@@ -1,0 +1,118 @@
+"""Customer webhooks: at-least-once, signed, retried with backoff, every attempt logged.
+
+Two steps, both durable: each event of a `live` session becomes one job per subscription that
+wants it (`gw.out.webhook`, Nats-Msg-Id = event + subscription, so a re-run fans out nothing
+twice); each job is POSTed until the receiver answers 2xx or the attempts run out (then DEAD).
+
+Receivers verify `X-Switchboard-Signature: v1=<hex>` = HMAC-SHA256(secret, "<timestamp>." + body)
+with `X-Switchboard-Timestamp`, and dedupe on `X-Switchboard-Event-Id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+
+import httpx
+import msgspec
+
+from shared.bus import Bus, Delivery, decode_or_dead
+from shared.envelopes import Event
+from shared.errors import NotFound
+from shared.models import WebhookDelivery, utcnow
+from shared.store import Store
+
+log = logging.getLogger("switchboard.egress.webhooks")
+_event = msgspec.json.Decoder(Event)
+
+
+class WebhookJob(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    subscription_id: str
+    event_id: str
+    event_type: str
+    body: str  # the event exactly as it is signed and sent
+
+
+_job = msgspec.json.Decoder(WebhookJob)
+
+
+class DeliveryFailed(Exception):
+    pass
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"v1={mac.hexdigest()}"
+
+
+class Webhooks:
+    def __init__(self, bus: Bus, store: Store, http: httpx.AsyncClient) -> None:
+        self.bus = bus
+        self.store = store
+        self.http = http
+
+    async def fan_out(self, delivery: Delivery) -> None:
+        event = decode_or_dead(_event, delivery.data)
+        if event.session_type != "live":
+            return  # test and simulation sessions never fire webhooks
+        for sub in await self.store.list_webhooks():
+            if not sub.wants(event.type):
+                continue
+            job = WebhookJob(
+                id=f"whj_{event.id}_{sub.id}",
+                subscription_id=sub.id,
+                event_id=event.id,
+                event_type=event.type,
+                body=delivery.data.decode(),
+            )
+            await self.bus.publish(
+                self.bus.subjects.outbound("webhook"), msgspec.json.encode(job), msg_id=job.id
+            )
+
+    async def deliver(self, delivery: Delivery) -> None:
+        job = decode_or_dead(_job, delivery.data)
+        try:
+            sub = await self.store.get_webhook(job.subscription_id)
+        except NotFound:
+            return  # the subscription was deleted meanwhile
+        body = job.body.encode()
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "Switchboard-Webhooks/1",
+            "x-switchboard-event-id": job.event_id,
+            "x-switchboard-event-type": job.event_type,
+            "x-switchboard-timestamp": str(timestamp),
+            "x-switchboard-signature": sign(sub.secret, timestamp, body),
+            "x-switchboard-delivery-attempt": str(delivery.attempt),
+        }
+        status: int | None = None
+        error: str | None = None
+        try:
+            response = await self.http.post(sub.url, content=body, headers=headers)
+            status = response.status_code
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        await self.store.log_delivery(
+            sub.id,
+            WebhookDelivery(
+                event_id=job.event_id,
+                event_type=job.event_type,
+                attempt=delivery.attempt,
+                ok=error is None,
+                status_code=status,
+                error=error,
+                at=utcnow(),
+            ),
+        )
+        if error is not None:
+            log.info(
+                "webhook attempt failed",
+                extra={"webhook_id": sub.id, "event_id": job.event_id, "error": error},
+            )
+            raise DeliveryFailed(error)
