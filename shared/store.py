@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as redis
@@ -603,9 +603,7 @@ def _conversation_from_hash(raw: dict[Any, Any]) -> Conversation:
     doc["status"] = raw[b"status"].decode()
     doc["last_seq"] = int(raw[b"last_seq"])
     doc["updated_at"] = datetime.fromisoformat(raw[b"updated_at"].decode())
-    if b"closed_reason" in raw:
-        doc["closed_reason"] = raw[b"closed_reason"].decode()
+    for field in (b"closed_reason", b"approval_id"):
+        if field in raw:
+            doc[field.decode()] = raw[field].decode()
     return msgspec.convert(doc, Conversation, strict=False)
-
-
-Outcome = Literal["ok", "illegal", "not_found"]

@@ -88,8 +88,11 @@ class Stack:
 
         await self.core.stop()
         env = settings_env(self.servers, self.namespace)
-        self.core = Core(CoreSettings(**{**env, "core_health_port": 0,
-                                         "approval_sweep_seconds": 0.1, **overrides}))
+        self.core = Core(
+            CoreSettings(
+                **{**env, "core_health_port": 0, "approval_sweep_seconds": 0.1, **overrides}
+            )
+        )
         await self.core.start()
 
     def client(self, key: str | None) -> httpx.AsyncClient:
@@ -109,8 +112,11 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     env = settings_env(servers, namespace)
     core = Core(CoreSettings(**env, core_health_port=0, approval_sweep_seconds=0.1))
     await core.start()
-    egress = Egress(EgressSettings(**env, egress_health_port=0, webhook_backoff_seconds=0.05,
-                                   webhook_max_attempts=4))
+    egress = Egress(
+        EgressSettings(
+            **env, egress_health_port=0, webhook_backoff_seconds=0.05, webhook_max_attempts=4
+        )
+    )
     await egress.start()
     api = HttpServer(
         create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
@@ -120,8 +126,9 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     async with httpx.AsyncClient(
         base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20
     ) as client:
-        stack = Stack(api=client, namespace=namespace, core=core, base_url=base_url,
-                      servers=servers)
+        stack = Stack(
+            api=client, namespace=namespace, core=core, base_url=base_url, servers=servers
+        )
         yield stack
     await api.stop()
     await egress.stop()

@@ -11,7 +11,7 @@ import time
 import msgspec
 from nats.aio.msg import Msg
 
-from services.core import approvals
+from services.core import approvals, operators
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
@@ -20,8 +20,12 @@ from shared.envelopes import (
     CloseConversation,
     Command,
     CommandResult,
+    HumanTurn,
     InboundEnvelope,
     OpenConversation,
+    ResolveApproval,
+    Simulate,
+    StartHandoff,
 )
 from shared.errors import SwitchboardError
 from shared.http import HttpServer, probe_app
@@ -71,6 +75,7 @@ class Core:
                 max_deliver=self.settings.max_deliver,
                 ack_wait=self.settings.ack_wait_seconds,
             )
+        self._timer = asyncio.create_task(self.approval_timer(), name="approval-timer")
         log.info(
             "core ready",
             extra={"partitions": self.settings.partitions, "health_port": self.http.port},
@@ -125,19 +130,38 @@ class Core:
         await msg.respond(_enc.encode(result))
 
     async def run_command(self, command: Command) -> CommandResult:
-        if isinstance(command, OpenConversation):
-            conv = await self.conversations.open(
-                channel=command.channel,
-                end_user_id=command.end_user_id,
-                agent_id=command.agent_id,
-                session_type=command.session_type,
-                context_variables=command.context_variables,
-                actor=command.actor,
-            )
-        elif isinstance(command, CloseConversation):
-            conv = await self.conversations.close(
-                command.conversation_id, command.reason, command.actor
-            )
+        c = self.conversations
+        match command:
+            case OpenConversation():
+                conv = await c.open(
+                    channel=command.channel,
+                    end_user_id=command.end_user_id,
+                    agent_id=command.agent_id,
+                    session_type=command.session_type,
+                    context_variables=command.context_variables,
+                    actor=command.actor,
+                )
+            case CloseConversation():
+                conv = await c.close(command.conversation_id, command.reason, command.actor)
+            case StartHandoff():
+                conv = await operators.start_handoff(
+                    c, command.conversation_id, command.reason, command.actor
+                )
+            case HumanTurn():
+                conv = await operators.human_turn(c, command)
+            case ResolveApproval():
+                approval = await approvals.resolve(
+                    c,
+                    command.conversation_id,
+                    command.approval_id,
+                    command.decision,
+                    command.reviewer,
+                    command.note,
+                )
+                return CommandResult(ok=True, approval=approval)
+            case Simulate():
+                conv, turns = await operators.simulate(c, command)
+                return CommandResult(ok=True, conversation=conv, turns=tuple(turns))
         return CommandResult(ok=True, conversation=conv)
 
 
