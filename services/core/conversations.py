@@ -352,7 +352,7 @@ class Conversations:
         deliver = appended.status == "active"
         status = appended.status
         if deliver and reply.handoff:
-            await self.handoff(conv, reason="transfer_call", actor="agent")
+            await self.handoff(conv, reason=reply.tool_calls[0].name, actor="agent")
             status = "waiting_for_human"
         elif deliver and reply.approval is not None:
             if conv.session_type == "simulation":  # read-only: nobody will approve it

@@ -110,3 +110,21 @@ def test_asking_for_a_person_transfers(demo: Runtime, text: str) -> None:
 def test_greeting_and_fallback(demo: Runtime) -> None:
     assert demo.reply("hello").text == demo.revision.greeting
     assert demo.reply("what is the capital of France").text == demo.revision.fallback
+
+
+def test_a_workflow_handoff_node_hands_off_like_transfer_call() -> None:
+    from shared.models import ToolSpec
+
+    runtime = Runtime(
+        Revision(
+            id="r2", agent_id="a", number=1, created_at=utcnow(), tools=(ToolSpec(name="handoff"),)
+        )
+    )
+    reply = runtime.reply("can I talk to a person?")
+    assert reply.handoff
+    assert reply.tool_calls[0].name == "handoff"
+
+
+def test_without_a_handoff_tool_the_agent_does_not_hand_off() -> None:
+    runtime = Runtime(Revision(id="r3", agent_id="a", number=1, created_at=utcnow()))
+    assert not runtime.reply("can I talk to a person?").handoff

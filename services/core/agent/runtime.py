@@ -76,9 +76,12 @@ class Runtime:
         self.tool_names = {tool.name for tool in revision.tools}
 
     def reply(self, text: str, *, simulate: bool = False) -> AgentReply:
-        if _HUMAN.search(text) and "transfer_call" in self.tool_names:
+        # Platform tools that hand the conversation to a person: `transfer_call` (every channel;
+        # on voice it also dials the human queue) or a workflow's `handoff` node.
+        handoff_tool = next((t for t in ("transfer_call", "handoff") if t in self.tool_names), None)
+        if _HUMAN.search(text) and handoff_tool is not None:
             call = ToolCall(
-                name="transfer_call",
+                name=handoff_tool,
                 arguments={"reason": "user asked for a person"},
                 result={"transferred": True},
             )
