@@ -97,7 +97,16 @@ class ApprovalDecided(_Inbound, frozen=True, kw_only=True, tag="approval_decided
     approval_id: str
 
 
-InboundEnvelope = InboundMessage | CallStarted | CallEnded | Resume | ApprovalDecided
+class ChannelKeyword(_Inbound, frozen=True, kw_only=True, tag="keyword"):
+    """A carrier keyword (SMS STOP/START/HELP): recorded, never shown to the agent."""
+
+    keyword: Literal["stop", "start", "help"]
+    text: str
+
+
+InboundEnvelope = (
+    InboundMessage | CallStarted | CallEnded | Resume | ApprovalDecided | ChannelKeyword
+)
 
 
 class OutboundEnvelope(msgspec.Struct, frozen=True, kw_only=True):

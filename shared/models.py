@@ -160,6 +160,50 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str  # first characters of the secret, to tell keys apart in a list
 
 
+DeliveryStatus = Literal[
+    "pending",
+    "queued",
+    "sending",
+    "sent",
+    "delivered",
+    "undelivered",
+    "failed",
+    "suppressed",
+    "accepted",
+    "scheduled",
+    "canceled",
+    "read",
+]
+# Status callbacks arrive out of order; a delivery only moves forward along this rank.
+DELIVERY_RANK: dict[str, int] = {
+    "pending": 0,
+    "accepted": 1,
+    "scheduled": 1,
+    "queued": 2,
+    "sending": 3,
+    "sent": 4,
+    "delivered": 5,
+    "read": 6,
+    "undelivered": 6,
+    "failed": 6,
+    "canceled": 6,
+    "suppressed": 6,
+}
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """How an outbound message fared with its provider."""
+
+    turn_id: str
+    conversation_id: str
+    channel: Channel
+    status: str
+    provider_ids: tuple[str, ...] = ()
+    error_code: str | None = None
+    error_message: str | None = None
+    updated_at: datetime
+
+
 ApprovalStatus = Literal["pending", "approved", "rejected", "timed_out"]
 
 

@@ -79,7 +79,40 @@ def load_settings(cls: type[S], environ: Mapping[str, str] | None = None, **over
         raise InvalidRequest(f"bad setting: {exc}") from exc
 
 
-class EgressSettings(CommonSettings, kw_only=True, frozen=True):
+class TwilioSettings(CommonSettings, kw_only=True, frozen=True):
+    # Dev placeholders: with these, `switchboard up` runs the local Twilio fake.
+    twilio_account_sid: str = "AC00000000000000000000000000000000"
+    twilio_auth_token: str = "dev-auth-token"
+    # Subaccounts sign with their own tokens: "ACxxx:token,ACyyy:token".
+    twilio_subaccounts: str = ""
+    twilio_base_url: str = "https://api.twilio.com"
+    twilio_timeout_seconds: float = 10.0
+    # Only for local experiments; never in production. Logged loudly when on.
+    twilio_skip_signature: bool = False
+    sms_port: int = 8081
+    # The base URL Twilio signs webhooks with (behind a proxy it is not the URL we see).
+    sms_public_url: str | None = None
+    sms_help_text: str = (
+        "Acme Support: reply to this number to chat with us. Reply STOP to unsubscribe. "
+        "Msg&data rates may apply."
+    )
+
+    def subaccounts(self) -> dict[str, str]:
+        pairs = (p.split(":", 1) for p in self.twilio_subaccounts.split(",") if ":" in p)
+        return {sid.strip(): token.strip() for sid, token in pairs}
+
+    def auth_tokens(self) -> dict[str, str]:
+        return {self.twilio_account_sid: self.twilio_auth_token, **self.subaccounts()}
+
+    def public_sms_url(self) -> str:
+        return (self.sms_public_url or f"http://{self.host}:{self.sms_port}").rstrip("/")
+
+
+class SmsSettings(TwilioSettings, kw_only=True, frozen=True):
+    pass
+
+
+class EgressSettings(TwilioSettings, kw_only=True, frozen=True):
     egress_health_port: int = 8091
     webhook_timeout_seconds: float = 10.0
     # Attempts per event and subscription; the delay doubles from the base, capped at 10 minutes.

@@ -24,6 +24,7 @@ from shared.models import (
     ApiKey,
     Approval,
     Conversation,
+    Delivery,
     EndUser,
     IdentifierKind,
     Identity,
@@ -440,6 +441,50 @@ class Store:
     async def claim_once(self, key: str, ttl: int = 7 * 24 * 3600) -> bool:
         """True the first time `key` is claimed (e.g. one "still waiting" notice per approval)."""
         return bool(await self.redis.set(f"{self.ns}once:{key}", 1, nx=True, ex=ttl))
+
+    # Channel opt-outs (SMS STOP) --------------------------------------------------------------------
+
+    def _optout(self, channel: str, ours: str, theirs: str) -> str:
+        return f"{self.ns}optout:{channel}:{ours}:{theirs}"
+
+    async def set_opted_out(self, channel: str, ours: str, theirs: str, opted_out: bool) -> None:
+        if opted_out:
+            await self.redis.set(self._optout(channel, ours, theirs), utcnow().isoformat())
+        else:
+            await self.redis.delete(self._optout(channel, ours, theirs))
+
+    async def is_opted_out(self, channel: str, ours: str, theirs: str) -> bool:
+        return bool(await self.redis.exists(self._optout(channel, ours, theirs)))
+
+    # Deliveries ------------------------------------------------------------------------------------
+
+    def _deliveries(self, cid: str) -> str:
+        return f"{self.ns}deliveries:{{{cid}}}"
+
+    async def get_delivery(self, cid: str, turn_id: str) -> Delivery | None:
+        raw = await self.redis.hget(self._deliveries(cid), turn_id)
+        return msgspec.json.decode(raw, type=Delivery) if raw else None
+
+    async def list_deliveries(self, cid: str) -> list[Delivery]:
+        raw = await self.redis.hgetall(self._deliveries(cid))
+        items = [msgspec.json.decode(v, type=Delivery) for v in raw.values()]
+        return sorted(items, key=lambda d: d.turn_id)
+
+    async def put_delivery(self, delivery: Delivery) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(
+            self._deliveries(delivery.conversation_id), delivery.turn_id, _enc.encode(delivery)
+        )
+        for sid in delivery.provider_ids:
+            pipe.set(f"{self.ns}provider:{sid}", f"{delivery.conversation_id}|{delivery.turn_id}")
+        await pipe.execute()
+
+    async def delivery_by_provider_id(self, provider_id: str) -> Delivery | None:
+        raw = await self.redis.get(f"{self.ns}provider:{provider_id}")
+        if not raw:
+            return None
+        cid, _, turn_id = _text(raw).partition("|")
+        return await self.get_delivery(cid, turn_id)
 
     # Webhook subscriptions -----------------------------------------------------------------------
 

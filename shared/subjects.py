@@ -66,8 +66,15 @@ class Subjects:
         """Every channel's inbound subject for one partition: what one ordered consumer reads."""
         return self._s(f"gw.in.*.{partition}")
 
-    def outbound(self, channel: str) -> str:
-        return self._s(f"gw.out.{channel}")
+    def outbound(self, channel: str, recipient: str | None = None) -> str:
+        """`gw.out.<channel>.<partition>` for channel messages: one ordered consumer per partition
+        keeps each recipient's messages in order; `gw.out.<channel>` for unordered work."""
+        if recipient is None:
+            return self._s(f"gw.out.{channel}")
+        return self._s(f"gw.out.{channel}.{self.partition_of(recipient)}")
+
+    def outbound_partition(self, channel: str, partition: int) -> str:
+        return self._s(f"gw.out.{channel}.{partition}")
 
     def event(self, event_type: str) -> str:
         return self._s(f"gw.evt.{event_type}")

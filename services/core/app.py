@@ -17,13 +17,19 @@ from services.core.conversations import Conversations
 from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
 from shared.envelopes import (
     SCHEMA_VERSION,
+    ApprovalDecided,
+    CallEnded,
+    CallStarted,
+    ChannelKeyword,
     CloseConversation,
     Command,
     CommandResult,
     HumanTurn,
     InboundEnvelope,
+    InboundMessage,
     OpenConversation,
     ResolveApproval,
+    Resume,
     Simulate,
     StartHandoff,
 )
@@ -105,7 +111,7 @@ class Core:
         if env.v > SCHEMA_VERSION:
             raise Undeliverable(f"unknown_version: v={env.v}")
         try:
-            await self.conversations.apply_inbound(env)
+            await self.apply(env)
         except Undeliverable:
             raise
         except SwitchboardError as exc:
@@ -113,6 +119,24 @@ class Core:
                 raise Undeliverable(f"{exc.code}: {exc.message}") from exc
             raise
         self.metrics.latency.labels("core_apply").observe(time.perf_counter() - started)
+
+    async def apply(self, env: InboundEnvelope) -> None:
+        c = self.conversations
+        match env:
+            case InboundMessage():
+                await c.apply_message(env)
+            case ChannelKeyword():
+                await c.apply_keyword(env)
+            case Resume():
+                await c.answer_pending(await c.store.get_conversation(env.conversation_id or ""))
+            case ApprovalDecided():
+                await approvals.apply_decision(c, env.approval_id)
+            case CallStarted():
+                await c.conversation_for(env)
+            case CallEnded():
+                conv = await c.conversation_for(env)
+                if conv.status != "closed":
+                    await c.close(conv.id, env.reason, "channel")
 
     async def on_command(self, msg: Msg) -> None:
         try:

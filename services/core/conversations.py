@@ -22,6 +22,7 @@ from services.core.agent.runtime import PendingToolCall
 from services.core.lifecycle import ACCEPTS_USER_TURNS, transition
 from shared.bus import Bus, Undeliverable
 from shared.envelopes import (
+    ChannelKeyword,
     Event,
     InboundEnvelope,
     InboundMessage,
@@ -154,24 +155,27 @@ class Conversations:
 
     # Inbound ------------------------------------------------------------------------------------
 
-    async def apply_inbound(self, env: InboundEnvelope) -> None:
-        from shared.envelopes import ApprovalDecided, CallEnded, CallStarted
-
-        if isinstance(env, InboundMessage):
-            await self.apply_message(env)
-        elif isinstance(env, Resume):
-            conv = await self.store.get_conversation(env.conversation_id or "")
-            await self.answer_pending(conv)
-        elif isinstance(env, ApprovalDecided):
-            from services.core.approvals import apply_decision
-
-            await apply_decision(self, env.approval_id)
-        elif isinstance(env, CallStarted):
-            await self.conversation_for(env)
-        elif isinstance(env, CallEnded):
-            conv = await self.conversation_for(env)
-            if conv.status != "closed":
-                await self.close(conv.id, env.reason, "channel")
+    async def apply_keyword(self, env: ChannelKeyword) -> None:
+        """STOP / START / HELP: recorded for the end user on our number; the agent never sees it."""
+        if env.sender is None:
+            raise Undeliverable("invalid: keyword without a sender")
+        ours, theirs = env.recipient or "", env.sender.normalized
+        user_id, _ = await self.store.resolve_identity(env.sender.kind, theirs)
+        if env.keyword in ("stop", "start"):
+            await self.store.set_opted_out(env.channel, ours, theirs, env.keyword == "stop")
+        event_type = {
+            "stop": "end_user.opted_out",
+            "start": "end_user.opted_in",
+            "help": "end_user.help_requested",
+        }[env.keyword]
+        await self.emit(
+            event_type,
+            None,
+            "end_user",
+            {"channel": env.channel, "end_user_id": user_id, "our_address": ours},
+            key=env.id,
+            session_type=env.session_type,
+        )
 
     async def conversation_for(self, env: InboundEnvelope) -> Conversation:
         """The conversation an envelope belongs to, opening one for channel traffic if needed."""
@@ -201,7 +205,7 @@ class Conversations:
             agent_id=None,
             session_type=env.session_type,
             our_address=env.recipient,
-            user_address=env.sender.raw,
+            user_address=env.sender.normalized if env.sender.kind == "phone" else env.sender.raw,
             routing_key=env.routing_key,
             actor="channel",
         )
@@ -499,7 +503,9 @@ class Conversations:
             created_at=utcnow(),
         )
         await self.bus.publish(
-            self.subjects.outbound(conv.channel), _enc.encode(outbound), msg_id=outbound.id
+            self.subjects.outbound(conv.channel, conv.user_address or conv.id),
+            _enc.encode(outbound),
+            msg_id=outbound.id,
         )
 
     async def _record_turn(self, conv: Conversation, turn: Turn, actor: str) -> None:
@@ -564,12 +570,13 @@ class Conversations:
     async def emit(
         self,
         event_type: str,
-        conv: Conversation,
+        conv: Conversation | None,
         actor: str,
         data: dict[str, Any],
         key: str | None = None,
+        session_type: SessionType | None = None,
     ) -> Event:
-        """Publish an event and keep it in the conversation's audit log.
+        """Publish an event and keep it in its conversation's audit log.
 
         With `key`, a redelivered step re-emits the same id, deduplicated in both places.
         """
@@ -577,13 +584,15 @@ class Conversations:
             id=f"evt_{event_type}_{key}" if key else new_id("evt"),
             type=event_type,
             occurred_at=utcnow(),
-            conversation_id=conv.id,
-            session_type=conv.session_type,
+            conversation_id=conv.id if conv else None,
+            session_type=conv.session_type if conv else session_type,
             actor=actor,
             data=data,
         )
-        await asyncio.gather(
-            self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id),
-            self.store.record_event(conv.id, event),
-        )
+        work: list[Awaitable[Any]] = [
+            self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id)
+        ]
+        if conv is not None:
+            work.append(self.store.record_event(conv.id, event))
+        await asyncio.gather(*work)
         return event

@@ -37,7 +37,7 @@ async def outbound(stack: Stack, cid: str) -> list[OutboundEnvelope]:
     found = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else []:
         msg = await js.get_msg(stream, seq)
-        if msg.subject == stack.core.subjects.outbound("api"):
+        if msg.subject.startswith(stack.core.subjects.outbound("api")):
             env = msgspec.json.decode(msg.data or b"", type=OutboundEnvelope)
             if env.conversation_id == cid:
                 found.append(env)
