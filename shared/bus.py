@@ -160,13 +160,21 @@ class Bus:
             except BadRequestError:
                 await self.js.update_stream(config)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 30.0) -> None:
         """Stop consumers after their in-flight message, then drain the connection."""
         self._stopping.set()
         # Loops idle in fetch stop at once; a loop holding a message finishes and acks it first.
         for task in list(self._idle):
             task.cancel()
         if self._consumers:
+            # A handler gets `grace` seconds to finish its message; past that it is cancelled
+            # unacked, and JetStream redelivers the message to the next consumer.
+            _, late = await asyncio.wait(self._consumers, timeout=grace)
+            for task in late:
+                log.warning(
+                    "consumer did not finish in time; cancelling", extra={"task": task.get_name()}
+                )
+                task.cancel()
             await asyncio.gather(*self._consumers, return_exceptions=True)
         self._consumers.clear()
         for sub in self._pull_subs:

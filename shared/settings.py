@@ -119,3 +119,5 @@ class EgressSettings(TwilioSettings, kw_only=True, frozen=True):
     webhook_max_attempts: int = 8
     webhook_backoff_seconds: float = 2.0
     webhook_workers: int = 8
+    # Attempts per outbound SMS on 429/5xx before it is dead-lettered with Twilio's error.
+    sms_max_attempts: int = 6

@@ -63,6 +63,20 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
+TWILIO_SID = "AC" + "1" * 32
+TWILIO_TOKEN = "test-auth-token"
+SMS_PUBLIC_URL = "https://sms.example.test"  # what Twilio signs: not the address we listen on
+
+
+def twilio_env(fake_url: str) -> dict[str, Any]:
+    return {
+        "twilio_account_sid": TWILIO_SID,
+        "twilio_auth_token": TWILIO_TOKEN,
+        "twilio_base_url": fake_url,
+        "sms_public_url": SMS_PUBLIC_URL,
+    }
+
+
 def settings_env(servers: Servers, namespace: str) -> dict[str, Any]:
     return {
         "nats_url": servers.nats_url,
@@ -80,6 +94,12 @@ class Stack:
     core: Any
     base_url: str
     servers: Servers
+    sms_url: str
+    twilio: Any  # the FakeTwilio: what was sent, and faults to inject
+
+    def client(self, key: str | None) -> httpx.AsyncClient:
+        headers = {"x-api-key": key} if key else {}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=20)
 
     async def restart_core(self, **overrides: Any) -> None:
         """Stop core and start a fresh process-equivalent: nothing survives but NATS and Valkey."""
@@ -95,41 +115,69 @@ class Stack:
         )
         await self.core.start()
 
-    def client(self, key: str | None) -> httpx.AsyncClient:
-        headers = {"x-api-key": key} if key else {}
-        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=20)
-
 
 @pytest.fixture
 async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
-    """Core and the API running in this process against the real servers, on real sockets."""
+    """Every service running in this process against the real servers, on real sockets, with
+    the Twilio fake standing in for Twilio's cloud."""
     from services.api.app import create_app
     from services.core.app import Core
     from services.egress.app import Egress
+    from services.sms.app import create_app as create_sms_app
+    from services.twilio_fake.app import build, serve
     from shared.http import HttpServer
-    from shared.settings import ApiSettings, CoreSettings, EgressSettings
+    from shared.settings import ApiSettings, CoreSettings, EgressSettings, SmsSettings
 
     env = settings_env(servers, namespace)
+    fake = build({TWILIO_SID: TWILIO_TOKEN})
+    fake_server = await serve(fake, "127.0.0.1", 0)
+    twilio = twilio_env(f"http://127.0.0.1:{fake_server.port}")
     core = Core(CoreSettings(**env, core_health_port=0, approval_sweep_seconds=0.1))
-    await core.start()
+    await core.start()  # first: it seeds the demo agent the others expect
     egress = Egress(
         EgressSettings(
-            **env, egress_health_port=0, webhook_backoff_seconds=0.05, webhook_max_attempts=4
+            **env,
+            **twilio,
+            egress_health_port=0,
+            webhook_backoff_seconds=0.05,
+            webhook_max_attempts=4,
         )
     )
-    await egress.start()
+    sms = HttpServer(create_sms_app(SmsSettings(**env, **twilio)), "127.0.0.1", 0)
     api = HttpServer(
         create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
     )
-    await api.start()
+    await asyncio.gather(egress.start(), sms.start(), api.start())
     base_url = f"http://127.0.0.1:{api.port}"
     async with httpx.AsyncClient(
         base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20
     ) as client:
         stack = Stack(
-            api=client, namespace=namespace, core=core, base_url=base_url, servers=servers
+            api=client,
+            namespace=namespace,
+            core=core,
+            base_url=base_url,
+            servers=servers,
+            sms_url=f"http://127.0.0.1:{sms.port}",
+            twilio=fake,
         )
         yield stack
-    await api.stop()
-    await egress.stop()
-    await stack.core.stop()
+    await asyncio.gather(
+        _stopped("api", api.stop()), _stopped("sms", sms.stop()), _stopped("egress", egress.stop())
+    )
+    await asyncio.gather(
+        _stopped("core", stack.core.stop()), _stopped("twilio-fake", fake_server.stop())
+    )
+
+
+async def _stopped(name: str, stopping: Awaitable[None], timeout: float = 20.0) -> None:
+    """Stop a service; if it hangs, fail with every task's stack instead of hanging the suite."""
+    try:
+        await asyncio.wait_for(stopping, timeout)
+    except TimeoutError:
+        import io
+
+        out = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=out)
+        raise AssertionError(f"{name} did not stop within {timeout}s:\n{out.getvalue()}") from None

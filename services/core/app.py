@@ -58,6 +58,7 @@ class Core:
         self.store = Store(settings.redis_url, settings.namespace)
         self.conversations = Conversations(settings, self.store, self.bus, self.metrics)
         self._timer: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.http = HttpServer(
             probe_app(self.ready, self.metrics), settings.host, settings.core_health_port
         )
@@ -88,22 +89,29 @@ class Core:
         )
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+            try:
+                await asyncio.wait_for(asyncio.shield(self._timer), 5.0)
+            except TimeoutError:
+                self._timer.cancel()
         await self.bus.close()
         await self.store.close()
         await self.http.stop()
 
     async def approval_timer(self) -> None:
-        """The durable approval timer: its state is the deadline index in Valkey, not memory."""
-        while True:
+        """The durable approval timer: its state is the deadline index in Valkey, not memory.
+
+        It stops on an event rather than by cancellation alone, so a library that swallows a
+        CancelledError cannot keep it (and the shutdown) running.
+        """
+        while not self._stopping.is_set():
             try:
                 await approvals.sweep(self.conversations)
             except Exception:
                 log.exception("approval sweep failed; retrying")
-            await asyncio.sleep(self.settings.approval_sweep_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.approval_sweep_seconds)
 
     async def on_inbound(self, delivery: Delivery) -> None:
         started = time.perf_counter()

@@ -7,6 +7,7 @@ import logging
 
 import httpx
 
+from services.egress.sms import SmsSender
 from services.egress.webhooks import Webhooks
 from shared.bus import Bus
 from shared.http import HttpServer, probe_app
@@ -14,6 +15,7 @@ from shared.settings import EgressSettings
 from shared.store import Store
 from shared.subjects import Subjects
 from shared.telemetry import Metrics
+from shared.twilio import rest_client
 
 log = logging.getLogger("switchboard.egress")
 
@@ -31,6 +33,8 @@ class Egress:
             timeout=settings.webhook_timeout_seconds, follow_redirects=False
         )
         self.webhooks = Webhooks(self.bus, self.store, self.http_client)
+        self.twilio, self.twilio_http = rest_client(settings)
+        self.sms = SmsSender(settings, self.store, self.twilio)
         self.http = HttpServer(
             probe_app(self.ready, self.metrics), settings.host, settings.egress_health_port
         )
@@ -63,11 +67,22 @@ class Egress:
             backoff=self.webhook_backoff,
             ack_wait=self.settings.webhook_timeout_seconds + 20,
         )
+        for partition in range(self.settings.partitions):
+            await self.bus.consume(
+                stream=self.subjects.outbound_stream,
+                durable=f"egress-sms-p{partition}",
+                filter_subject=self.subjects.outbound_partition("sms", partition),
+                handler=self.sms.deliver,
+                max_ack_pending=1,
+                max_deliver=self.settings.sms_max_attempts,
+                ack_wait=self.settings.twilio_timeout_seconds * 3 + 10,
+            )
         log.info("egress ready", extra={"health_port": self.http.port})
 
     async def stop(self) -> None:
         await self.bus.close()
         await self.http_client.aclose()
+        await self.twilio_http.close()
         await self.store.close()
         await self.http.stop()
 

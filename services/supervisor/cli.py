@@ -38,6 +38,13 @@ SERVICES = (
     ServiceSpec("core", "SWITCHBOARD_CORE_HEALTH_PORT", 8090, "conversation core (probes)"),
     ServiceSpec("egress", "SWITCHBOARD_EGRESS_HEALTH_PORT", 8091, "egress workers (probes)"),
     ServiceSpec("api", "SWITCHBOARD_API_PORT", 8080, "HTTP API"),
+    ServiceSpec("sms", "SWITCHBOARD_SMS_PORT", 8081, "Twilio SMS webhooks"),
+)
+TWILIO_FAKE = ServiceSpec(
+    "twilio_fake",
+    "SWITCHBOARD_TWILIO_FAKE_PORT",
+    8099,
+    "local Twilio REST fake (no Twilio credentials set)",
 )
 
 
@@ -103,8 +110,13 @@ def up(external: bool) -> int:
             env["NATS_URL"] = f"nats://{host}:{nats_port}"
             env["REDIS_URL"] = f"redis://{host}:{redis_port}/0"
         key = env.setdefault("SWITCHBOARD_BOOTSTRAP_API_KEY", "sk_dev_" + secrets.token_urlsafe(18))
+        specs = list(SERVICES)
+        if "SWITCHBOARD_TWILIO_AUTH_TOKEN" not in env:
+            # No Twilio account: replies go to a local fake so an SMS round trip still works.
+            env["SWITCHBOARD_TWILIO_BASE_URL"] = f"http://{host}:{TWILIO_FAKE.port(env)}"
+            specs.insert(0, TWILIO_FAKE)
         say("starting services")
-        for spec in SERVICES:
+        for spec in specs:
             child = ChildProcess(
                 spec.name,
                 [sys.executable, "-m", f"services.{spec.name}"],
@@ -113,15 +125,19 @@ def up(external: bool) -> int:
             )
             children.append(child)
             try:
-                wait_ready(f"http://{host}:{spec.port(env)}/readyz", child, 30)
+                probe = "healthz" if spec is TWILIO_FAKE else "readyz"
+                wait_ready(f"http://{host}:{spec.port(env)}/{probe}", child, 30)
             except StartError:
                 say(tail(child.log_path))
                 raise
-            say(f"  ✓ {spec.name:<6} http://{host}:{spec.port(env)}  {spec.what}")
-        api = f"http://{host}:{SERVICES[-1].port(env)}"
+            say(f"  ✓ {spec.name:<11} http://{host}:{spec.port(env)}  {spec.what}")
+        api = f"http://{host}:{SERVICES[2].port(env)}"
+        sms = f"http://{host}:{SERVICES[3].port(env)}"
         say(f"""
 Switchboard is up. Logs: {logs}
   API            {api}   (OpenAPI: {api}/schema)
+  SMS webhooks   {sms}/twilio/sms   status: {sms}/twilio/sms/status
+  Twilio REST    {env.get("SWITCHBOARD_TWILIO_BASE_URL", "https://api.twilio.com")}
   bootstrap key  {key}
 
 Try it:
@@ -168,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="use NATS_URL and REDIS_URL instead of embedded servers",
     )
-    for spec in SERVICES:
-        commands.add_parser(spec.name, help=f"run the {spec.what} service alone")
+    for spec in (*SERVICES, TWILIO_FAKE):
+        commands.add_parser(spec.name, help=f"run the {spec.what} alone")
     commands.add_parser("streams", help="print the JetStream stream names and subjects")
     args = parser.parse_args(argv)
     if args.command == "up":

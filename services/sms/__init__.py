@@ -1,0 +1,1 @@
+"""The SMS channel: Twilio Messaging webhooks in. Replies leave through egress."""

@@ -1,0 +1,162 @@
+"""The SMS service: Twilio's messaging webhook and status callback, signature-checked.
+
+A message is answered `200` (empty TwiML) only after its envelope is stored in JetStream, with
+`Nats-Msg-Id` = MessageSid so a retried webhook is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from twilio.twiml.messaging_response import MessagingResponse
+
+from services.sms.messages import envelope_from_form
+from shared.bus import Bus
+from shared.envelopes import ChannelKeyword, Event
+from shared.errors import SwitchboardError
+from shared.http import HttpServer, probe_handlers
+from shared.identity import redact
+from shared.models import DELIVERY_RANK, utcnow
+from shared.settings import SmsSettings
+from shared.store import Store
+from shared.subjects import Subjects
+from shared.telemetry import Metrics
+from shared.twilio import check_signature, warn_if_unsigned
+
+log = logging.getLogger("switchboard.sms")
+_enc = msgspec.json.Encoder()
+MAX_BODY = 64 * 1024
+TWIML = "text/xml"
+
+
+async def signed_form(request: Request[Any, Any, Any], settings: SmsSettings) -> dict[str, str]:
+    """The form, once Twilio's signature over (public URL + path + query, params) checks out."""
+    form = await request.form()
+    params = {k: str(form.get(k)) for k in form}
+    url = settings.public_sms_url() + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    check_signature(settings, url, params, request.headers.get("x-twilio-signature"))
+    return params
+
+
+def create_app(settings: SmsSettings) -> Litestar:
+    metrics = Metrics("sms")
+    subjects = Subjects(settings.namespace, settings.partitions)
+    bus = Bus(settings.nats_url, subjects, name="switchboard-sms", metrics=metrics)
+    store = Store(settings.redis_url, settings.namespace)
+
+    async def ready() -> dict[str, bool]:
+        return {"nats": bus.ready, "redis": await store.ping()}
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        warn_if_unsigned(settings, "sms")
+        await bus.connect()
+        await bus.ensure_streams()
+        log.info(
+            "sms ready", extra={"port": settings.sms_port, "public_url": settings.public_sms_url()}
+        )
+        try:
+            yield
+        finally:
+            await bus.close()
+            await store.close()
+
+    @post("/twilio/sms", status_code=200, media_type=TWIML)
+    async def inbound(request: Request[Any, Any, Any]) -> Response[str]:
+        form = await signed_form(request, settings)
+        env = envelope_from_form(form)
+        sender = env.sender.normalized if env.sender else ""
+        await bus.publish(
+            subjects.inbound("sms", env.routing_key),
+            _enc.encode(env),
+            msg_id=env.provider_id or env.id,
+        )
+        metrics.messages.labels("sms_ingress", "sms", env.__struct_config__.tag or "").inc()
+        log.info("sms accepted", extra={"envelope_id": env.id, "from": redact(sender)})
+        twiml = MessagingResponse()
+        if isinstance(env, ChannelKeyword) and env.keyword == "help":
+            twiml.message(settings.sms_help_text)
+        return Response(str(twiml), media_type=TWIML)
+
+    @post("/twilio/sms/status", status_code=200, media_type=TWIML)
+    async def status(request: Request[Any, Any, Any]) -> Response[str]:
+        """Delivery status of one of our messages: queued → sent → delivered / failed."""
+        form = await signed_form(request, settings)
+        sid, state = form.get("MessageSid", ""), form.get("MessageStatus", "")
+        if not sid or state not in DELIVERY_RANK:
+            raise SwitchboardError("MessageSid and a known MessageStatus are required")
+        error_code = form.get("ErrorCode") or None
+        delivery = await store.delivery_by_provider_id(sid)
+        event = Event(
+            id=f"evt_delivery_{sid}_{state}",
+            type="message.status",
+            occurred_at=utcnow(),
+            actor="twilio",
+            conversation_id=delivery.conversation_id if delivery else None,
+            data={
+                "provider_id": sid,
+                "status": state,
+                "error_code": error_code,
+                "turn_id": delivery.turn_id if delivery else None,
+            },
+        )
+        await bus.publish(subjects.event("message.status"), _enc.encode(event), msg_id=event.id)
+        if delivery is None:
+            log.info("status for an unknown message", extra={"provider_id": sid})
+        elif DELIVERY_RANK[state] >= DELIVERY_RANK.get(delivery.status, 0):
+            await store.put_delivery(
+                msgspec.structs.replace(
+                    delivery,
+                    status=state,
+                    error_code=error_code or delivery.error_code,
+                    updated_at=utcnow(),
+                )
+            )
+        return Response(str(MessagingResponse()), media_type=TWIML)
+
+    def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+        if isinstance(exc, SwitchboardError):
+            status, code, message, details = exc.status, exc.code, exc.message, exc.details
+            if exc.status == 500:  # our base class here means "the request was unusable"
+                status, code = 422, "invalid_request"
+        elif isinstance(exc, HTTPException):
+            status, code, message, details = exc.status_code, "bad_request", exc.detail, {}
+            status = 422 if status == 400 else status
+        else:
+            log.exception("sms webhook failed")
+            # 503 so Twilio retries: nothing was acknowledged, so nothing is lost.
+            status, code, message, details = 503, "unavailable", "try again", {}
+        if status == 403:
+            log.warning("rejected webhook: %s", message, extra={"path": request.url.path})
+        body = {"error": {"code": code, "message": message, "details": details}}
+        return Response(body, status_code=status, media_type=MediaType.JSON)
+
+    return Litestar(
+        route_handlers=[inbound, status, *probe_handlers(ready, metrics)],
+        lifespan=[lifespan],
+        exception_handlers={Exception: on_error},
+        state=State({"bus": bus, "store": store}),
+        request_max_body_size=MAX_BODY,
+        openapi_config=None,
+        logging_config=None,
+    )
+
+
+async def run(settings: SmsSettings, stop: asyncio.Event) -> None:
+    server = HttpServer(create_app(settings), settings.host, settings.sms_port)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("sms stopping")
+        await server.stop()
