@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from twilio.request_validator import RequestValidator
 
 from services.supervisor.embedded import free_port
 
@@ -37,7 +38,8 @@ def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> st
 
 
 def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("API", "CORE_HEALTH", "EGRESS_HEALTH", "NATS", "REDIS")}
+    names = ("API", "CORE_HEALTH", "EGRESS_HEALTH", "SMS", "TWILIO_FAKE", "NATS", "REDIS")
+    ports = {name: free_port() for name in names}
     env = {
         **os.environ,
         "SWITCHBOARD_DATA_DIR": str(tmp_path / "data"),
@@ -79,6 +81,24 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
             assert reply.json()["evidence"][0]["chunk_id"] == "shipping#0"
             core_ready = httpx.get(f"http://127.0.0.1:{ports['CORE_HEALTH']}/readyz")
             assert core_ready.json()["ready"] is True
+
+        # An SMS round trip with the dev credentials, answered into the local Twilio fake.
+        sms_url = f"http://127.0.0.1:{ports['SMS']}/twilio/sms"
+        form = {
+            "MessageSid": "SM" + "e" * 32,
+            "AccountSid": "AC" + "0" * 32,
+            "From": "+14155550109",
+            "To": "+15550001111",
+            "Body": "what are your hours?",
+        }
+        signature = RequestValidator("dev-auth-token").compute_signature(sms_url, form)
+        accepted = httpx.post(sms_url, data=form, headers={"X-Twilio-Signature": signature})
+        assert accepted.status_code == 200, accepted.text
+        fake = f"http://127.0.0.1:{ports['TWILIO_FAKE']}/_fake/requests"
+        deadline = time.monotonic() + 20
+        while not (sent := httpx.get(fake).json()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sent and "Monday to Friday" in sent[0]["form"]["Body"], sent
 
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
