@@ -98,7 +98,8 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         deadline = time.monotonic() + 20
         while not (sent := httpx.get(fake).json()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert sent and "Monday to Friday" in sent[0]["form"]["Body"], sent
+        assert sent, "no SMS reached the Twilio fake"
+        assert "Monday to Friday" in sent[0]["form"]["Body"], sent
 
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
