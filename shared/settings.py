@@ -31,6 +31,13 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: str = "INFO"
     log_format: str = "json"
     default_agent: str = DEMO_AGENT_ID
+    # Domains we accept mail for and send from (comma-separated); the first is the default.
+    email_domains: str = "switchboard.localhost"
+    # Replies are sent from <this>@<domain>; users' replies come back to reply+TOKEN@<domain>.
+    email_from_local: str = "support"
+
+    def domains(self) -> list[str]:
+        return [d.strip().lower() for d in self.email_domains.split(",") if d.strip()]
 
 
 class ApiSettings(CommonSettings, kw_only=True, frozen=True):
@@ -121,3 +128,15 @@ class EgressSettings(TwilioSettings, kw_only=True, frozen=True):
     webhook_workers: int = 8
     # Attempts per outbound SMS on 429/5xx before it is dead-lettered with Twilio's error.
     sms_max_attempts: int = 6
+    smtp_relay_host: str = "127.0.0.1"
+    smtp_relay_port: int = 1025
+    smtp_relay_timeout_seconds: float = 15.0
+    email_max_attempts: int = 6
+
+
+class EmailSettings(CommonSettings, kw_only=True, frozen=True):
+    smtp_port: int = 2525
+    email_health_port: int = 8092
+    # Larger mail is refused with 552 before it is read; attachments travel as metadata only.
+    email_max_bytes: int = 10 * 1024 * 1024
+    email_max_recipients: int = 20

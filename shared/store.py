@@ -486,6 +486,38 @@ class Store:
         cid, _, turn_id = _text(raw).partition("|")
         return await self.get_delivery(cid, turn_id)
 
+    # Email threads -----------------------------------------------------------------------------------
+
+    async def index_message_ids(
+        self, cid: str, message_ids: Sequence[str], ttl: int = 400 * 24 * 3600
+    ) -> None:
+        """Message-ID → conversation, for replies that quote it in In-Reply-To / References."""
+        pipe = self.redis.pipeline(transaction=False)
+        for mid in message_ids:
+            pipe.set(f"{self.ns}msgid:{mid}", cid, ex=ttl)
+        await pipe.execute()
+
+    async def conversation_by_message_ids(self, message_ids: Sequence[str]) -> str | None:
+        """The newest conversation any of these Message-IDs belongs to."""
+        if not message_ids:
+            return None
+        found = await self.redis.mget([f"{self.ns}msgid:{m}" for m in reversed(message_ids)])
+        return next((_text(f) for f in found if f), None)
+
+    async def put_reply_token(self, token: str, cid: str) -> None:
+        await self.redis.set(f"{self.ns}replytoken:{token}", cid)
+
+    async def conversation_by_reply_token(self, token: str) -> str | None:
+        raw = await self.redis.get(f"{self.ns}replytoken:{token}")
+        return _text(raw) if raw else None
+
+    async def update_email_thread(self, cid: str, fields: dict[str, str]) -> None:
+        await self.redis.hset(f"{self.ns}email-thread:{{{cid}}}", mapping=dict[Any, Any](fields))
+
+    async def email_thread(self, cid: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(f"{self.ns}email-thread:{{{cid}}}")
+        return {_text(k): _text(v) for k, v in raw.items()}
+
     # Webhook subscriptions -----------------------------------------------------------------------
 
     async def put_webhook(self, sub: WebhookSubscription) -> None:

@@ -65,7 +65,9 @@ async def eventually(
 
 TWILIO_SID = "AC" + "1" * 32
 TWILIO_TOKEN = "test-auth-token"
-SMS_PUBLIC_URL = "https://sms.example.test"  # what Twilio signs: not the address we listen on
+SMS_PUBLIC_URL = "https://sms.example.test"
+EMAIL_DOMAINS = "acme.test,support.acme.test"
+EMAIL_MAX_BYTES = 256 * 1024  # what Twilio signs: not the address we listen on
 
 
 def twilio_env(fake_url: str) -> dict[str, Any]:
@@ -87,6 +89,36 @@ def settings_env(servers: Servers, namespace: str) -> dict[str, Any]:
     }
 
 
+class SmtpSink:
+    """A real SMTP server standing in for the outbound relay: keeps every message it gets."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import email
+        import email.policy
+
+        self.messages.append(
+            email.message_from_bytes(envelope.content, policy=email.policy.default)
+        )
+        return "250 OK"
+
+    async def start(self) -> None:
+        from aiosmtpd.smtp import SMTP
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: SMTP(self, loop=loop), "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
 @dataclass
 class Stack:
     api: httpx.AsyncClient
@@ -96,6 +128,8 @@ class Stack:
     servers: Servers
     sms_url: str
     twilio: Any  # the FakeTwilio: what was sent, and faults to inject
+    smtp_port: int  # our inbound SMTP server
+    relay: Any  # the SMTP sink egress relays through: `relay.messages`
 
     def client(self, key: str | None) -> httpx.AsyncClient:
         headers = {"x-api-key": key} if key else {}
@@ -119,18 +153,27 @@ class Stack:
 @pytest.fixture
 async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     """Every service running in this process against the real servers, on real sockets, with
-    the Twilio fake standing in for Twilio's cloud."""
+    the Twilio fake standing in for Twilio's cloud and an SMTP sink for the relay."""
     from services.api.app import create_app
     from services.core.app import Core
     from services.egress.app import Egress
+    from services.email.app import EmailService
     from services.sms.app import create_app as create_sms_app
     from services.twilio_fake.app import build, serve
     from shared.http import HttpServer
-    from shared.settings import ApiSettings, CoreSettings, EgressSettings, SmsSettings
+    from shared.settings import (
+        ApiSettings,
+        CoreSettings,
+        EgressSettings,
+        EmailSettings,
+        SmsSettings,
+    )
 
-    env = settings_env(servers, namespace)
+    env = {**settings_env(servers, namespace), "email_domains": EMAIL_DOMAINS}
     fake = build({TWILIO_SID: TWILIO_TOKEN})
     fake_server = await serve(fake, "127.0.0.1", 0)
+    relay = SmtpSink()
+    await relay.start()
     twilio = twilio_env(f"http://127.0.0.1:{fake_server.port}")
     core = Core(CoreSettings(**env, core_health_port=0, approval_sweep_seconds=0.1))
     await core.start()  # first: it seeds the demo agent the others expect
@@ -141,13 +184,17 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
             egress_health_port=0,
             webhook_backoff_seconds=0.05,
             webhook_max_attempts=4,
+            smtp_relay_port=relay.port,
         )
     )
     sms = HttpServer(create_sms_app(SmsSettings(**env, **twilio)), "127.0.0.1", 0)
     api = HttpServer(
         create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
     )
-    await asyncio.gather(egress.start(), sms.start(), api.start())
+    mail = EmailService(
+        EmailSettings(**env, smtp_port=0, email_health_port=0, email_max_bytes=EMAIL_MAX_BYTES)
+    )
+    await asyncio.gather(egress.start(), sms.start(), api.start(), mail.start())
     base_url = f"http://127.0.0.1:{api.port}"
     async with httpx.AsyncClient(
         base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20
@@ -160,13 +207,20 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
             servers=servers,
             sms_url=f"http://127.0.0.1:{sms.port}",
             twilio=fake,
+            smtp_port=mail.port,
+            relay=relay,
         )
         yield stack
     await asyncio.gather(
-        _stopped("api", api.stop()), _stopped("sms", sms.stop()), _stopped("egress", egress.stop())
+        _stopped("api", api.stop()),
+        _stopped("sms", sms.stop()),
+        _stopped("email", mail.stop()),
+        _stopped("egress", egress.stop()),
     )
     await asyncio.gather(
-        _stopped("core", stack.core.stop()), _stopped("twilio-fake", fake_server.stop())
+        _stopped("core", stack.core.stop()),
+        _stopped("twilio-fake", fake_server.stop()),
+        _stopped("relay", relay.stop()),
     )
 
 

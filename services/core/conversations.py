@@ -9,6 +9,7 @@ partition consumer, so queued messages are answered strictly in order.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from collections.abc import Awaitable
@@ -186,6 +187,8 @@ class Conversations:
             return await self.store.get_conversation(remembered)
         if env.sender is None:
             raise Undeliverable("invalid: channel envelope without a sender")
+        if env.thread is not None and env.thread.message_id is not None:
+            return await self.email_conversation_for(env, env.thread)
         user_id, _ = await self.store.resolve_identity(env.sender.kind, env.sender.normalized)
         address = env.recipient or ""
         previous = await self.store.open_conversation_id(user_id, env.channel, address)
@@ -214,6 +217,50 @@ class Conversations:
         )
         if winner != conv.id:
             conv = await self.store.get_conversation(winner)
+        await self.store.remember_inbound(env.id, conv.id, self.settings.dedupe_ttl_seconds)
+        return conv
+
+    async def email_conversation_for(
+        self, env: InboundEnvelope, thread: ThreadHints
+    ) -> Conversation:
+        """Mail threads by its headers, not by sender: a reply continues its conversation through
+        In-Reply-To/References to our Message-IDs or its reply+TOKEN address; anything else (the
+        same sender with a new subject included) opens a new one."""
+        assert env.sender is not None
+        assert thread.message_id is not None
+        cid = await self.store.conversation_by_message_ids(
+            [*thread.references, *([thread.in_reply_to] if thread.in_reply_to else [])]
+        )
+        if cid is None and thread.reply_token:
+            cid = await self.store.conversation_by_reply_token(thread.reply_token)
+        conv = await self.store.get_conversation(cid) if cid else None
+        if conv is None or conv.status == "closed":
+            user_id, _ = await self.store.resolve_identity(env.sender.kind, env.sender.normalized)
+            conv = await self.open(
+                channel=env.channel,
+                end_user_id=user_id,
+                agent_id=None,
+                session_type=env.session_type,
+                our_address=env.recipient,
+                user_address=env.sender.raw,
+                routing_key=env.routing_key,
+                actor="channel",
+            )
+            token = hashlib.sha256(conv.id.encode()).hexdigest()[:20]
+            await self.store.put_reply_token(token, conv.id)
+            await self.store.update_email_thread(
+                conv.id, {"reply_token": token, "subject": thread.subject or ""}
+            )
+        previous = await self.store.email_thread(conv.id)
+        references = " ".join(
+            dict.fromkeys(
+                [*previous.get("references", "").split(), *thread.references, thread.message_id]
+            )
+        )
+        await self.store.update_email_thread(
+            conv.id, {"last_message_id": thread.message_id, "references": references[-8000:]}
+        )
+        await self.store.index_message_ids(conv.id, [thread.message_id])
         await self.store.remember_inbound(env.id, conv.id, self.settings.dedupe_ttl_seconds)
         return conv
 

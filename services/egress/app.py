@@ -7,6 +7,7 @@ import logging
 
 import httpx
 
+from services.egress.email import EmailSender
 from services.egress.sms import SmsSender
 from services.egress.webhooks import Webhooks
 from shared.bus import Bus
@@ -35,6 +36,7 @@ class Egress:
         self.webhooks = Webhooks(self.bus, self.store, self.http_client)
         self.twilio, self.twilio_http = rest_client(settings)
         self.sms = SmsSender(settings, self.store, self.twilio)
+        self.email = EmailSender(settings, self.store)
         self.http = HttpServer(
             probe_app(self.ready, self.metrics), settings.host, settings.egress_health_port
         )
@@ -77,12 +79,22 @@ class Egress:
                 max_deliver=self.settings.sms_max_attempts,
                 ack_wait=self.settings.twilio_timeout_seconds * 3 + 10,
             )
+        await self.bus.consume(
+            stream=self.subjects.outbound_stream,
+            durable="egress-email",
+            filter_subject=self.subjects.outbound("email") + ".*",
+            handler=self.email.deliver,
+            max_ack_pending=1,
+            max_deliver=self.settings.email_max_attempts,
+            ack_wait=self.settings.smtp_relay_timeout_seconds * 2 + 10,
+        )
         log.info("egress ready", extra={"health_port": self.http.port})
 
     async def stop(self) -> None:
         await self.bus.close()
         await self.http_client.aclose()
         await self.twilio_http.close()
+        await self.email.close()
         await self.store.close()
         await self.http.stop()
 

@@ -1,0 +1,141 @@
+"""The email worker: outbound envelopes become threaded replies sent through an SMTP relay.
+
+Replies carry a Message-ID at our domain (indexed before sending, so the user's answer threads),
+In-Reply-To and References of the thread, `Reply-To: reply+TOKEN@domain`, `Subject: Re: …`,
+`Auto-Submitted: auto-replied` (RFC 3834: other robots must not answer), and text + HTML parts.
+One SMTP connection is reused; 4xx replies are retried, 5xx fail the delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+from email.message import EmailMessage
+from email.utils import formatdate
+
+import aiosmtplib
+import msgspec
+
+from shared.bus import Delivery, Undeliverable, decode_or_dead
+from shared.envelopes import OutboundEnvelope
+from shared.identity import redact
+from shared.models import Delivery as DeliveryRecord
+from shared.models import utcnow
+from shared.settings import EgressSettings
+from shared.store import Store
+
+log = logging.getLogger("switchboard.egress.email")
+_outbound = msgspec.json.Decoder(OutboundEnvelope)
+
+
+def reply_subject(subject: str) -> str:
+    subject = subject.strip() or "Your message"
+    return subject if subject.lower().startswith("re:") else f"Re: {subject}"
+
+
+class EmailSender:
+    def __init__(self, settings: EgressSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.domain = settings.domains()[0]
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
+
+    def build(self, out: OutboundEnvelope, thread: dict[str, str]) -> EmailMessage:
+        msg = EmailMessage()
+        sender = out.sender or f"{self.settings.email_from_local}@{self.domain}"
+        domain = sender.rpartition("@")[2] or self.domain
+        msg["From"] = sender
+        msg["To"] = out.recipient or ""
+        msg["Subject"] = reply_subject(thread.get("subject", ""))
+        msg["Date"] = formatdate(localtime=False)
+        msg["Message-ID"] = f"<{out.turn_id}@{domain}>"
+        if thread.get("last_message_id"):
+            msg["In-Reply-To"] = thread["last_message_id"]
+        if thread.get("references"):
+            msg["References"] = thread["references"]
+        if thread.get("reply_token"):
+            msg["Reply-To"] = f"reply+{thread['reply_token']}@{domain}"
+        msg["Auto-Submitted"] = "auto-replied"
+        msg.set_content(out.text)
+        paragraphs = "".join(f"<p>{html.escape(p)}</p>" for p in out.text.split("\n\n"))
+        msg.add_alternative(f"<html><body>{paragraphs}</body></html>", subtype="html")
+        return msg
+
+    async def deliver(self, delivery: Delivery) -> None:
+        out = decode_or_dead(_outbound, delivery.data)
+        if out.session_type == "simulation":
+            return
+        if not out.recipient:
+            raise Undeliverable("invalid: email outbound without a recipient")
+        msg = self.build(out, await self.store.email_thread(out.conversation_id))
+        message_id = str(msg["Message-ID"])
+        record = DeliveryRecord(
+            turn_id=out.turn_id,
+            conversation_id=out.conversation_id,
+            channel="email",
+            status="pending",
+            provider_ids=(message_id,),
+            updated_at=utcnow(),
+        )
+        await self.store.index_message_ids(out.conversation_id, [message_id])
+        await self.store.put_delivery(record)
+        try:
+            await self.send(msg)
+        except aiosmtplib.SMTPNotSupported as exc:  # e.g. a UTF-8 address the relay cannot take
+            await self.store.put_delivery(
+                msgspec.structs.replace(
+                    record, status="failed", error_message=str(exc), updated_at=utcnow()
+                )
+            )
+            raise Undeliverable(f"smtp_not_supported: {exc}") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if 400 <= exc.code < 500:
+                raise  # the relay asks us to retry: redelivered with backoff
+            await self.store.put_delivery(
+                msgspec.structs.replace(
+                    record,
+                    status="failed",
+                    error_code=str(exc.code),
+                    error_message=exc.message,
+                    updated_at=utcnow(),
+                )
+            )
+            raise Undeliverable(f"smtp_error {exc.code}: {exc.message}") from exc
+        await self.store.put_delivery(
+            msgspec.structs.replace(record, status="sent", updated_at=utcnow())
+        )
+        log.info("email sent", extra={"turn_id": out.turn_id, "to": redact(out.recipient)})
+
+    async def send(self, msg: EmailMessage) -> None:
+        async with self._lock:
+            for attempt in (1, 2):  # a reused connection may have been closed by the relay
+                smtp = await self._connection()
+                try:
+                    await smtp.send_message(msg)
+                    return
+                except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                    self._smtp = None
+                    if attempt == 2:
+                        raise
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        if self._smtp is None or not self._smtp.is_connected:
+            smtp = aiosmtplib.SMTP(
+                hostname=self.settings.smtp_relay_host,
+                port=self.settings.smtp_relay_port,
+                timeout=self.settings.smtp_relay_timeout_seconds,
+                start_tls=False,
+            )
+            await smtp.connect()
+            self._smtp = smtp
+        return self._smtp
+
+    async def close(self) -> None:
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                await self._smtp.quit()
+            except aiosmtplib.SMTPException:
+                self._smtp.close()
+        self._smtp = None

@@ -1,0 +1,1 @@
+"""The email channel: SMTP in (aiosmtpd), never an open relay. Replies leave through egress."""
