@@ -488,6 +488,14 @@ class Store:
 
     # Email threads -----------------------------------------------------------------------------------
 
+    async def put_original(self, cid: str, seq: int, text: str) -> None:
+        """The full original of a turn whose content was trimmed (email quotes), for audit."""
+        await self.redis.hset(f"{self.ns}originals:{{{cid}}}", str(seq), text)
+
+    async def get_original(self, cid: str, seq: int) -> str | None:
+        raw = await self.redis.hget(f"{self.ns}originals:{{{cid}}}", str(seq))
+        return _text(raw) if raw is not None else None
+
     async def index_message_ids(
         self, cid: str, message_ids: Sequence[str], ttl: int = 400 * 24 * 3600
     ) -> None:

@@ -296,6 +296,8 @@ class Conversations:
         user_turn = msgspec.structs.replace(user_turn, seq=appended.seq)
         if not appended.duplicate:
             await self._record_turn(conv, user_turn, "end_user")
+            if "full_text" in env.metadata:  # email: the turn is the new text; keep the whole
+                await self.store.put_original(conv.id, appended.seq, str(env.metadata["full_text"]))
         status = appended.status
         if status == "active" and not appended.duplicate:
             # Messages queued while a human or an approval had the conversation come first.

@@ -8,7 +8,7 @@ import re
 # "On Tue, 3 Mar 2026 at 10:00, Jane <jane@x.com> wrote:" and its translations; the attribution
 # may wrap across two lines, so it is matched on the text with the next line joined.
 _ATTRIBUTION = re.compile(
-    r"^\s*(On\s.+\swrote|Le\s.+\sa\s[ée]crit|Am\s.+\sschrieb|El\s.+\sescribi[óo]|"
+    r"^\s*(On\s.+\swrote|Le\s.+\sa\s[ée]crit|Am\s.+\sschrieb(\s.+)?|El\s.+\sescribi[óo]|"
     r"Il\s.+\sha\sscritto|Op\s.+\sschreef|Em\s.+\sescreveu|W\sdniu\s.+\spisze)\s*:\s*$",
     re.IGNORECASE,
 )

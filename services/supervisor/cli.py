@@ -39,6 +39,7 @@ SERVICES = (
     ServiceSpec("egress", "SWITCHBOARD_EGRESS_HEALTH_PORT", 8091, "egress workers (probes)"),
     ServiceSpec("api", "SWITCHBOARD_API_PORT", 8080, "HTTP API"),
     ServiceSpec("sms", "SWITCHBOARD_SMS_PORT", 8081, "Twilio SMS webhooks"),
+    ServiceSpec("email", "SWITCHBOARD_EMAIL_HEALTH_PORT", 8092, "inbound SMTP (probes)"),
 )
 TWILIO_FAKE = ServiceSpec(
     "twilio_fake",
@@ -137,6 +138,7 @@ def up(external: bool) -> int:
 Switchboard is up. Logs: {logs}
   API            {api}   (OpenAPI: {api}/schema)
   SMS webhooks   {sms}/twilio/sms   status: {sms}/twilio/sms/status
+  SMTP           {host}:{env.get("SWITCHBOARD_SMTP_PORT", "2525")} for @{env.get("SWITCHBOARD_EMAIL_DOMAINS", "switchboard.localhost")}; replies relay via {env.get("SWITCHBOARD_SMTP_RELAY_HOST", "127.0.0.1")}:{env.get("SWITCHBOARD_SMTP_RELAY_PORT", "1025")}
   Twilio REST    {env.get("SWITCHBOARD_TWILIO_BASE_URL", "https://api.twilio.com")}
   bootstrap key  {key}
 

@@ -38,7 +38,17 @@ def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> st
 
 
 def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    names = ("API", "CORE_HEALTH", "EGRESS_HEALTH", "SMS", "TWILIO_FAKE", "NATS", "REDIS")
+    names = (
+        "API",
+        "CORE_HEALTH",
+        "EGRESS_HEALTH",
+        "SMS",
+        "TWILIO_FAKE",
+        "SMTP",
+        "EMAIL_HEALTH",
+        "NATS",
+        "REDIS",
+    )
     ports = {name: free_port() for name in names}
     env = {
         **os.environ,
@@ -68,6 +78,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "services.core" in names
         assert "services.egress" in names
         assert "services.api" in names
+        assert "services.email" in names
 
         with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:
             conv = client.post("/v1/conversations", json={})

@@ -108,6 +108,9 @@ async def test_new_mail_gets_a_threaded_reply_and_the_reply_continues_the_conver
         "And what about shipping times?",
     ]
     assert "business days" in stack.relay.messages[1].get_body(("plain",)).get_content()
+    original = await stack.core.store.get_original(convs[0].id, 3)
+    assert original is not None
+    assert "wrote:" in original  # the quoted history is kept for audit, not in the turn
     assert stack.relay.messages[1]["In-Reply-To"] == second["Message-ID"]
 
 
@@ -277,3 +280,32 @@ async def _core_idle(stack: Stack) -> bool:
         if info.num_pending or info.num_ack_pending:
             return False
     return True
+
+
+async def test_a_transient_failure_answers_451_so_the_sender_retries(stack: Stack) -> None:
+    """JetStream unreachable: the message must not be acknowledged (and so not lost)."""
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+
+    from services.email.handler import InboundMail
+    from shared.bus import Bus
+    from shared.settings import EmailSettings
+    from shared.subjects import Subjects
+
+    settings = EmailSettings(email_domains="acme.test", namespace=stack.namespace)
+    unreachable = Bus("nats://127.0.0.1:1", Subjects(stack.namespace), name="never-connected")
+    handler = InboundMail(settings, unreachable, stack.core.store)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(handler, loop=loop), "127.0.0.1", 0)
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1])
+    try:
+        await smtp.connect()
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await smtp.send_message(mail("what are your hours?"))
+        assert refused.value.code == 451
+    finally:
+        smtp.close()
+        server.close()
+        await server.wait_closed()
+    assert await email_conversations(stack) == []
