@@ -122,45 +122,15 @@ class ConversationController(Controller):
         gateway: Gateway,
         request: Request[Any, Any, Any],
     ) -> Response[TurnResult | QueuedTurn]:
-        conv = await gateway.store.get_conversation(conversation_id)
-        if conv.status == "closed":
-            raise error_from_code(
-                "conversation_closed", "conversation is closed", {"status": "closed"}
-            )
+        conv = await _open_conversation(gateway, conversation_id)
         reply = await gateway.post_turn(
             conv,
             data.user_message,
             idempotency_key=request.headers.get("idempotency-key"),
             metadata=data.metadata,
         )
-        if reply.outcome == "rejected":
-            raise error_from_code(
-                reply.error_code or "conflict",
-                reply.error_message or "rejected",
-                {"status": reply.session_status},
-            )
-        if reply.outcome == "queued" or reply.turn is None:
-            return Response(
-                QueuedTurn(
-                    conversation_id=conv.id,
-                    session_status=reply.session_status,
-                    seq=reply.user_seq or reply.message_seqs[0],
-                    message_seqs=list(reply.message_seqs),
-                ),
-                status_code=202,
-            )
-        turn = reply.turn
-        return Response(
-            TurnResult(
-                turn_id=turn.id,
-                conversation_id=conv.id,
-                text=turn.content,
-                session_status=reply.session_status,
-                message_seqs=list(reply.message_seqs),
-                tool_calls=list(turn.tool_calls),
-                evidence=list(turn.evidence) if data.include_evidence else [],
-            )
-        )
+        body, status = _turn_body(reply, data.include_evidence)
+        return Response(body, status_code=status)
 
     @post("/{conversation_id:str}/turns/stream", status_code=200)
     async def stream_turn(
@@ -172,11 +142,7 @@ class ConversationController(Controller):
     ) -> ServerSentEvent:
         """Server-sent events: `delta` frames with pieces of the reply, then `complete` with the
         same body as the sync endpoint (or the queued body), or `error` with the error shape."""
-        conv = await gateway.store.get_conversation(conversation_id)
-        if conv.status == "closed":
-            raise error_from_code(
-                "conversation_closed", "conversation is closed", {"status": "closed"}
-            )
+        conv = await _open_conversation(gateway, conversation_id)
         feed = gateway.turn_feed(
             conv,
             data.user_message,
@@ -285,3 +251,11 @@ def _turn_body(reply: TurnReply, include_evidence: bool) -> tuple[TurnResult | Q
 
 def _json(value: object) -> str:
     return msgspec.json.encode(value).decode()
+
+
+async def _open_conversation(gateway: Gateway, conversation_id: str) -> Conversation:
+    """The conversation a turn is posted to: 404 when unknown, 409 when closed."""
+    conv = await gateway.store.get_conversation(conversation_id)
+    if conv.status == "closed":
+        raise error_from_code("conversation_closed", "conversation is closed", {"status": "closed"})
+    return conv
