@@ -55,6 +55,8 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
     ack_wait_seconds: float = 30.0
     # Envelope-id dedupe keys live this long: far beyond Twilio's and SMTP senders' retry windows.
     dedupe_ttl_seconds: int = 7 * 24 * 3600
+    # Where `transfer_call` dials on voice; without one, the caller hears an apology instead.
+    human_queue_number: str | None = None
     # How often the durable approval timer looks for approvals past their deadline.
     approval_sweep_seconds: float = 0.5
     # Sent once per approval wait when the user writes while a tool call awaits approval.
@@ -140,3 +142,16 @@ class EmailSettings(CommonSettings, kw_only=True, frozen=True):
     # Larger mail is refused with 552 before it is read; attachments travel as metadata only.
     email_max_bytes: int = 10 * 1024 * 1024
     email_max_recipients: int = 20
+
+
+class VoiceSettings(TwilioSettings, kw_only=True, frozen=True):
+    voice_port: int = 8082
+    voice_public_url: str | None = None
+    # How long a speech webhook waits for the agent before holding and redirecting.
+    voice_reply_budget_seconds: float = 4.0
+    voice_language: str = "en-US"
+    voice_greeting: str = "Hi, this is Acme Support. How can I help you today?"
+    human_queue_number: str | None = None
+
+    def public_voice_url(self) -> str:
+        return (self.voice_public_url or f"http://{self.host}:{self.voice_port}").rstrip("/")

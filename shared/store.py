@@ -488,6 +488,20 @@ class Store:
 
     # Email threads -----------------------------------------------------------------------------------
 
+    async def put_call(self, call_sid: str, cid: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"{self.ns}call:{call_sid}", cid, ex=7 * 24 * 3600)
+        pipe.set(f"{self.ns}call-of:{{{cid}}}", call_sid, ex=7 * 24 * 3600)
+        await pipe.execute()
+
+    async def conversation_by_call(self, call_sid: str) -> str | None:
+        raw = await self.redis.get(f"{self.ns}call:{call_sid}")
+        return _text(raw) if raw else None
+
+    async def call_of(self, cid: str) -> str | None:
+        raw = await self.redis.get(f"{self.ns}call-of:{{{cid}}}")
+        return _text(raw) if raw else None
+
     async def put_original(self, cid: str, seq: int, text: str) -> None:
         """The full original of a turn whose content was trimmed (email quotes), for audit."""
         await self.redis.hset(f"{self.ns}originals:{{{cid}}}", str(seq), text)

@@ -189,6 +189,8 @@ class Conversations:
             raise Undeliverable("invalid: channel envelope without a sender")
         if env.thread is not None and env.thread.message_id is not None:
             return await self.email_conversation_for(env, env.thread)
+        if env.thread is not None and env.thread.call_sid is not None:
+            return await self.call_conversation_for(env, env.thread.call_sid)
         user_id, _ = await self.store.resolve_identity(env.sender.kind, env.sender.normalized)
         address = env.recipient or ""
         previous = await self.store.open_conversation_id(user_id, env.channel, address)
@@ -262,6 +264,27 @@ class Conversations:
         )
         await self.store.index_message_ids(conv.id, [thread.message_id])
         await self.store.remember_inbound(env.id, conv.id, self.settings.dedupe_ttl_seconds)
+        return conv
+
+    async def call_conversation_for(self, env: InboundEnvelope, call_sid: str) -> Conversation:
+        """A phone call is one conversation, keyed by its CallSid; the caller is the same end user
+        as on SMS (E.164)."""
+        assert env.sender is not None
+        cid = await self.store.conversation_by_call(call_sid)
+        if cid is not None:
+            return await self.store.get_conversation(cid)
+        user_id, _ = await self.store.resolve_identity(env.sender.kind, env.sender.normalized)
+        conv = await self.open(
+            channel=env.channel,
+            end_user_id=user_id,
+            agent_id=None,
+            session_type=env.session_type,
+            our_address=env.recipient,
+            user_address=env.sender.normalized,
+            routing_key=env.routing_key,
+            actor="channel",
+        )
+        await self.store.put_call(call_sid, conv.id)
         return conv
 
     async def apply_message(self, env: InboundMessage) -> None:
@@ -378,6 +401,19 @@ class Conversations:
         stream: bool = False,
     ) -> Status:
         """Record the agent's reply and deliver it, unless a human took over meanwhile."""
+        if reply.handoff and conv.channel == "voice" and not self.settings.human_queue_number:
+            # Nobody to dial: the caller stays with the agent, and the gap is on record.
+            await self.emit("voice.transfer_unavailable", conv, "agent", {}, key=reply_key)
+            reply = AgentReply(
+                text="I'm sorry, nobody from our team is available to take your call right now. "
+                "I'll keep helping you myself.",
+                tool_calls=tuple(
+                    msgspec.structs.replace(
+                        c, result={"transferred": False, "reason": "no_queue_number"}
+                    )
+                    for c in reply.tool_calls
+                ),
+            )
         answer = Turn(
             id=f"turn_{reply_key.replace(':', '_')}",
             conversation_id=conv.id,
