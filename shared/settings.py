@@ -101,6 +101,12 @@ class TwilioSettings(CommonSettings, kw_only=True, frozen=True):
     sms_port: int = 8081
     # The base URL Twilio signs webhooks with (behind a proxy it is not the URL we see).
     sms_public_url: str | None = None
+    voice_port: int = 8082
+    voice_public_url: str | None = None
+    # How long a speech webhook waits for the agent before the caller hears a hold; egress gives
+    # the webhook this head start before it speaks a late reply by updating the live call.
+    voice_reply_budget_seconds: float = 4.0
+    voice_language: str = "en-US"
     sms_help_text: str = (
         "Acme Support: reply to this number to chat with us. Reply STOP to unsubscribe. "
         "Msg&data rates may apply."
@@ -115,6 +121,9 @@ class TwilioSettings(CommonSettings, kw_only=True, frozen=True):
 
     def public_sms_url(self) -> str:
         return (self.sms_public_url or f"http://{self.host}:{self.sms_port}").rstrip("/")
+
+    def public_voice_url(self) -> str:
+        return (self.voice_public_url or f"http://{self.host}:{self.voice_port}").rstrip("/")
 
 
 class SmsSettings(TwilioSettings, kw_only=True, frozen=True):
@@ -145,13 +154,5 @@ class EmailSettings(CommonSettings, kw_only=True, frozen=True):
 
 
 class VoiceSettings(TwilioSettings, kw_only=True, frozen=True):
-    voice_port: int = 8082
-    voice_public_url: str | None = None
-    # How long a speech webhook waits for the agent before holding and redirecting.
-    voice_reply_budget_seconds: float = 4.0
-    voice_language: str = "en-US"
     voice_greeting: str = "Hi, this is Acme Support. How can I help you today?"
     human_queue_number: str | None = None
-
-    def public_voice_url(self) -> str:
-        return (self.voice_public_url or f"http://{self.host}:{self.voice_port}").rstrip("/")

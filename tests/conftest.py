@@ -67,6 +67,8 @@ TWILIO_SID = "AC" + "1" * 32
 TWILIO_TOKEN = "test-auth-token"
 SMS_PUBLIC_URL = "https://sms.example.test"
 EMAIL_DOMAINS = "acme.test,support.acme.test"
+VOICE_PUBLIC_URL = "https://voice.example.test"
+HUMAN_QUEUE = "+15550009999"
 EMAIL_MAX_BYTES = 256 * 1024  # what Twilio signs: not the address we listen on
 
 
@@ -76,6 +78,8 @@ def twilio_env(fake_url: str) -> dict[str, Any]:
         "twilio_auth_token": TWILIO_TOKEN,
         "twilio_base_url": fake_url,
         "sms_public_url": SMS_PUBLIC_URL,
+        "voice_public_url": VOICE_PUBLIC_URL,
+        "voice_reply_budget_seconds": 1.0,
     }
 
 
@@ -130,6 +134,7 @@ class Stack:
     twilio: Any  # the FakeTwilio: what was sent, and faults to inject
     smtp_port: int  # our inbound SMTP server
     relay: Any  # the SMTP sink egress relays through: `relay.messages`
+    voice_url: str
 
     def client(self, key: str | None) -> httpx.AsyncClient:
         headers = {"x-api-key": key} if key else {}
@@ -138,16 +143,25 @@ class Stack:
     async def restart_core(self, **overrides: Any) -> None:
         """Stop core and start a fresh process-equivalent: nothing survives but NATS and Valkey."""
         from services.core.app import Core
-        from shared.settings import CoreSettings
 
         await self.core.stop()
-        env = settings_env(self.servers, self.namespace)
-        self.core = Core(
-            CoreSettings(
-                **{**env, "core_health_port": 0, "approval_sweep_seconds": 0.1, **overrides}
-            )
-        )
+        self.core = Core(core_settings(self.servers, self.namespace, **overrides))
         await self.core.start()
+
+
+def core_settings(servers: Servers, namespace: str, **overrides: Any) -> Any:
+    from shared.settings import CoreSettings
+
+    return CoreSettings(
+        **{
+            **settings_env(servers, namespace),
+            "email_domains": EMAIL_DOMAINS,
+            "core_health_port": 0,
+            "approval_sweep_seconds": 0.1,
+            "human_queue_number": HUMAN_QUEUE,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture
@@ -160,13 +174,14 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     from services.email.app import EmailService
     from services.sms.app import create_app as create_sms_app
     from services.twilio_fake.app import build, serve
+    from services.voice.app import create_app as create_voice_app
     from shared.http import HttpServer
     from shared.settings import (
         ApiSettings,
-        CoreSettings,
         EgressSettings,
         EmailSettings,
         SmsSettings,
+        VoiceSettings,
     )
 
     env = {**settings_env(servers, namespace), "email_domains": EMAIL_DOMAINS}
@@ -175,7 +190,7 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     relay = SmtpSink()
     await relay.start()
     twilio = twilio_env(f"http://127.0.0.1:{fake_server.port}")
-    core = Core(CoreSettings(**env, core_health_port=0, approval_sweep_seconds=0.1))
+    core = Core(core_settings(servers, namespace))
     await core.start()  # first: it seeds the demo agent the others expect
     egress = Egress(
         EgressSettings(
@@ -188,13 +203,18 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
         )
     )
     sms = HttpServer(create_sms_app(SmsSettings(**env, **twilio)), "127.0.0.1", 0)
+    voice = HttpServer(
+        create_voice_app(VoiceSettings(**env, **twilio, human_queue_number=HUMAN_QUEUE)),
+        "127.0.0.1",
+        0,
+    )
     api = HttpServer(
         create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
     )
     mail = EmailService(
         EmailSettings(**env, smtp_port=0, email_health_port=0, email_max_bytes=EMAIL_MAX_BYTES)
     )
-    await asyncio.gather(egress.start(), sms.start(), api.start(), mail.start())
+    await asyncio.gather(egress.start(), sms.start(), api.start(), mail.start(), voice.start())
     base_url = f"http://127.0.0.1:{api.port}"
     async with httpx.AsyncClient(
         base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20
@@ -209,6 +229,7 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
             twilio=fake,
             smtp_port=mail.port,
             relay=relay,
+            voice_url=f"http://127.0.0.1:{voice.port}",
         )
         yield stack
     await asyncio.gather(
@@ -216,6 +237,7 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
         _stopped("sms", sms.stop()),
         _stopped("email", mail.stop()),
         _stopped("egress", egress.stop()),
+        _stopped("voice", voice.stop()),
     )
     await asyncio.gather(
         _stopped("core", stack.core.stop()),

@@ -9,6 +9,7 @@ import httpx
 
 from services.egress.email import EmailSender
 from services.egress.sms import SmsSender
+from services.egress.voice import VoiceSpeaker
 from services.egress.webhooks import Webhooks
 from shared.bus import Bus
 from shared.http import HttpServer, probe_app
@@ -37,6 +38,7 @@ class Egress:
         self.twilio, self.twilio_http = rest_client(settings)
         self.sms = SmsSender(settings, self.store, self.twilio)
         self.email = EmailSender(settings, self.store)
+        self.voice = VoiceSpeaker(settings, self.store, self.twilio)
         self.http = HttpServer(
             probe_app(self.ready, self.metrics), settings.host, settings.egress_health_port
         )
@@ -87,6 +89,16 @@ class Egress:
             max_ack_pending=1,
             max_deliver=self.settings.email_max_attempts,
             ack_wait=self.settings.smtp_relay_timeout_seconds * 2 + 10,
+        )
+        await self.bus.consume(
+            stream=self.subjects.outbound_stream,
+            durable="egress-voice",
+            filter_subject=self.subjects.outbound("voice") + ".*",
+            handler=self.voice.deliver,
+            max_ack_pending=64,
+            workers=4,
+            max_deliver=6,
+            backoff=self.voice.head_start,
         )
         log.info("egress ready", extra={"health_port": self.http.port})
 

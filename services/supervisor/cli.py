@@ -40,6 +40,7 @@ SERVICES = (
     ServiceSpec("api", "SWITCHBOARD_API_PORT", 8080, "HTTP API"),
     ServiceSpec("sms", "SWITCHBOARD_SMS_PORT", 8081, "Twilio SMS webhooks"),
     ServiceSpec("email", "SWITCHBOARD_EMAIL_HEALTH_PORT", 8092, "inbound SMTP (probes)"),
+    ServiceSpec("voice", "SWITCHBOARD_VOICE_PORT", 8082, "Twilio Voice webhooks"),
 )
 TWILIO_FAKE = ServiceSpec(
     "twilio_fake",
@@ -138,6 +139,7 @@ def up(external: bool) -> int:
 Switchboard is up. Logs: {logs}
   API            {api}   (OpenAPI: {api}/schema)
   SMS webhooks   {sms}/twilio/sms   status: {sms}/twilio/sms/status
+  Voice webhook  http://{host}:{env.get("SWITCHBOARD_VOICE_PORT", "8082")}/twilio/voice   status: …/twilio/voice/status
   SMTP           {host}:{env.get("SWITCHBOARD_SMTP_PORT", "2525")} for @{env.get("SWITCHBOARD_EMAIL_DOMAINS", "switchboard.localhost")}; replies relay via {env.get("SWITCHBOARD_SMTP_RELAY_HOST", "127.0.0.1")}:{env.get("SWITCHBOARD_SMTP_RELAY_PORT", "1025")}
   Twilio REST    {env.get("SWITCHBOARD_TWILIO_BASE_URL", "https://api.twilio.com")}
   bootstrap key  {key}

@@ -79,6 +79,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "services.egress" in names
         assert "services.api" in names
         assert "services.email" in names
+        assert "services.voice" in names
 
         with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:
             conv = client.post("/v1/conversations", json={})

@@ -1,0 +1,224 @@
+"""The voice service: Twilio's call, speech and status webhooks, each signature-checked.
+
+A call's start and every utterance are stored in JetStream before we answer. When the agent
+answers within the budget, its reply rides the same webhook response (`<Say>` + the next
+`<Gather>`); otherwise the caller hears a short hold and a `<Redirect>` polls for it, and egress may
+speak it by updating the live call. Whoever claims the reply first speaks it, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, post
+from litestar.exceptions import HTTPException
+from nats.aio.msg import Msg
+
+from services.voice.twiml import Speech
+from shared.bus import Bus
+from shared.envelopes import CallEnded, CallStarted, InboundMessage, ThreadHints, TurnReply
+from shared.errors import SwitchboardError
+from shared.http import HttpServer, probe_handlers
+from shared.identity import make_identifier, normalize_phone
+from shared.models import Turn, utcnow
+from shared.settings import VoiceSettings
+from shared.store import Store
+from shared.subjects import Subjects
+from shared.telemetry import Metrics
+from shared.twilio import check_signature, warn_if_unsigned
+
+log = logging.getLogger("switchboard.voice")
+_enc = msgspec.json.Encoder()
+_reply = msgspec.json.Decoder(TurnReply)
+TWIML = "text/xml"
+FINAL_STATUSES = {"completed", "busy", "no-answer", "failed", "canceled"}
+MAX_POLLS = 10
+
+
+def create_app(settings: VoiceSettings) -> Litestar:
+    metrics = Metrics("voice")
+    subjects = Subjects(settings.namespace, settings.partitions)
+    bus = Bus(settings.nats_url, subjects, name="switchboard-voice", metrics=metrics)
+    store = Store(settings.redis_url, settings.namespace)
+    speech = Speech(settings)
+
+    async def ready() -> dict[str, bool]:
+        return {"nats": bus.ready, "redis": await store.ping()}
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        warn_if_unsigned(settings, "voice")
+        await bus.connect()
+        await bus.ensure_streams()
+        try:
+            yield
+        finally:
+            await bus.close()
+            await store.close()
+
+    async def signed_form(request: Request[Any, Any, Any]) -> dict[str, str]:
+        form = await request.form()
+        params = {k: str(form.get(k)) for k in form}
+        url = settings.public_voice_url() + request.url.path
+        if request.url.query:
+            url += "?" + request.url.query
+        check_signature(settings, url, params, request.headers.get("x-twilio-signature"))
+        if not params.get("CallSid"):
+            raise SwitchboardError("CallSid is required")
+        return params
+
+    def twiml(body: str) -> Response[str]:
+        return Response(body, media_type=TWIML)
+
+    def call_thread(form: dict[str, str]) -> dict[str, Any]:
+        return {
+            "channel": "voice",
+            "received_at": utcnow(),
+            "sender": make_identifier("phone", form.get("From") or form.get("Caller", "")),
+            "recipient": normalize_phone(form.get("To") or form.get("Called", "")),
+            "thread": ThreadHints(call_sid=form["CallSid"]),
+            "provider_id": form["CallSid"],
+        }
+
+    async def conversation_of(call_sid: str) -> str | None:
+        """Core opens the call's conversation from the call-started envelope; wait for it."""
+        deadline = asyncio.get_running_loop().time() + settings.voice_reply_budget_seconds
+        while (cid := await store.conversation_by_call(call_sid)) is None:
+            if asyncio.get_running_loop().time() > deadline:
+                return None
+            await asyncio.sleep(0.02)
+        return cid
+
+    async def speak(reply: Turn) -> str | None:
+        """The TwiML for a reply, if we are the one to speak it (egress may have already)."""
+        if not await store.claim_once(f"voice:{reply.id}"):
+            return None
+        if (
+            any(
+                c.name == "transfer_call" and (c.result or {}).get("transferred")
+                for c in reply.tool_calls
+            )
+            and settings.human_queue_number
+        ):
+            return speech.transfer(reply.content, settings.human_queue_number)
+        return speech.reply(reply.content)
+
+    @post("/twilio/voice", status_code=200, media_type=TWIML)
+    async def call_started(request: Request[Any, Any, Any]) -> Response[str]:
+        form = await signed_form(request)
+        env = CallStarted(id=f"env_call_{form['CallSid']}", **call_thread(form))
+        await bus.publish(
+            subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
+        )
+        return twiml(speech.greet())
+
+    @post("/twilio/voice/gather", status_code=200, media_type=TWIML)
+    async def gathered(
+        request: Request[Any, Any, Any], turn: str = "", attempt: int = 1
+    ) -> Response[str]:
+        form = await signed_form(request)
+        said = form.get("SpeechResult", "").strip()
+        if not said:
+            return twiml(speech.reprompt() if attempt < 2 else speech.goodbye())
+        cid = await conversation_of(form["CallSid"])
+        if cid is None:
+            return twiml(speech.sorry())
+        key = hashlib.sha256(f"{form['CallSid']}|{turn or said}".encode()).hexdigest()[:32]
+        env = InboundMessage(
+            id=f"env_voice_{key}",
+            text=said,
+            conversation_id=cid,
+            metadata={"confidence": form.get("Confidence", "")},
+            **call_thread(form),
+        )
+        answered: asyncio.Future[TurnReply] = asyncio.get_running_loop().create_future()
+
+        async def on_reply(msg: Msg) -> None:
+            reply = _reply.decode(msg.data)
+            if reply.envelope_id == env.id and not answered.done():
+                answered.set_result(reply)
+
+        sub = await bus.nc.subscribe(subjects.reply(cid), cb=on_reply)
+        try:
+            await bus.publish(
+                subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
+            )
+            reply = await asyncio.wait_for(answered, settings.voice_reply_budget_seconds)
+        except TimeoutError:
+            return twiml(speech.hold(env.id, 1))
+        finally:
+            await sub.unsubscribe()
+        if reply.turn is not None and reply.outcome == "answered":
+            return twiml(await speak(reply.turn) or speech.reply("Is there anything else?"))
+        return twiml(speech.hold(env.id, 1))
+
+    @post("/twilio/voice/poll", status_code=200, media_type=TWIML)
+    async def poll(request: Request[Any, Any, Any], envelope: str, polls: int = 1) -> Response[str]:
+        """After a hold: speak the reply if it has arrived (and nobody spoke it yet)."""
+        form = await signed_form(request)
+        cid = await store.conversation_by_call(form["CallSid"])
+        seq = await store.seen_seq(cid, f"{envelope}:reply") if cid else None
+        answer = await store.get_turn(cid, seq) if cid and seq else None
+        if answer is not None:
+            spoken = await speak(answer)
+            return twiml(spoken or speech.reply("Is there anything else I can help with?"))
+        if polls >= MAX_POLLS:
+            return twiml(speech.sorry())
+        return twiml(speech.hold(envelope, polls + 1))
+
+    @post("/twilio/voice/status", status_code=200, media_type=TWIML)
+    async def status(request: Request[Any, Any, Any]) -> Response[str]:
+        form = await signed_form(request)
+        state = form.get("CallStatus", "")
+        if state in FINAL_STATUSES:
+            env = CallEnded(
+                id=f"env_callend_{form['CallSid']}", reason=f"call_{state}", **call_thread(form)
+            )
+            await bus.publish(
+                subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
+            )
+        return twiml("<Response/>")
+
+    def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+        if isinstance(exc, SwitchboardError):
+            status_code = 422 if exc.status == 500 else exc.status
+            body = {
+                "error": {
+                    "code": exc.code if exc.status != 500 else "invalid_request",
+                    "message": exc.message,
+                    "details": exc.details,
+                }
+            }
+        elif isinstance(exc, HTTPException):
+            status_code = 422 if exc.status_code == 400 else exc.status_code
+            body = {"error": {"code": "bad_request", "message": exc.detail, "details": {}}}
+        else:
+            log.exception("voice webhook failed")
+            status_code = 503
+            body = {"error": {"code": "unavailable", "message": "try again", "details": {}}}
+        return Response(body, status_code=status_code, media_type=MediaType.JSON)
+
+    return Litestar(
+        route_handlers=[call_started, gathered, poll, status, *probe_handlers(ready, metrics)],
+        lifespan=[lifespan],
+        exception_handlers={Exception: on_error},
+        request_max_body_size=64 * 1024,
+        openapi_config=None,
+        logging_config=None,
+    )
+
+
+async def run(settings: VoiceSettings, stop: asyncio.Event) -> None:
+    server = HttpServer(create_app(settings), settings.host, settings.voice_port)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("voice stopping")
+        await server.stop()
