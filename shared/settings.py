@@ -28,6 +28,8 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     # Prefix for every subject, stream and key: lets several gateways or tests share servers.
     namespace: str = ""
     partitions: int = 16
+    # JetStream stream replicas: 1 on a laptop, 3 on a production NATS cluster.
+    stream_replicas: int = 1
     log_level: str = "INFO"
     log_format: str = "json"
     default_agent: str = DEMO_AGENT_ID

@@ -89,7 +89,13 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[E
 def create_app(settings: ApiSettings) -> Litestar:
     metrics = Metrics("api")
     subjects = Subjects(settings.namespace, settings.partitions)
-    bus = Bus(settings.nats_url, subjects, name="switchboard-api", metrics=metrics)
+    bus = Bus(
+        settings.nats_url,
+        subjects,
+        name="switchboard-api",
+        replicas=settings.stream_replicas,
+        metrics=metrics,
+    )
     store = Store(settings.redis_url, settings.namespace)
     gateway = Gateway(settings, bus, store)
     keyring = KeyRing(store)

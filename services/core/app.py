@@ -53,7 +53,11 @@ class Core:
         self.metrics = Metrics("core")
         self.subjects = Subjects(settings.namespace, settings.partitions)
         self.bus = Bus(
-            settings.nats_url, self.subjects, name="switchboard-core", metrics=self.metrics
+            settings.nats_url,
+            self.subjects,
+            name="switchboard-core",
+            replicas=settings.stream_replicas,
+            metrics=self.metrics,
         )
         self.store = Store(settings.redis_url, settings.namespace)
         self.conversations = Conversations(settings, self.store, self.bus, self.metrics)

@@ -28,7 +28,11 @@ class Egress:
         self.metrics = Metrics("egress")
         self.subjects = Subjects(settings.namespace, settings.partitions)
         self.bus = Bus(
-            settings.nats_url, self.subjects, name="switchboard-egress", metrics=self.metrics
+            settings.nats_url,
+            self.subjects,
+            name="switchboard-egress",
+            replicas=settings.stream_replicas,
+            metrics=self.metrics,
         )
         self.store = Store(settings.redis_url, settings.namespace)
         self.http_client = httpx.AsyncClient(

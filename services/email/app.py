@@ -26,6 +26,7 @@ class EmailService:
             settings.nats_url,
             Subjects(settings.namespace, settings.partitions),
             name="switchboard-email",
+            replicas=settings.stream_replicas,
             metrics=self.metrics,
         )
         self.store = Store(settings.redis_url, settings.namespace)

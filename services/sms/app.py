@@ -51,7 +51,13 @@ async def signed_form(request: Request[Any, Any, Any], settings: SmsSettings) ->
 def create_app(settings: SmsSettings) -> Litestar:
     metrics = Metrics("sms")
     subjects = Subjects(settings.namespace, settings.partitions)
-    bus = Bus(settings.nats_url, subjects, name="switchboard-sms", metrics=metrics)
+    bus = Bus(
+        settings.nats_url,
+        subjects,
+        name="switchboard-sms",
+        replicas=settings.stream_replicas,
+        metrics=metrics,
+    )
     store = Store(settings.redis_url, settings.namespace)
 
     async def ready() -> dict[str, bool]:

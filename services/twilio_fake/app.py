@@ -129,6 +129,7 @@ class FakeTwilio:
             schema, status = op.response_schema, op.response_status
         if path.endswith("/Messages.json") and method == "POST":
             values.update(self._message(form))
+            status = 201 if self.spec is None else status  # Twilio creates with 201
         elif "/Calls/" in path and method == "POST":
             values.update(
                 sid=path.rsplit("/", 1)[-1].removesuffix(".json"),

@@ -44,7 +44,13 @@ MAX_POLLS = 10
 def create_app(settings: VoiceSettings) -> Litestar:
     metrics = Metrics("voice")
     subjects = Subjects(settings.namespace, settings.partitions)
-    bus = Bus(settings.nats_url, subjects, name="switchboard-voice", metrics=metrics)
+    bus = Bus(
+        settings.nats_url,
+        subjects,
+        name="switchboard-voice",
+        replicas=settings.stream_replicas,
+        metrics=metrics,
+    )
     store = Store(settings.redis_url, settings.namespace)
     speech = Speech(settings)
 

@@ -43,9 +43,11 @@ def test_the_validation_catches_a_typo(
 
 def test_every_service_has_a_container_with_a_health_check(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    for name in ("nats", "valkey", "core", "api"):
+    for name in ("nats", "valkey", "core", "egress", "api", "sms", "voice", "email"):
         assert "healthcheck" in services[name], name
+        assert services[name]["restart"] == "unless-stopped", name
     assert "--jetstream" in services["nats"]["command"]
     assert "--appendonly" in services["valkey"]["command"]
-    for name in ("core", "api"):
+    for name in ("core", "egress", "api", "sms", "voice", "email"):
+        assert services[name]["command"] == [name]
         assert services[name]["environment"]["NATS_URL"] == "nats://nats:4222"

@@ -186,7 +186,12 @@ async def test_webhooks_are_signed_retried_and_logged_for_live_sessions_only(
     assert len(ids) >= 4
     attempts = sorted(int(h["x-switchboard-delivery-attempt"]) for h, _ in receiver.received)
     assert max(attempts) >= 2
-    log = (await stack.api.get(f"/v1/webhooks/{hook['id']}/deliveries")).json()["items"]
+
+    async def logged() -> list[dict[str, Any]] | None:
+        log = (await stack.api.get(f"/v1/webhooks/{hook['id']}/deliveries")).json()["items"]
+        return log if sum(d["ok"] for d in log) == 2 else None
+
+    log = await eventually(logged, what="both successful attempts in the delivery log")
     assert [d["status_code"] for d in log if not d["ok"]] == [503, 503]
     assert sum(d["ok"] for d in log) == 2
     assert abs(int(receiver.received[0][0]["x-switchboard-timestamp"]) - time.time()) < 60
