@@ -59,5 +59,6 @@ def test_nats_is_a_three_node_jetstream_cluster_and_streams_get_three_replicas()
     nats = by_kind("StatefulSet")["nats"]
     assert nats["spec"]["replicas"] == 3
     conf = by_kind("ConfigMap")["nats-config"]["data"]["nats.conf"]
-    assert "jetstream" in conf and conf.count("nats://nats-") == 3
+    assert "jetstream" in conf
+    assert conf.count("nats://nats-") == 3
     assert by_kind("ConfigMap")["switchboard-config"]["data"]["SWITCHBOARD_STREAM_REPLICAS"] == "3"
