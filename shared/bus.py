@@ -124,7 +124,8 @@ class Bus:
             log.warning("nats error: %s", exc, extra={"service": self.name})
 
         self._nc = await nats.connect(
-            self.url,
+            # NATS_URL may list every cluster member: "nats://a:4222,nats://b:4222".
+            [u.strip() for u in self.url.split(",") if u.strip()],
             name=self.name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,
