@@ -204,16 +204,7 @@ class Conversations:
                     return conv
             except NotFound:
                 pass
-        conv = await self.open(
-            channel=env.channel,
-            end_user_id=user_id,
-            agent_id=None,
-            session_type=env.session_type,
-            our_address=env.recipient,
-            user_address=env.sender.normalized if env.sender.kind == "phone" else env.sender.raw,
-            routing_key=env.routing_key,
-            actor="channel",
-        )
+        conv = await self.open_for_sender(env, user_id)
         winner = await self.store.claim_open_conversation(
             user_id, env.channel, address, conv.id, previous
         )
@@ -237,17 +228,7 @@ class Conversations:
             cid = await self.store.conversation_by_reply_token(thread.reply_token)
         conv = await self.store.get_conversation(cid) if cid else None
         if conv is None or conv.status == "closed":
-            user_id, _ = await self.store.resolve_identity(env.sender.kind, env.sender.normalized)
-            conv = await self.open(
-                channel=env.channel,
-                end_user_id=user_id,
-                agent_id=None,
-                session_type=env.session_type,
-                our_address=env.recipient,
-                user_address=env.sender.raw,
-                routing_key=env.routing_key,
-                actor="channel",
-            )
+            conv = await self.open_for_sender(env)
             token = hashlib.sha256(conv.id.encode()).hexdigest()[:20]
             await self.store.put_reply_token(token, conv.id)
             await self.store.update_email_thread(
@@ -266,6 +247,26 @@ class Conversations:
         await self.store.remember_inbound(env.id, conv.id, self.settings.dedupe_ttl_seconds)
         return conv
 
+    async def open_for_sender(
+        self, env: InboundEnvelope, user_id: str | None = None
+    ) -> Conversation:
+        """A new channel conversation for whoever sent `env`, answered on the same channel."""
+        assert env.sender is not None
+        if user_id is None:
+            user_id, _ = await self.store.resolve_identity(env.sender.kind, env.sender.normalized)
+        # Phones are dialled in E.164; an email reply goes to the address as the sender wrote it.
+        address = env.sender.normalized if env.sender.kind == "phone" else env.sender.raw
+        return await self.open(
+            channel=env.channel,
+            end_user_id=user_id,
+            agent_id=None,
+            session_type=env.session_type,
+            our_address=env.recipient,
+            user_address=address,
+            routing_key=env.routing_key,
+            actor="channel",
+        )
+
     async def call_conversation_for(self, env: InboundEnvelope, call_sid: str) -> Conversation:
         """A phone call is one conversation, keyed by its CallSid; the caller is the same end user
         as on SMS (E.164)."""
@@ -273,17 +274,7 @@ class Conversations:
         cid = await self.store.conversation_by_call(call_sid)
         if cid is not None:
             return await self.store.get_conversation(cid)
-        user_id, _ = await self.store.resolve_identity(env.sender.kind, env.sender.normalized)
-        conv = await self.open(
-            channel=env.channel,
-            end_user_id=user_id,
-            agent_id=None,
-            session_type=env.session_type,
-            our_address=env.recipient,
-            user_address=env.sender.normalized,
-            routing_key=env.routing_key,
-            actor="channel",
-        )
+        conv = await self.open_for_sender(env)
         await self.store.put_call(call_sid, conv.id)
         return conv
 
