@@ -20,6 +20,7 @@ import msgspec
 
 from services.core.agent import AgentReply, runtime_for
 from services.core.agent.runtime import PendingToolCall
+from services.core.agent.tools import policy_for
 from services.core.lifecycle import ACCEPTS_USER_TURNS, transition
 from shared.bus import Bus, Undeliverable
 from shared.envelopes import (
@@ -337,8 +338,23 @@ class Conversations:
             seq = await self.store.seen_seq(conv.id, f"{env.id}:reply")
             answer = await self.store.get_turn(conv.id, seq) if seq is not None else None
             if answer is not None:
-                # Answered before a crash or a lost ack: re-publish (deduplicated by id).
+                # Answered before a crash or a lost ack: finish what that run left undone, then
+                # re-publish (deduplicated by id).
                 current = await self.store.get_conversation(conv.id)
+                held = next(
+                    (c for c in answer.tool_calls if c.decision == "require_approval"), None
+                )
+                if held is not None and current.status == "active":
+                    # The crash fell between recording the suspend message and the approval.
+                    revision = await self.revision(conv.pinned_revision_id)
+                    await self.request_approval(
+                        conv,
+                        answer,
+                        PendingToolCall(
+                            held.name, dict(held.arguments), policy_for(revision, held.name)
+                        ),
+                    )
+                    current = await self.store.get_conversation(conv.id)
                 await self.deliver(
                     conv,
                     answer,

@@ -186,3 +186,67 @@ async def _at_least(items_coro, n: int):  # type: ignore[no-untyped-def]
 
 
 __all__ = ["Identifier"]
+
+
+async def test_a_redelivery_finishes_an_approval_a_crash_left_half_done(stack: Stack) -> None:
+    """Core recorded the suspend message, then died before creating the approval: the redelivered
+    envelope must not leave the conversation active with a refund nobody can approve."""
+    from shared.models import Author, ToolCall, Turn
+
+    store = stack.core.store
+    conv = (await stack.api.post("/v1/conversations", json={})).json()
+    env = InboundMessage(
+        id="env_crashed",
+        channel="api",
+        received_at=utcnow(),
+        conversation_id=conv["id"],
+        text="please refund order 12345",
+    )
+    # What the crashed run had written: the user turn and the agent's suspend message.
+    for turn, key in (
+        (
+            Turn(
+                id="turn_env_crashed",
+                conversation_id=conv["id"],
+                seq=0,
+                role="user",
+                content=env.text,
+                author=Author(kind="end_user"),
+                created_at=utcnow(),
+                envelope_id=env.id,
+            ),
+            env.id,
+        ),
+        (
+            Turn(
+                id="turn_env_crashed_reply",
+                conversation_id=conv["id"],
+                seq=0,
+                role="assistant",
+                content="I've asked a colleague to approve this.",
+                author=Author(kind="agent"),
+                created_at=utcnow(),
+                envelope_id=env.id,
+                tool_calls=(
+                    ToolCall(
+                        name="issue_refund",
+                        arguments={"order_id": "12345"},
+                        decision="require_approval",
+                    ),
+                ),
+            ),
+            f"{env.id}:reply",
+        ),
+    ):
+        await store.append_turn(turn, allowed=("active",), dedupe_key=key, dedupe_ttl=60)
+    await publish(stack, env)  # the redelivery
+
+    async def awaiting() -> bool:
+        return (await store.get_conversation(conv["id"])).status == "awaiting_approval"
+
+    await eventually(awaiting, what="the approval to be created on redelivery")
+    pending = (await stack.api.get("/v1/approvals", params={"status": "pending"})).json()["items"]
+    assert [a["payload"] for a in pending if a["conversation_id"] == conv["id"]] == [
+        {"tool": "issue_refund", "arguments": {"order_id": "12345"}}
+    ]
+    assert len(await store.turns_after(conv["id"], 0, 10)) == 2  # nothing appended twice
