@@ -7,11 +7,14 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import uvicorn
-from litestar import Litestar, MediaType, Response, get
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
+from shared.errors import SwitchboardError
 from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.http")
@@ -90,3 +93,31 @@ class HttpServer:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def provider_webhook_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The error answer of a provider's webhook (Twilio): 4xx with a reason for a request we
+    refuse; 503 for our own failure, because nothing was acknowledged and the provider retries."""
+    if isinstance(exc, SwitchboardError):
+        status, code, message, details = exc.status, exc.code, exc.message, exc.details
+    elif isinstance(exc, HTTPException):
+        status = 422 if exc.status_code == 400 else exc.status_code
+        code, message, details = "invalid_request", exc.detail, {}
+    else:
+        log.exception("webhook failed", extra={"path": request.url.path})
+        status, code, message, details = 503, "unavailable", "try again", {}
+    if status == 403:
+        log.warning("rejected webhook: %s", message, extra={"path": request.url.path})
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return Response(body, status_code=status, media_type=MediaType.JSON)
+
+
+async def serve_until(app: Litestar, host: str, port: int, stop: asyncio.Event, name: str) -> None:
+    """Run an HTTP service until `stop` is set, then shut it down gracefully."""
+    server = HttpServer(app, host, port)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("%s stopping", name)
+        await server.stop()

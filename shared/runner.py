@@ -7,7 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from shared.settings import CommonSettings, S, load_settings
+from shared.settings import S, load_settings
 from shared.telemetry import configure_logging
 
 log = logging.getLogger("switchboard")
@@ -33,6 +33,3 @@ def run_service(
         uvloop.run(main())
     except ImportError:  # pragma: no cover - uvloop is a pinned dependency
         asyncio.run(main())
-
-
-__all__ = ["CommonSettings", "run_service"]

@@ -372,15 +372,13 @@ class Store:
         raw = await self.redis.hgetall(self._approval(aid))
         if not raw:
             raise NotFound(f"approval {aid} not found", details={"approval_id": aid})
-        approval = msgspec.json.decode(raw[b"doc"], type=Approval)
-        resolved = raw.get(b"resolved_at")
-        return msgspec.structs.replace(
-            approval,
-            status=_text(raw[b"status"]),
-            reviewer=_text(raw[b"reviewer"]) if raw.get(b"reviewer") else None,
-            note=_text(raw[b"note"]) if raw.get(b"note") else None,
-            resolved_at=datetime.fromisoformat(_text(resolved)) if resolved else None,
-        )
+        return _approval_from_hash(raw)
+
+    async def get_approvals(self, ids: Sequence[str]) -> list[Approval]:
+        pipe = self.redis.pipeline(transaction=False)
+        for aid in ids:
+            pipe.hgetall(self._approval(aid))
+        return [_approval_from_hash(raw) for raw in await pipe.execute() if raw]
 
     async def resolve_approval(
         self, aid: str, status: str, reviewer: str, note: str | None
@@ -430,8 +428,7 @@ class Store:
             )
             if not ids:
                 break
-            for aid in ids:
-                approval = await self.get_approval(_text(aid))
+            for approval in await self.get_approvals([_text(aid) for aid in ids]):
                 if status is None or approval.status == status:
                     found.append(approval)
             upper = b"(" + _text(ids[-1]).encode()
@@ -706,3 +703,15 @@ def _conversation_from_hash(raw: dict[Any, Any]) -> Conversation:
         if field in raw:
             doc[field.decode()] = raw[field].decode()
     return msgspec.convert(doc, Conversation, strict=False)
+
+
+def _approval_from_hash(raw: dict[Any, Any]) -> Approval:
+    approval = msgspec.json.decode(raw[b"doc"], type=Approval)
+    resolved = raw.get(b"resolved_at")
+    return msgspec.structs.replace(
+        approval,
+        status=_text(raw[b"status"]),
+        reviewer=_text(raw[b"reviewer"]) if raw.get(b"reviewer") else None,
+        note=_text(raw[b"note"]) if raw.get(b"note") else None,
+        resolved_at=datetime.fromisoformat(_text(resolved)) if resolved else None,
+    )

@@ -23,7 +23,7 @@ from services.api.routes.platform import SimulationController, WebhookController
 from services.api.schemas import ErrorBody, ErrorResponse
 from shared.bus import Bus
 from shared.errors import SwitchboardError
-from shared.http import HttpServer, probe_handlers
+from shared.http import probe_handlers, serve_until
 from shared.settings import ApiSettings
 from shared.store import Store
 from shared.subjects import Subjects
@@ -151,10 +151,4 @@ def create_app(settings: ApiSettings) -> Litestar:
 
 
 async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
-    server = HttpServer(create_app(settings), settings.host, settings.api_port)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("api stopping")
-        await server.stop()
+    await serve_until(create_app(settings), settings.host, settings.api_port, stop, "api")

@@ -189,6 +189,3 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
 class ErrorResponse(msgspec.Struct, kw_only=True):
     error: ErrorBody
-
-
-__all__ = ["SessionType"]

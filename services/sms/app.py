@@ -13,16 +13,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from litestar import Litestar, MediaType, Request, Response, post
+from litestar import Litestar, Request, Response, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
 from twilio.twiml.messaging_response import MessagingResponse
 
 from services.sms.messages import envelope_from_form
 from shared.bus import Bus
 from shared.envelopes import ChannelKeyword, Event
-from shared.errors import SwitchboardError
-from shared.http import HttpServer, probe_handlers
+from shared.errors import InvalidRequest
+from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import redact
 from shared.models import DELIVERY_RANK, utcnow
 from shared.settings import SmsSettings
@@ -100,7 +99,7 @@ def create_app(settings: SmsSettings) -> Litestar:
         form = await signed_form(request, settings)
         sid, state = form.get("MessageSid", ""), form.get("MessageStatus", "")
         if not sid or state not in DELIVERY_RANK:
-            raise SwitchboardError("MessageSid and a known MessageStatus are required")
+            raise InvalidRequest("MessageSid and a known MessageStatus are required")
         error_code = form.get("ErrorCode") or None
         delivery = await store.delivery_by_provider_id(sid)
         event = Event(
@@ -130,27 +129,10 @@ def create_app(settings: SmsSettings) -> Litestar:
             )
         return Response(str(MessagingResponse()), media_type=TWIML)
 
-    def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-        if isinstance(exc, SwitchboardError):
-            status, code, message, details = exc.status, exc.code, exc.message, exc.details
-            if exc.status == 500:  # our base class here means "the request was unusable"
-                status, code = 422, "invalid_request"
-        elif isinstance(exc, HTTPException):
-            status, code, message, details = exc.status_code, "bad_request", exc.detail, {}
-            status = 422 if status == 400 else status
-        else:
-            log.exception("sms webhook failed")
-            # 503 so Twilio retries: nothing was acknowledged, so nothing is lost.
-            status, code, message, details = 503, "unavailable", "try again", {}
-        if status == 403:
-            log.warning("rejected webhook: %s", message, extra={"path": request.url.path})
-        body = {"error": {"code": code, "message": message, "details": details}}
-        return Response(body, status_code=status, media_type=MediaType.JSON)
-
     return Litestar(
         route_handlers=[inbound, status, *probe_handlers(ready, metrics)],
         lifespan=[lifespan],
-        exception_handlers={Exception: on_error},
+        exception_handlers={Exception: provider_webhook_error},
         state=State({"bus": bus, "store": store}),
         request_max_body_size=MAX_BODY,
         openapi_config=None,
@@ -159,10 +141,4 @@ def create_app(settings: SmsSettings) -> Litestar:
 
 
 async def run(settings: SmsSettings, stop: asyncio.Event) -> None:
-    server = HttpServer(create_app(settings), settings.host, settings.sms_port)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("sms stopping")
-        await server.stop()
+    await serve_until(create_app(settings), settings.host, settings.sms_port, stop, "sms")

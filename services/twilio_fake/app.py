@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -12,7 +12,6 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import phonenumbers
 from litestar import Litestar, Request, Response, get, post, route
 
@@ -50,7 +49,6 @@ class FakeTwilio:
     accounts: dict[str, str]  # AccountSid -> AuthToken
     requests: list[Sent] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def app(self) -> Litestar:
         fake = self
@@ -61,11 +59,7 @@ class FakeTwilio:
 
         @get("/_fake/requests")
         async def sent(path_contains: str = "") -> list[dict[str, Any]]:
-            return [
-                msgspec.structs.asdict(_Out(**s.__dict__))
-                for s in fake.requests
-                if path_contains in s.path
-            ]
+            return [dataclasses.asdict(s) for s in fake.requests if path_contains in s.path]
 
         @post("/_fake/faults", status_code=204)
         async def add_fault(data: dict[str, int]) -> None:
@@ -104,8 +98,6 @@ class FakeTwilio:
             }
             status = exc.status
         self.requests.append(Sent(request.method, path, flat, status, body))
-        async with self.changed:
-            self.changed.notify_all()
         return Response(body, status_code=status)
 
     def answer(
@@ -182,14 +174,6 @@ class FakeTwilio:
             "num_segments": str(max(1, -(-len(body) // 153))),
             "messaging_service_sid": form.get("MessagingServiceSid", [None])[-1],
         }
-
-
-class _Out(msgspec.Struct):
-    method: str
-    path: str
-    form: dict[str, str]
-    status: int
-    response: dict[str, Any]
 
 
 def find_spec(explicit: str | None = None) -> Path | None:

@@ -16,15 +16,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from litestar import Litestar, MediaType, Request, Response, post
-from litestar.exceptions import HTTPException
+from litestar import Litestar, Request, Response, post
 from nats.aio.msg import Msg
 
 from services.voice.twiml import Speech
 from shared.bus import Bus
 from shared.envelopes import CallEnded, CallStarted, InboundMessage, ThreadHints, TurnReply
-from shared.errors import SwitchboardError
-from shared.http import HttpServer, probe_handlers
+from shared.errors import InvalidRequest
+from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import make_identifier, normalize_phone
 from shared.models import Turn, utcnow
 from shared.settings import VoiceSettings
@@ -76,7 +75,7 @@ def create_app(settings: VoiceSettings) -> Litestar:
             url += "?" + request.url.query
         check_signature(settings, url, params, request.headers.get("x-twilio-signature"))
         if not params.get("CallSid"):
-            raise SwitchboardError("CallSid is required")
+            raise InvalidRequest("CallSid is required")
         return params
 
     def twiml(body: str) -> Response[str]:
@@ -191,29 +190,10 @@ def create_app(settings: VoiceSettings) -> Litestar:
             )
         return twiml("<Response/>")
 
-    def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-        if isinstance(exc, SwitchboardError):
-            status_code = 422 if exc.status == 500 else exc.status
-            body = {
-                "error": {
-                    "code": exc.code if exc.status != 500 else "invalid_request",
-                    "message": exc.message,
-                    "details": exc.details,
-                }
-            }
-        elif isinstance(exc, HTTPException):
-            status_code = 422 if exc.status_code == 400 else exc.status_code
-            body = {"error": {"code": "bad_request", "message": exc.detail, "details": {}}}
-        else:
-            log.exception("voice webhook failed")
-            status_code = 503
-            body = {"error": {"code": "unavailable", "message": "try again", "details": {}}}
-        return Response(body, status_code=status_code, media_type=MediaType.JSON)
-
     return Litestar(
         route_handlers=[call_started, gathered, poll, status, *probe_handlers(ready, metrics)],
         lifespan=[lifespan],
-        exception_handlers={Exception: on_error},
+        exception_handlers={Exception: provider_webhook_error},
         request_max_body_size=64 * 1024,
         openapi_config=None,
         logging_config=None,
@@ -221,10 +201,4 @@ def create_app(settings: VoiceSettings) -> Litestar:
 
 
 async def run(settings: VoiceSettings, stop: asyncio.Event) -> None:
-    server = HttpServer(create_app(settings), settings.host, settings.voice_port)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("voice stopping")
-        await server.stop()
+    await serve_until(create_app(settings), settings.host, settings.voice_port, stop, "voice")

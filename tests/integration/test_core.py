@@ -7,7 +7,6 @@ import msgspec
 from shared.envelopes import (
     DeadLetter,
     Event,
-    Identifier,
     InboundMessage,
     OutboundEnvelope,
 )
@@ -183,9 +182,6 @@ async def test_events_record_what_happened(stack: Stack) -> None:
 async def _at_least(items_coro, n: int):  # type: ignore[no-untyped-def]
     items = await items_coro
     return items if len(items) >= n else None
-
-
-__all__ = ["Identifier"]
 
 
 async def test_a_redelivery_finishes_an_approval_a_crash_left_half_done(stack: Stack) -> None:

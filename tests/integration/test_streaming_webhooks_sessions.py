@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -276,6 +275,3 @@ async def test_a_simulation_can_target_an_inactive_revision(stack: Stack) -> Non
 
 async def test_simulations_need_turns(stack: Stack) -> None:
     assert (await stack.api.post("/v1/simulations", json={"user_turns": []})).status_code == 422
-
-
-__all__ = ["asyncio"]

@@ -22,7 +22,7 @@ from services.api.schemas import (
     TurnResult,
 )
 from shared.envelopes import CloseConversation, Event, OpenConversation, StreamDelta, TurnReply
-from shared.errors import InvalidRequest, NotFound, SwitchboardError, error_from_code
+from shared.errors import InvalidRequest, SwitchboardError, error_from_code
 from shared.identity import kind_for_channel, make_identifier
 from shared.models import Conversation, Turn
 
@@ -217,9 +217,6 @@ class ConversationController(Controller):
         turns = await gateway.store.turns_after(conv.id, after, limit)
         more = bool(turns) and turns[-1].seq < conv.last_seq
         return ItemList(items=turns, next_cursor=str(turns[-1].seq) if more else None)
-
-
-__all__ = ["ConversationController", "NotFound"]
 
 
 def _turn_body(reply: TurnReply, include_evidence: bool) -> tuple[TurnResult | QueuedTurn, int]:
