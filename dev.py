@@ -3,6 +3,7 @@
 
     python3 dev.py up [--external]   create .venv, install the pinned stack, run the gateway
     python3 dev.py test [pytest args] create .venv, install test tools, run lint, types and tests
+    python3 dev.py bench [--quick]   create .venv, run the benchmark (see bench/README.md)
 
 The virtual environment is reinstalled only when a lock file or pyproject.toml changes.
 """
@@ -64,6 +65,8 @@ def main() -> int:
         if command == "test":
             return test(args)
         ensure_venv("requirements.lock")
+        if command == "bench":
+            return subprocess.run([str(BIN / "python"), "-m", "bench", *args], cwd=ROOT).returncode
     except subprocess.CalledProcessError as exc:
         return exc.returncode or 1
     os.execv(BIN / "switchboard", [str(BIN / "switchboard"), command, *args])

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -34,7 +35,8 @@ class Sent:
     form: dict[str, str]
     status: int
     response: dict[str, Any]
-
+    # Wall-clock arrival (Unix seconds): lets a benchmark measure turn-to-egress latency.
+    at: float = field(default_factory=time.time)
 
 @dataclass
 class Fault:
