@@ -141,6 +141,21 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     data: dict[str, Any] = {}
 
 
+def turn_created_event(turn: Turn, session_type: SessionType) -> Event:
+    """The `turn.created` event of a turn. Built from the turn alone, so the event published when
+    the turn is appended and the one the audit log shows later are the same."""
+    author = turn.author
+    return Event(
+        id=f"evt_turn.created_{turn.id}",
+        type="turn.created",
+        occurred_at=turn.created_at,
+        conversation_id=turn.conversation_id,
+        session_type=session_type,
+        actor=author.id if author.kind == "operator" and author.id else author.kind,
+        data={"seq": turn.seq, "role": turn.role, "turn_id": turn.id, "author": author.kind},
+    )
+
+
 class TurnReply(msgspec.Struct, frozen=True, kw_only=True):
     """What core publishes on `gw.reply.<conversation_id>` once an inbound message is applied."""
 

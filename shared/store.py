@@ -11,25 +11,31 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import redis.asyncio as redis
 
-from shared.envelopes import Event
+from shared.envelopes import Event, turn_created_event
 from shared.errors import Conflict, ConversationClosed, IllegalTransition, NotFound
 from shared.ids import new_id
 from shared.models import (
     Agent,
     ApiKey,
     Approval,
+    Author,
+    Channel,
     Conversation,
     Delivery,
     EndUser,
+    Evidence,
     IdentifierKind,
     Identity,
     Revision,
+    Role,
+    SessionType,
     Status,
+    ToolCall,
     Turn,
     WebhookDelivery,
     WebhookSubscription,
@@ -39,36 +45,68 @@ from shared.models import (
 T = TypeVar("T")
 
 _enc = msgspec.json.Encoder()
-_turn_dec = msgspec.json.Decoder(Turn)
 _conv_doc_dec = msgspec.json.Decoder(dict[str, Any])
 _event_dec = msgspec.json.Decoder(Event)
 
-# Turns are encoded with this placeholder seq; the append script splices in the real one, so a
-# seq is assigned and the turn written in one atomic step. msgspec writes fields in declaration
-# order and ids never contain quotes, so the first occurrence is always the seq field.
-SEQ_PLACEHOLDER = '"seq":-1,'
 
-# KEYS: conv, turns, dedupe (or a dummy), pending
-# ARGV: turn json (placeholder seq), allowed statuses ("a,b"), updated_at, dedupe ttl (0 = none),
+# A turn is stored as a positional JSON array without what its place already says (conversation
+# id: the key; seq: the list index), trailing defaults omitted: about half the bytes of the API form.
+class _StoredTurn(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    id: str
+    role: Role
+    content: str
+    author: Author
+    created_at: datetime
+    tool_calls: tuple[ToolCall, ...] = ()
+    evidence: tuple[Evidence, ...] = ()
+    envelope_id: str | None = None
+    channel: Channel | None = None
+    answered: bool = True
+
+
+_stored_turn_dec = msgspec.json.Decoder(_StoredTurn)
+
+
+def _store_turn(turn: Turn) -> bytes:
+    fields = msgspec.structs.asdict(turn)
+    del fields["conversation_id"], fields["seq"]
+    return _enc.encode(_StoredTurn(**fields))
+
+
+def _load_turn(cid: str, seq: int, raw: bytes | str) -> Turn:
+    return Turn(
+        conversation_id=cid, seq=seq, **msgspec.structs.asdict(_stored_turn_dec.decode(raw))
+    )
+
+
+# The turn log is a list: turn `seq` is at index seq - 1, so a page of history is one LRANGE and
+# appending never rewrites what is there. The event log gets a marker (`t<seq>`) for the turn's
+# `turn.created` event in the same step: the turn itself is the event's data, stored once.
+# KEYS: conv, turn log, dedupe hash, pending, event order
+# ARGV: stored turn, allowed statuses ("a,b"), updated_at, dedupe key ('' = none), dedupe ttl,
 #       queue when not active ("1"/"0")
 _APPEND_TURN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
-if ARGV[4] ~= '0' then
-  local seen = redis.call('GET', KEYS[3])
+if ARGV[4] ~= '' then
+  local seen = redis.call('HGET', KEYS[3], ARGV[4])
   if seen then return {tonumber(seen), redis.call('HGET', KEYS[1], 'status'), 'dup'} end
 end
 local status = redis.call('HGET', KEYS[1], 'status')
 local allowed = false
 for s in string.gmatch(ARGV[2], '[^,]+') do if s == status then allowed = true end end
 if not allowed then return {-2, status} end
-local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
-local body = ARGV[1]
-local at = string.find(body, '"seq":-1,', 1, true)
-body = string.sub(body, 1, at - 1) .. '"seq":' .. seq .. ',' .. string.sub(body, at + 9)
-redis.call('HSET', KEYS[2], seq, body)
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
-if ARGV[4] ~= '0' then redis.call('SET', KEYS[3], seq, 'EX', tonumber(ARGV[4])) end
-if ARGV[5] == '1' and status ~= 'active' then redis.call('RPUSH', KEYS[4], seq) end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') + 1
+if redis.call('LLEN', KEYS[2]) ~= seq - 1 then
+  return redis.error_reply('turn log of ' .. KEYS[1] .. ' is out of step with last_seq')
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'last_seq', seq, 'updated_at', ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[4], seq)
+  if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5])) end
+end
+redis.call('RPUSH', KEYS[5], 't' .. seq)
+if ARGV[6] == '1' and status ~= 'active' then redis.call('RPUSH', KEYS[4], seq) end
 return {seq, status}
 """
 
@@ -157,13 +195,19 @@ class Store:
         return f"{self.ns}conv:{{{cid}}}"
 
     def _turns(self, cid: str) -> str:
-        return f"{self.ns}turns:{{{cid}}}"
+        return f"{self.ns}turn-log:{{{cid}}}"
+
+    def _events(self, cid: str) -> str:
+        return f"{self.ns}events:{{{cid}}}"
+
+    def _event_order(self, cid: str) -> str:
+        return f"{self.ns}event-order:{{{cid}}}"
 
     def _pending(self, cid: str) -> str:
         return f"{self.ns}pending:{{{cid}}}"
 
-    def _seen(self, cid: str, envelope_id: str) -> str:
-        return f"{self.ns}seen:{{{cid}}}:{envelope_id}"
+    def _seen(self, cid: str) -> str:
+        return f"{self.ns}seen:{{{cid}}}"
 
     def _open(self, end_user_id: str, channel: str, address: str) -> str:
         return f"{self.ns}open:{{{end_user_id}}}:{channel}:{address}"
@@ -267,15 +311,20 @@ class Store:
         Raises NotFound, or ConversationClosed / IllegalTransition when the status forbids it.
         """
         cid = turn.conversation_id
-        body = _enc.encode(msgspec.structs.replace(turn, seq=-1))
-        dedupe = self._seen(cid, dedupe_key) if dedupe_key else self._seen(cid, "-")
         result = await self._append(
-            keys=[self._conv(cid), self._turns(cid), dedupe, self._pending(cid)],
+            keys=[
+                self._conv(cid),
+                self._turns(cid),
+                self._seen(cid),
+                self._pending(cid),
+                self._event_order(cid),
+            ],
             args=[
-                body,
+                _store_turn(turn),
                 ",".join(allowed),
                 utcnow().isoformat(),
-                dedupe_ttl if dedupe_key else 0,
+                dedupe_key or "",
+                dedupe_ttl,
                 "1" if queue_if_inactive else "0",
             ],
         )
@@ -289,22 +338,18 @@ class Store:
         return Appended(seq=seq, status=status, duplicate=len(result) > 2)  # type: ignore[arg-type]
 
     async def get_turn(self, cid: str, seq: int) -> Turn | None:
-        raw = await self.redis.hget(self._turns(cid), str(seq))
-        return _turn_dec.decode(raw) if raw else None
+        raw = await self.redis.lindex(self._turns(cid), seq - 1) if seq > 0 else None
+        return _load_turn(cid, seq, raw) if raw else None
 
     async def turns_after(self, cid: str, after_seq: int, limit: int) -> list[Turn]:
-        """Turns with seq > after_seq, in order: one HMGET, however long the history is."""
-        last = int(await self.redis.hget(self._conv(cid), "last_seq") or 0)
-        upto = min(last, after_seq + limit)
-        if upto <= after_seq:
+        """Turns with seq > after_seq, in order: one LRANGE, however long the history is."""
+        if limit <= 0:
             return []
-        raws = await self.redis.hmget(
-            self._turns(cid), [str(s) for s in range(after_seq + 1, upto + 1)]
-        )
-        return [_turn_dec.decode(r) for r in raws if r is not None]
+        raws = await self.redis.lrange(self._turns(cid), after_seq, after_seq + limit - 1)
+        return [_load_turn(cid, after_seq + i + 1, raw) for i, raw in enumerate(raws)]
 
     async def seen_seq(self, cid: str, dedupe_key: str) -> int | None:
-        raw = await self.redis.get(self._seen(cid, dedupe_key))
+        raw = await self.redis.hget(self._seen(cid), dedupe_key)
         return int(raw) if raw is not None else None
 
     async def pending_seqs(self, cid: str) -> list[int]:
@@ -327,19 +372,42 @@ class Store:
     # Audit events and usage ----------------------------------------------------------------------
 
     async def record_event(self, cid: str, event: Event) -> bool:
-        """Keep the event in the conversation's audit log once, however often it is emitted."""
+        """Keep the event in the conversation's audit log once, however often it is emitted.
+        (`turn.created` is not recorded here: appending the turn logged it.)"""
         created = await self._record_event(
-            keys=[f"{self.ns}events:{{{cid}}}", f"{self.ns}event-order:{{{cid}}}"],
+            keys=[self._events(cid), self._event_order(cid)],
             args=[event.id, _enc.encode(event)],
         )
         return bool(created)
 
     async def list_events(self, cid: str, offset: int, limit: int) -> list[Event]:
-        ids = await self.redis.lrange(f"{self.ns}event-order:{{{cid}}}", offset, offset + limit - 1)
-        if not ids:
+        entries = [
+            _text(e)
+            for e in await self.redis.lrange(self._event_order(cid), offset, offset + limit - 1)
+        ]
+        if not entries:
             return []
-        raws = await self.redis.hmget(f"{self.ns}events:{{{cid}}}", ids)
-        return [_event_dec.decode(r) for r in raws if r]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self._conv(cid), "doc")
+        for entry in entries:
+            if entry.startswith("t"):
+                pipe.lindex(self._turns(cid), int(entry[1:]) - 1)
+            else:
+                pipe.hget(self._events(cid), entry)
+        doc, *raws = await pipe.execute()
+        session_type = cast(
+            SessionType, _conv_doc_dec.decode(doc)["session_type"] if doc else "live"
+        )
+        events = []
+        for entry, raw in zip(entries, raws, strict=True):
+            if raw is None:
+                continue
+            if entry.startswith("t"):
+                turn = _load_turn(cid, int(entry[1:]), raw)
+                events.append(turn_created_event(turn, session_type))
+            else:
+                events.append(_event_dec.decode(raw))
+        return events
 
     async def count_usage(self, channel: str, *, conversations: int = 0, turns: int = 0) -> None:
         pipe = self.redis.pipeline(transaction=False)

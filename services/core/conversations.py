@@ -33,6 +33,7 @@ from shared.envelopes import (
     StreamDelta,
     ThreadHints,
     TurnReply,
+    turn_created_event,
 )
 from shared.errors import ConversationClosed, InvalidRequest, NotFound, SwitchboardError
 from shared.ids import new_id
@@ -153,6 +154,7 @@ class Conversations:
             created_at=utcnow(),
         )
         appended = await self.store.append_turn(note, allowed=("waiting_for_human",))
+        await self._record_turn(conv, msgspec.structs.replace(note, seq=appended.seq))
         await self.emit("handoff.started", conv, actor, {"reason": reason, "seq": appended.seq})
 
     # Inbound ------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ class Conversations:
             return
         user_turn = msgspec.structs.replace(user_turn, seq=appended.seq)
         if not appended.duplicate:
-            await self._record_turn(conv, user_turn, "end_user")
+            await self._record_turn(conv, user_turn)
             if "full_text" in env.metadata:  # email: the turn is the new text; keep the whole
                 await self.store.put_original(conv.id, appended.seq, str(env.metadata["full_text"]))
         status = appended.status
@@ -442,7 +444,7 @@ class Conversations:
         )
         answer = msgspec.structs.replace(answer, seq=appended.seq)
         if not appended.duplicate:
-            await self._record_turn(conv, answer, "agent")
+            await self._record_turn(conv, answer)
         # The ownership re-check: the append saw the status atomically. A reply produced while a
         # handoff or an approval began is kept in the transcript but never sent.
         deliver = appended.status == "active"
@@ -536,7 +538,7 @@ class Conversations:
         )
         turn = msgspec.structs.replace(turn, seq=appended.seq)
         if not appended.duplicate:
-            await self._record_turn(conv, turn, author.id or author.kind)
+            await self._record_turn(conv, turn)
         await self.publish_outbound(conv, turn, thread=None)
         return turn
 
@@ -600,22 +602,13 @@ class Conversations:
             msg_id=outbound.id,
         )
 
-    async def _record_turn(self, conv: Conversation, turn: Turn, actor: str) -> None:
+    async def _record_turn(self, conv: Conversation, turn: Turn) -> None:
+        """Publish the turn's `turn.created` event (the append already put it in the audit log)."""
+        event = turn_created_event(turn, conv.session_type)
         work: list[Awaitable[Any]] = [
-            self.emit(
-                "turn.created",
-                conv,
-                actor,
-                {
-                    "seq": turn.seq,
-                    "role": turn.role,
-                    "turn_id": turn.id,
-                    "author": turn.author.kind,
-                },
-                key=turn.id,
-            )
+            self.bus.publish(self.subjects.event(event.type), _enc.encode(event), msg_id=event.id)
         ]
-        if conv.session_type == "live":
+        if conv.session_type == "live" and turn.role != "system":
             work.append(self.store.count_usage(conv.channel, turns=1))
         await asyncio.gather(*work)
 

@@ -38,6 +38,7 @@ class Sent:
     # Wall-clock arrival (Unix seconds): lets a benchmark measure turn-to-egress latency.
     at: float = field(default_factory=time.time)
 
+
 @dataclass
 class Fault:
     status: int

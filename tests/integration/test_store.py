@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from services.core.lifecycle import ACCEPTS_USER_TURNS, transition
+from shared.envelopes import Event, turn_created_event
 from shared.errors import ConversationClosed, IllegalTransition, NotFound
-from shared.models import Author, Conversation, Turn, utcnow
+from shared.models import Author, Conversation, Evidence, ToolCall, Turn, utcnow
 from shared.store import Store
 from tests.conftest import Servers
 
@@ -83,6 +85,56 @@ async def test_user_content_that_looks_like_a_seq_field_is_kept_verbatim(store: 
     assert stored.seq == 1
 
 
+async def test_a_turn_with_every_field_set_round_trips(store: Store) -> None:
+    conv = await new_conversation(store)
+    full = Turn(
+        id="turn_full",
+        conversation_id=conv.id,
+        seq=0,
+        role="assistant",
+        content="Refund of $12.50 requested.",
+        author=Author(kind="agent", id="agent_acme_support"),
+        created_at=utcnow(),
+        tool_calls=(
+            ToolCall(name="issue_refund", arguments={"order_id": "12345"}, decision="allow"),
+        ),
+        evidence=(Evidence(chunk_id="kb#1", kb_id="kb", score=1.5, text="14 days"),),
+        envelope_id="env_1",
+        channel="sms",
+        answered=False,
+    )
+    appended = await store.append_turn(full, allowed=ACCEPTS_USER_TURNS)
+    assert await store.get_turn(conv.id, appended.seq) == msgspec.structs.replace(full, seq=1)
+    assert await store.get_turn(conv.id, 2) is None
+
+
+async def test_history_pages_by_seq(store: Store) -> None:
+    conv = await new_conversation(store)
+    for i in range(6):
+        await store.append_turn(turn(conv.id, f"m{i}", f"t{i}"), allowed=ACCEPTS_USER_TURNS)
+    assert [t.seq for t in await store.turns_after(conv.id, 3, 2)] == [4, 5]
+    assert [t.content for t in await store.turns_after(conv.id, 4, 100)] == ["m4", "m5"]
+    assert await store.turns_after(conv.id, 6, 10) == []
+
+
+async def test_the_event_log_shows_each_turn_once_in_order_with_other_events(store: Store) -> None:
+    conv = await new_conversation(store)
+    first = await store.append_turn(turn(conv.id, "hi", "t1"), allowed=ACCEPTS_USER_TURNS)
+    handoff = Event(
+        id="evt_x", type="handoff.started", occurred_at=utcnow(), conversation_id=conv.id
+    )
+    assert await store.record_event(conv.id, handoff)
+    assert not await store.record_event(conv.id, handoff)  # re-emitted: kept once
+    await store.append_turn(turn(conv.id, "again", "t2"), allowed=ACCEPTS_USER_TURNS)
+    events = await store.list_events(conv.id, 0, 10)
+    assert [e.type for e in events] == ["turn.created", "handoff.started", "turn.created"]
+    stored = await store.get_turn(conv.id, first.seq)
+    assert stored is not None
+    assert events[0] == turn_created_event(stored, "live")
+    assert events[1] == handoff
+    assert [e.id for e in await store.list_events(conv.id, 2, 10)] == ["evt_turn.created_t2"]
+
+
 async def test_the_same_dedupe_key_appends_once(store: Store) -> None:
     conv = await new_conversation(store)
     first = await store.append_turn(
@@ -150,7 +202,7 @@ async def test_keys_are_hash_tagged_by_conversation(store: Store) -> None:
         turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, dedupe_key="e", dedupe_ttl=60
     )
     keys = [k.decode() for k in await store.redis.keys(f"{store.ns}*{{conv_tagged}}*")]
-    assert len(keys) == 3  # conversation, turns, dedupe key: one cluster slot
+    assert len(keys) == 4  # conversation, turn log, dedupe hash, event log: one cluster slot
 
 
 async def test_conversation_list_pages_newest_first_with_filters(store: Store) -> None:
