@@ -107,7 +107,7 @@ if ARGV[4] ~= '' then
 end
 redis.call('RPUSH', KEYS[5], 't' .. seq)
 if ARGV[6] == '1' and status ~= 'active' then redis.call('RPUSH', KEYS[4], seq) end
-return {seq, status}
+return {seq, status, '', redis.call('LLEN', KEYS[4])}
 """
 
 # KEYS: conv. ARGV: new status, legal from-statuses ("a,b"), updated_at, closed reason
@@ -152,6 +152,8 @@ class Appended:
     seq: int
     status: Status
     duplicate: bool = False
+    # User messages queued for the agent after this append (they wait while it is not active).
+    pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -335,7 +337,12 @@ class Store:
         if seq == -2:
             error = ConversationClosed if status == "closed" else IllegalTransition
             raise error(f"conversation is {status}", details={"status": status})
-        return Appended(seq=seq, status=status, duplicate=len(result) > 2)  # type: ignore[arg-type]
+        return Appended(
+            seq=seq,
+            status=status,  # type: ignore[arg-type]
+            duplicate=len(result) > 2 and result[2] == b"dup",
+            pending=int(result[3]) if len(result) > 3 else 0,
+        )
 
     async def get_turn(self, cid: str, seq: int) -> Turn | None:
         raw = await self.redis.lindex(self._turns(cid), seq - 1) if seq > 0 else None

@@ -316,7 +316,7 @@ class Conversations:
             if "full_text" in env.metadata:  # email: the turn is the new text; keep the whole
                 await self.store.put_original(conv.id, appended.seq, str(env.metadata["full_text"]))
         status = appended.status
-        if status == "active" and not appended.duplicate:
+        if status == "active" and not appended.duplicate and appended.pending:
             # Messages queued while a human or an approval had the conversation come first.
             status = await self.answer_pending(conv, before_seq=appended.seq)
             if status != "active":

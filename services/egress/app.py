@@ -63,6 +63,7 @@ class Egress:
             filter_subject=self.subjects.events_all,
             handler=self.webhooks.fan_out,
             max_ack_pending=256,
+            batch=64,  # unordered: under load one fetch brings many events
         )
         await self.bus.consume(
             stream=self.subjects.outbound_stream,
