@@ -57,6 +57,17 @@ class Unavailable(SwitchboardError):
     status = 503
 
 
+class RateLimited(SwitchboardError):
+    """Too many requests for a key or an end user; `retry_after` (seconds) says when to retry."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int, details: dict[str, Any] | None = None):
+        super().__init__(message, details={**(details or {}), "retry_after": retry_after})
+        self.retry_after = retry_after
+
+
 class TurnTimeout(SwitchboardError):
     """Core accepted the turn but did not answer in time; it will still be applied."""
 

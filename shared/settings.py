@@ -48,6 +48,9 @@ class ApiSettings(CommonSettings, kw_only=True, frozen=True):
     # How long a synchronous turn waits for core before answering 504.
     turn_timeout_seconds: float = 15.0
     command_timeout_seconds: float = 5.0
+    # Requests per second per API key, and turns per minute per end user (0 turns a limit off).
+    rate_limit_per_key_per_second: int = 100
+    rate_limit_turns_per_end_user_per_minute: int = 60
 
 
 class CoreSettings(CommonSettings, kw_only=True, frozen=True):
@@ -101,6 +104,8 @@ class TwilioSettings(CommonSettings, kw_only=True, frozen=True):
     # Only for local experiments; never in production. Logged loudly when on.
     twilio_skip_signature: bool = False
     sms_port: int = 8081
+    # Inbound texts per minute from one number; past it Twilio gets 429 and the text is dropped.
+    rate_limit_sms_per_sender_per_minute: int = 30
     # The base URL Twilio signs webhooks with (behind a proxy it is not the URL we see).
     sms_public_url: str | None = None
     voice_port: int = 8082

@@ -31,6 +31,16 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(entry).decode()
 
 
+# Libraries that log peers' addresses, request lines or headers at INFO (aiosmtpd logs every
+# MAIL FROM / RCPT TO): kept at WARNING so no phone number or address reaches an INFO log.
+NOISY_LIBRARIES = ("nats", "uvicorn.access", "aiosmtpd", "mail.log", "httpx", "httpcore", "twilio")
+
+
+def quiet_libraries() -> None:
+    for name in NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -42,9 +52,7 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Library chatter stays at warning unless asked for.
-    for noisy in ("nats", "uvicorn.access", "aiosmtpd", "mail.log", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     logging.getLogger("switchboard").info("logging configured", extra={"service": service})
 
 

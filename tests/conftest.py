@@ -149,6 +149,13 @@ class Stack:
         await self.core.start()
 
 
+async def make_key(stack: Stack, scope: str) -> str:
+    """A new API key with one scope; returns its secret (shown only in this answer)."""
+    response = await stack.api.post("/v1/api-keys", json={"name": scope, "scopes": [scope]})
+    assert response.status_code == 201, response.text
+    return str(response.json()["key"])
+
+
 def core_settings(servers: Servers, namespace: str, **overrides: Any) -> Any:
     from shared.settings import CoreSettings
 

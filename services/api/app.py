@@ -22,7 +22,7 @@ from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
 from services.api.schemas import ErrorBody, ErrorResponse
 from shared.bus import Bus
-from shared.errors import SwitchboardError
+from shared.errors import RateLimited, SwitchboardError
 from shared.http import probe_handlers, serve_until
 from shared.settings import ApiSettings
 from shared.store import Store
@@ -34,12 +34,17 @@ MAX_BODY = 1024 * 1024
 
 
 def _error(
-    status: int, code: str, message: str, details: dict[str, object] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, object] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response[ErrorResponse]:
     return Response(
         ErrorResponse(error=ErrorBody(code=code, message=message, details=details or {})),
         status_code=status,
         media_type=MediaType.JSON,
+        headers=headers,
     )
 
 
@@ -48,7 +53,8 @@ def on_domain_error(
 ) -> Response[ErrorResponse]:
     if exc.status >= 500:
         log.error("request failed: %s", exc.code, extra={"path": request.url.path})
-    return _error(exc.status, exc.code, exc.message, exc.details)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+    return _error(exc.status, exc.code, exc.message, exc.details, headers)
 
 
 def on_validation_error(

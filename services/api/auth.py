@@ -82,3 +82,4 @@ async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -
             details={"needed": needed, "scopes": list(key.scopes)},
         )
     connection.state.api_key = key
+    await connection.app.state.gateway.limit_key(key.id)

@@ -17,6 +17,7 @@ from shared.envelopes import Command, CommandResult, InboundMessage, StreamDelta
 from shared.errors import TurnTimeout, Unavailable, error_from_code
 from shared.ids import new_id
 from shared.models import Conversation, utcnow
+from shared.ratelimit import RateLimiter
 from shared.settings import ApiSettings
 from shared.store import Store
 
@@ -40,6 +41,20 @@ class Gateway:
         self.bus = bus
         self.store = store
         self.subjects = bus.subjects
+        self.limiter = RateLimiter(store.redis, settings.namespace)
+
+    async def limit_key(self, key_id: str) -> None:
+        await self.limiter.check(
+            f"key:{key_id}", self.settings.rate_limit_per_key_per_second, 1.0, "API key"
+        )
+
+    async def limit_end_user(self, end_user_id: str) -> None:
+        await self.limiter.check(
+            f"user:{end_user_id}",
+            self.settings.rate_limit_turns_per_end_user_per_minute,
+            60.0,
+            "end user",
+        )
 
     async def run(self, verb: str, command: Command, timeout: float | None = None) -> CommandResult:
         """Ask core to do something and wait for its answer; core's errors come back as ours."""

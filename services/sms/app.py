@@ -24,6 +24,7 @@ from shared.errors import InvalidRequest
 from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import redact
 from shared.models import DELIVERY_RANK, utcnow
+from shared.ratelimit import RateLimiter
 from shared.settings import SmsSettings
 from shared.store import Store
 from shared.subjects import Subjects
@@ -58,6 +59,7 @@ def create_app(settings: SmsSettings) -> Litestar:
         metrics=metrics,
     )
     store = Store(settings.redis_url, settings.namespace)
+    limiter = RateLimiter(store.redis, settings.namespace)
 
     async def ready() -> dict[str, bool]:
         return {"nats": bus.ready, "redis": await store.ping()}
@@ -81,6 +83,10 @@ def create_app(settings: SmsSettings) -> Litestar:
         form = await signed_form(request, settings)
         env = envelope_from_form(form)
         sender = env.sender.normalized if env.sender else ""
+        if not isinstance(env, ChannelKeyword):  # STOP / START / HELP are always honoured
+            await limiter.check(
+                f"sms:{sender}", settings.rate_limit_sms_per_sender_per_minute, 60.0, "sender"
+            )
         await bus.publish(
             subjects.inbound("sms", env.routing_key),
             _enc.encode(env),

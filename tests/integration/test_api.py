@@ -7,19 +7,13 @@ import asyncio
 import httpx
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, make_key
 
 
 async def open_conversation(api: httpx.AsyncClient, **body: object) -> dict[str, object]:
     response = await api.post("/v1/conversations", json=body)
     assert response.status_code == 201, response.text
     return response.json()  # type: ignore[no-any-return]
-
-
-async def make_key(stack: Stack, scope: str) -> str:
-    response = await stack.api.post("/v1/api-keys", json={"name": scope, "scopes": [scope]})
-    assert response.status_code == 201, response.text
-    return response.json()["key"]  # type: ignore[no-any-return]
 
 
 async def test_a_conversation_with_the_demo_agent_end_to_end(stack: Stack) -> None:

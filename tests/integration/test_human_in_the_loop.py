@@ -8,7 +8,7 @@ import httpx
 import msgspec
 
 from shared.envelopes import OutboundEnvelope
-from tests.conftest import Stack, eventually
+from tests.conftest import Stack, eventually, make_key
 
 
 async def open_conversation(stack: Stack, **body: Any) -> dict[str, Any]:
@@ -42,11 +42,6 @@ async def outbound(stack: Stack, cid: str) -> list[OutboundEnvelope]:
             if env.conversation_id == cid:
                 found.append(env)
     return found
-
-
-async def make_key(stack: Stack, scope: str) -> str:
-    response = await stack.api.post("/v1/api-keys", json={"name": scope, "scopes": [scope]})
-    return response.json()["key"]  # type: ignore[no-any-return]
 
 
 async def agent_with_refund_policy(stack: Stack, **policy: Any) -> str:

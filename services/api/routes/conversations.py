@@ -251,8 +251,10 @@ def _json(value: object) -> str:
 
 
 async def _open_conversation(gateway: Gateway, conversation_id: str) -> Conversation:
-    """The conversation a turn is posted to: 404 when unknown, 409 when closed."""
+    """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when its end
+    user is over the turn limit."""
     conv = await gateway.store.get_conversation(conversation_id)
     if conv.status == "closed":
         raise error_from_code("conversation_closed", "conversation is closed", {"status": "closed"})
+    await gateway.limit_end_user(conv.end_user_id)
     return conv
