@@ -74,13 +74,16 @@ class SmsSender:
             return
         sent = list(record.provider_ids)
         parts = split_text(out.text)
-        for part in parts[len(sent) :]:
+        for index, part in enumerate(parts[len(sent) :], start=len(sent)):
             try:
                 message = await self.client.messages.create_async(
                     to=out.recipient,
                     from_=out.sender,
                     body=part,
-                    status_callback=self.status_callback,
+                    # Names the turn and part: Twilio has no idempotency key for sends, so a
+                    # crash between its 201 and our record resends, and this makes the
+                    # duplicate recognisable in Twilio's logs and in our status callbacks.
+                    status_callback=f"{self.status_callback}?turn={out.turn_id}&part={index}",
                 )
             except TwilioRestException as exc:
                 if exc.status == 429 or exc.status >= 500:

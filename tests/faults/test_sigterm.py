@@ -9,118 +9,19 @@ over SMTP and call starts, each carrying a unique tag, sent while the chosen ser
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from pathlib import Path
 
 import aiosmtplib
 import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
-from services.supervisor.embedded import free_port
 from shared.store import Store
-from tests.conftest import (
-    ADMIN_KEY,
-    TWILIO_SID,
-    TWILIO_TOKEN,
-    Servers,
-    SmtpSink,
-    eventually,
-)
-
-SERVICES = ("core", "egress", "api", "sms", "email", "voice")
-PORT_VARIABLE = {
-    "core": "CORE_HEALTH",
-    "egress": "EGRESS_HEALTH",
-    "api": "API",
-    "sms": "SMS",
-    "email": "EMAIL_HEALTH",
-    "voice": "VOICE",
-}
-OUR_NUMBER = "+15550001111"
-
-
-@dataclass
-class Fleet:
-    env: dict[str, str]
-    ports: dict[str, int]
-    logs: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, name: str) -> None:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=self.env, stdout=log, stderr=log
-        )
-
-    async def ready(self, name: str) -> None:
-        url = f"http://127.0.0.1:{self.ports[PORT_VARIABLE[name]]}/readyz"
-
-        async def check() -> bool:
-            assert self.procs[name].poll() is None, (self.logs / f"{name}.log").read_text()[-3000:]
-            try:
-                async with httpx.AsyncClient(timeout=1) as client:
-                    return (await client.get(url)).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        await eventually(check, timeout=30, what=f"{name} ready")
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[PORT_VARIABLE[name]]}"
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-async def fleet(servers: Servers, namespace: str, tmp_path: Path) -> AsyncIterator[Fleet]:
-    from services.twilio_fake.app import build, serve
-
-    fake = build({TWILIO_SID: TWILIO_TOKEN})
-    fake_server = await serve(fake, "127.0.0.1", 0)
-    relay = SmtpSink()
-    await relay.start()
-    ports = {name: free_port() for name in (*PORT_VARIABLE.values(), "SMTP")}
-    env = {
-        **os.environ,
-        "NATS_URL": servers.nats_url,
-        "REDIS_URL": servers.redis_url,
-        "SWITCHBOARD_NAMESPACE": namespace,
-        "SWITCHBOARD_PARTITIONS": "4",
-        "SWITCHBOARD_BOOTSTRAP_API_KEY": ADMIN_KEY,
-        "SWITCHBOARD_EMAIL_DOMAINS": "acme.test",
-        "SWITCHBOARD_TWILIO_ACCOUNT_SID": TWILIO_SID,
-        "SWITCHBOARD_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
-        "SWITCHBOARD_TWILIO_BASE_URL": f"http://127.0.0.1:{fake_server.port}",
-        "SWITCHBOARD_SMTP_RELAY_PORT": str(relay.port),
-        "SWITCHBOARD_LOG_FORMAT": "text",
-        **{f"SWITCHBOARD_{name}_PORT": str(port) for name, port in ports.items()},
-    }
-    fleet = Fleet(env, ports, tmp_path)
-    fleet.fake = fake  # type: ignore[attr-defined]
-    fleet.relay = relay  # type: ignore[attr-defined]
-    try:
-        fleet.start("core")
-        await fleet.ready("core")
-        for name in SERVICES[1:]:
-            fleet.start(name)
-        await asyncio.gather(*(fleet.ready(name) for name in SERVICES[1:]))
-        yield fleet
-    finally:
-        fleet.stop_all()
-        await fake_server.stop()
-        await relay.stop()
+from tests.conftest import ADMIN_KEY, TWILIO_SID, TWILIO_TOKEN, Servers, eventually
+from tests.faults.conftest import OUR_NUMBER, SERVICES, Fleet
 
 
 @dataclass
@@ -228,7 +129,7 @@ async def test_sigterm_under_load_loses_nothing(
             what="every accepted message applied once and answered",
         )
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: {fleet.problems[:10]}") from None  # type: ignore[attr-defined]
+        raise AssertionError(f"{exc}: {fleet.problems[:10]}") from None
     finally:
         await store.close()
     print(
@@ -243,7 +144,7 @@ async def _at_least(load: Load, n: int) -> bool:
 
 async def _all_applied(store: Store, fleet: Fleet, load: Load) -> bool:
     problems = await missing(store, fleet, load)
-    fleet.problems = problems  # type: ignore[attr-defined]
+    fleet.problems = problems
     return not problems
 
 
@@ -270,11 +171,7 @@ async def missing(store: Store, fleet: Fleet, load: Load) -> list[str]:
         for sid in load.accepted["voice"]
         if not await store.conversation_by_call(sid)
     ]
-    sent = [
-        r
-        for r in fleet.fake.requests  # type: ignore[attr-defined]
-        if r.path.endswith("Messages.json") and r.status == 201
-    ]
+    sent = [r for r in fleet.fake.requests if r.path.endswith("Messages.json") and r.status == 201]
     recipients = [r.form["To"] for r in sent]
     problems += [f"{n}: no SMS reply" for n in load.accepted["sms"] if n not in recipients]
     problems += [
