@@ -18,6 +18,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -28,9 +29,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
+from redis import exceptions as redis_errors
 
 from shared.envelopes import DeadLetter
+from shared.errors import Unavailable
 from shared.ids import new_id
 from shared.models import utcnow
 from shared.subjects import Subjects
@@ -87,6 +90,23 @@ def stream_configs(subjects: Subjects, replicas: int) -> list[StreamConfig]:
         config(subjects.events_stream, subjects.events_all, 30 * DAY),
         config(subjects.dead_stream, subjects.dead_all, 30 * DAY),
     ]
+
+
+# A JetStream publish that failed this way stored nothing.
+NOT_STORED = (
+    NatsTimeout,
+    NoRespondersError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    ConnectionClosedError,
+)
+# Failures of a dependency, not of the message: retried in place, never dead-lettered.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    Unavailable,
+    *NOT_STORED,
+    redis_errors.ConnectionError,  # also BusyLoadingError: Valkey replaying its AOF
+    redis_errors.TimeoutError,
+)
 
 
 class Bus:
@@ -203,7 +223,13 @@ class Bus:
         all_headers = {"Nats-Msg-Id": msg_id}
         if headers:
             all_headers.update(headers)
-        return await self.js.publish(subject, payload, timeout=timeout, headers=all_headers)
+        try:
+            return await self.js.publish(subject, payload, timeout=timeout, headers=all_headers)
+        except NOT_STORED as exc:
+            # Not stored, so not accepted: callers answer 503 / SMTP 451 and the sender retries.
+            raise Unavailable(
+                f"the message bus did not store the message ({type(exc).__name__})"
+            ) from exc
 
     async def dead_letter(
         self, source_subject: str, data: bytes, reason: str, deliveries: int
@@ -305,7 +331,7 @@ class Bus:
             subject=msg.subject, data=msg.data, headers=dict(msg.headers or {}), attempt=attempt
         )
         try:
-            await handler(delivery)
+            await self._run_through_outages(msg, handler, delivery)
         except Undeliverable as exc:
             await self._dead_letter_and_ack(msg, exc.reason, attempt)
         except Exception as exc:
@@ -324,6 +350,33 @@ class Bus:
         else:
             with contextlib.suppress(Exception):  # a lost ack means a redelivery, which dedupes
                 await msg.ack()
+
+    async def _run_through_outages(self, msg: Msg, handler: Handler, delivery: Delivery) -> None:
+        """Run the handler; while a dependency is down, hold the message and try again.
+
+        An outage of NATS or Valkey says nothing about the message, so it must not use up the
+        message's deliveries and send it to DEAD: the consumer keeps it (telling the server it is
+        still in progress) and retries until the dependency is back or the service stops. Handlers
+        are idempotent, so a retry after a half-done attempt is safe.
+        """
+        pause = 0.1
+        while True:
+            try:
+                await handler(delivery)
+                return
+            except TRANSIENT as exc:
+                if self._stopping.is_set():
+                    raise  # not acked: redelivered to whoever runs next
+                log.warning(
+                    "dependency unavailable, holding the message: %s: %s",
+                    type(exc).__name__,
+                    exc,
+                    extra={"subject": msg.subject},
+                )
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def _dead_letter_and_ack(self, msg: Msg, reason: str, attempt: int) -> None:
         await self.dead_letter(msg.subject, msg.data, reason, attempt)

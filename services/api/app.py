@@ -21,7 +21,7 @@ from services.api.routes.conversations import ConversationController
 from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
 from services.api.schemas import ErrorBody, ErrorResponse
-from shared.bus import Bus
+from shared.bus import TRANSIENT, Bus
 from shared.errors import RateLimited, SwitchboardError
 from shared.http import probe_handlers, serve_until
 from shared.settings import ApiSettings
@@ -88,6 +88,11 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
 
 
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+    if isinstance(exc, TRANSIENT):  # Valkey or NATS is down or restarting: the client may retry
+        log.warning(
+            "dependency unavailable: %s", type(exc).__name__, extra={"path": request.url.path}
+        )
+        return _error(503, "unavailable", "a dependency is unavailable; try again shortly")
     log.exception("unhandled error", extra={"path": request.url.path})
     return _error(500, "internal_error", "something went wrong on our side")
 

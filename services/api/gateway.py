@@ -132,6 +132,7 @@ class Gateway:
         sub = await self.bus.nc.subscribe(self.subjects.conversation_feed(conv.id), cb=on_message)
         deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_seconds
         try:
+            # Not stored → Unavailable (503): only a stored message may be called accepted below.
             ack = await self.bus.publish(
                 self.subjects.inbound("api", conv.partition_key), _enc.encode(env), msg_id=env.id
             )
@@ -142,18 +143,19 @@ class Gateway:
                 if earlier is not None:
                     yield earlier
                     return
-            while True:
-                remaining = deadline - asyncio.get_running_loop().time()
-                item = await asyncio.wait_for(feed.get(), max(remaining, 0.001))
-                yield item
-                if isinstance(item, TurnReply):
-                    return
-        except TimeoutError as exc:
-            raise TurnTimeout(
-                "the agent did not answer in time; the turn is accepted and will "
-                "appear in the transcript",
-                details={"envelope_id": env.id},
-            ) from exc
+            try:
+                while True:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    item = await asyncio.wait_for(feed.get(), max(remaining, 0.001))
+                    yield item
+                    if isinstance(item, TurnReply):
+                        return
+            except TimeoutError as exc:
+                raise TurnTimeout(
+                    "the agent did not answer in time; the turn is accepted and will "
+                    "appear in the transcript",
+                    details={"envelope_id": env.id},
+                ) from exc
         finally:
             await sub.unsubscribe()
 
