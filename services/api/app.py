@@ -87,6 +87,16 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     return _error(exc.status_code, code, exc.detail)
 
 
+def on_undecodable_body(
+    request: Request[Any, Any, Any], exc: RecursionError | UnicodeDecodeError
+) -> Response[ErrorResponse]:
+    # Litestar parses JSON generically before msgspec validates it, and lets these two escape:
+    # nesting thousands of levels deep, and bytes that are not UTF-8. The body's fault, not ours.
+    if isinstance(exc, RecursionError):
+        return _error(422, "invalid_request", "the body is nested too deeply")
+    return _error(422, "invalid_request", "the body is not valid UTF-8")
+
+
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
     if isinstance(exc, TRANSIENT):  # Valkey or NATS is down or restarting: the client may retry
         log.warning(
@@ -152,6 +162,8 @@ def create_app(settings: ApiSettings) -> Litestar:
             SwitchboardError: on_domain_error,
             ValidationException: on_validation_error,
             HTTPException: on_http_error,
+            RecursionError: on_undecodable_body,
+            UnicodeDecodeError: on_undecodable_body,
             Exception: on_unexpected,
         },
         openapi_config=OpenAPIConfig(title="Switchboard API", version="1.0.0", path="/schema"),

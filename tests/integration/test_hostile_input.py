@@ -1,0 +1,349 @@
+"""Hostile input at every door: generated bodies for every API operation in our own OpenAPI
+document, generated Twilio forms and raw mail, oversize and deeply nested bodies, invalid UTF-8,
+header injection. Expected every time: a 4xx (or SMTP 5xx) with a reason, never a 5xx, never a
+crash, and no partial state.
+
+Hypothesis drives a synchronous client from a worker thread, so the event loop that serves the
+stack stays free to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import smtplib
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twilio.request_validator import RequestValidator
+
+from tests.conftest import (
+    ADMIN_KEY,
+    SMS_PUBLIC_URL,
+    TWILIO_SID,
+    TWILIO_TOKEN,
+    Stack,
+    eventually,
+)
+
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,  # the same inputs on every run: a failure here reproduces
+)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+# OpenAPI → strategies ------------------------------------------------------------------------
+
+
+def schema_strategy(schema: dict[str, Any], doc: dict[str, Any], depth: int = 0) -> Any:
+    """Values that follow `schema` closely enough to reach the handlers (schemathesis-like)."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return schema_strategy(doc["components"]["schemas"][name], doc, depth + 1)
+    for key in ("oneOf", "anyOf"):
+        if key in schema:
+            return st.one_of([schema_strategy(s, doc, depth + 1) for s in schema[key]])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    if "const" in schema:
+        return st.just(schema["const"])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return st.one_of([schema_strategy({**schema, "type": k}, doc, depth) for k in kind])
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        if depth > 4:
+            return st.just({})
+        required = set(schema.get("required", []))
+        return st.fixed_dictionaries(
+            {k: schema_strategy(v, doc, depth + 1) for k, v in props.items() if k in required},
+            optional={
+                k: schema_strategy(v, doc, depth + 1) for k, v in props.items() if k not in required
+            },
+        )
+    if kind == "array":
+        items = schema.get("items", {})
+        return st.lists(schema_strategy(items, doc, depth + 1), max_size=3)
+    if kind == "string":
+        return st.text(
+            min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 30), 30)
+        )
+    if kind == "integer":
+        return st.integers(schema.get("minimum", -(2**40)), schema.get("maximum", 2**40))
+    if kind == "number":
+        return st.floats(allow_nan=False, allow_infinity=False)
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "null":
+        return st.none()
+    return json_values
+
+
+def operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (method.upper(), path, op)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if method in ("get", "post", "put", "patch", "delete")
+    ]
+
+
+def fuzz_operation(base_url: str, doc: dict[str, Any], method: str, path: str, op: dict) -> int:  # type: ignore[type-arg]
+    """Run generated requests against one operation; returns how many were sent."""
+    body_schema = (
+        op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+    )
+    bodies = st.one_of(schema_strategy(body_schema, doc), json_values) if body_schema else st.none()
+    params = [p for p in op.get("parameters", []) if p.get("in") in ("path", "query")]
+    param_values = st.fixed_dictionaries(
+        {p["name"]: schema_strategy(p.get("schema", {}), doc) for p in params}
+    )
+    sent = 0
+
+    @settings(FUZZ, max_examples=25)
+    @given(body=bodies, values=param_values)
+    def check(body: Any, values: dict[str, Any]) -> None:
+        nonlocal sent
+        url = path
+        query = {}
+        for p in params:
+            value = values[p["name"]]
+            text = value if isinstance(value, str) else json.dumps(value)
+            if p["in"] == "path":
+                url = url.replace("{" + p["name"] + "}", quote(text or "x", safe=""))
+            else:
+                query[p["name"]] = text
+        response = client.request(method, url, params=query, json=body if body_schema else None)
+        sent += 1
+        assert response.status_code < 500, (method, url, body, response.text)
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert error["code"], response.text
+            assert error["message"], response.text
+
+    with httpx.Client(base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20) as client:
+        check()
+    return sent
+
+
+async def test_every_operation_in_our_openapi_document_survives_generated_requests(
+    stack: Stack,
+) -> None:
+    doc = (await stack.api.get("/schema/openapi.json")).json()
+    ops = operations(doc)
+    assert len(ops) >= 25
+    # Streaming holds the connection for the whole reply; its body is the sync turn's body.
+    skipped = {("POST", "/v1/conversations/{conversation_id}/turns/stream")}
+    total = 0
+    for method, path, op in ops:
+        if (method, path) in skipped:
+            continue
+        total += await asyncio.to_thread(fuzz_operation, stack.base_url, doc, method, path, op)
+    print(f"\n{total} generated requests over {len(ops) - len(skipped)} operations: no 5xx")
+
+
+async def test_generated_turn_bodies_leave_no_partial_state(stack: Stack) -> None:
+    conv = (await stack.api.post("/v1/conversations", json={})).json()
+    url = f"{stack.base_url}/v1/conversations/{conv['id']}/turns"
+    accepted = 0
+
+    @FUZZ
+    @given(body=json_values | st.binary(max_size=200))
+    def check(body: Any) -> None:
+        nonlocal accepted
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with httpx.Client(headers={"x-api-key": ADMIN_KEY}, timeout=20) as client:
+            response = client.post(
+                url, content=content, headers={"content-type": "application/json"}
+            )
+        assert response.status_code < 500, (body, response.text)
+        accepted += response.status_code in (200, 202)
+
+    await asyncio.to_thread(check)
+    turns = await stack.core.store.turns_after(conv["id"], 0, 1000)
+    assert sum(t.role == "user" for t in turns) == accepted  # refused bodies stored nothing
+
+
+async def test_oversize_deep_and_undecodable_api_bodies_are_clear_4xx(stack: Stack) -> None:
+    conv = (await stack.api.post("/v1/conversations", json={})).json()
+    url = f"/v1/conversations/{conv['id']}/turns"
+    headers = {"content-type": "application/json"}
+    cases = {
+        "oversize": (b'{"user_message": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
+        "deep": (b"[" * 100_000 + b"]" * 100_000, 422),
+        "deep object": (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, 422),
+        "invalid utf-8": (b'{"user_message": "caf\xe9 \xff"}', 422),
+        "nul bytes": (b'{"user_message": "\x00\x00"}', 422),
+    }
+    for name, (body, status) in cases.items():
+        response = await stack.api.post(url, content=body, headers=headers)
+        assert response.status_code == status, (name, response.status_code, response.text[:300])
+        assert response.json()["error"]["code"], name
+    assert await stack.core.store.turns_after(conv["id"], 0, 10) == []
+
+
+# Twilio -------------------------------------------------------------------------------------
+
+
+def signed_post(stack: Stack, form: dict[str, str], path: str = "/twilio/sms") -> httpx.Response:
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature(SMS_PUBLIC_URL + path, form)
+    with httpx.Client(base_url=stack.sms_url, timeout=20) as client:
+        return client.post(path, data=form, headers={"X-Twilio-Signature": signature})
+
+
+async def test_generated_twilio_forms_are_accepted_or_refused_with_4xx(stack: Stack) -> None:
+    fields = st.sampled_from(
+        ["MessageSid", "AccountSid", "From", "To", "Body", "NumMedia", "MediaUrl0", "X"]
+    )
+    statuses: list[int] = []
+
+    @FUZZ
+    @given(
+        form=st.dictionaries(fields, st.text(max_size=60), max_size=8),
+        base=st.booleans(),
+    )
+    def check(form: dict[str, str], base: bool) -> None:
+        if base:  # a valid message with generated fields laid over it reaches deeper code
+            form = {
+                "MessageSid": "SM" + "a" * 32,
+                "AccountSid": TWILIO_SID,
+                "From": "+14155550101",
+                "To": "+15550001111",
+                "Body": "hi",
+                "NumMedia": "0",
+                **form,
+            }
+        response = signed_post(stack, form)
+        statuses.append(response.status_code)
+        assert response.status_code == 200 or 400 <= response.status_code < 500, (
+            form,
+            response.text,
+        )
+
+    await asyncio.to_thread(check)
+    assert 200 in statuses
+    assert any(400 <= s < 500 for s in statuses)
+
+
+async def test_sms_text_with_header_injection_and_controls_is_just_text(stack: Stack) -> None:
+    body = "hi\r\nBcc: victim@example.com\r\n\r\n<Response><Dial>+1900</Dial></Response>\x07"
+    form = {
+        "MessageSid": "SM" + "b" * 32,
+        "AccountSid": TWILIO_SID,
+        "From": "+14155550102",
+        "To": "+15550001111",
+        "Body": body,
+        "NumMedia": "0",
+    }
+    response = await asyncio.to_thread(signed_post, stack, form)
+    assert response.status_code == 200
+    assert "Dial" not in response.text  # our TwiML answer is ours, never the user's text
+
+    async def stored() -> list[str]:
+        page = await stack.core.store.list_conversations(cursor=None, limit=10, filters={})
+        return [
+            t.content
+            for c in page.items
+            for t in await stack.core.store.turns_after(c.id, 0, 10)
+            if t.role == "user"
+        ]
+
+    texts = await eventually(stored, what="the text stored")
+    assert texts == [body]
+
+
+async def test_oversize_and_undecodable_sms_forms_are_4xx(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.sms_url, timeout=20) as client:
+        big = await client.post(
+            "/twilio/sms",
+            content=b"Body=" + b"x" * 200_000,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        garbage = await client.post(
+            "/twilio/sms",
+            content=b"\xff\xfe\x00=\x80",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    assert big.status_code == 413
+    assert 400 <= garbage.status_code < 500
+
+
+# Email --------------------------------------------------------------------------------------
+
+
+def smtp_send(stack: Stack, data: bytes, sender: str = "fuzz@example.com") -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port, timeout=20) as smtp:
+        smtp.ehlo()
+        code, _ = smtp.mail(sender)
+        if code != 250:
+            return code, "mail refused"
+        code, _ = smtp.rcpt("support@acme.test")
+        if code != 250:
+            return code, "rcpt refused"
+        code, message = smtp.data(data)
+        return code, message.decode(errors="replace")
+
+
+async def test_generated_raw_mail_is_accepted_or_refused_with_a_5xx_reason(stack: Stack) -> None:
+    codes: list[int] = []
+    header_lines = st.builds(
+        lambda name, value: f"{name}: {value}".encode(),
+        st.sampled_from(["From", "Subject", "Message-ID", "In-Reply-To", "Content-Type", "X"]),
+        st.text(max_size=40).map(lambda s: s.replace("\r", " ").replace("\n", " ")),
+    )
+
+    @FUZZ
+    @given(headers=st.lists(header_lines, max_size=6), body=st.binary(max_size=300))
+    def check(headers: list[bytes], body: bytes) -> None:
+        data = b"\r\n".join(headers) + b"\r\n\r\n" + body.replace(b"\r\n.\r\n", b"")
+        try:
+            code, message = smtp_send(stack, data)
+        except smtplib.SMTPDataError as exc:  # smtplib raises for 5xx after DATA
+            code, message = exc.smtp_code, str(exc.smtp_error)
+        codes.append(code)
+        assert code == 250 or 500 <= code < 600, (data[:300], code, message)
+        assert code == 250 or re.search(r"\d\.\d\.\d", message), message  # enhanced status code
+
+    await asyncio.to_thread(check)
+    assert 250 in codes or any(c >= 500 for c in codes)
+
+
+async def test_email_header_injection_never_reaches_the_reply(stack: Stack) -> None:
+    # An encoded-word subject that decodes to CRLF + a Bcc header.
+    data = (
+        b"From: eve@example.com\r\n"
+        b"To: support@acme.test\r\n"
+        b"Subject: =?utf-8?q?hours=0D=0ABcc:_victim@example.com?=\r\n"
+        b"Message-ID: <inject-1@example.com>\r\n"
+        b"\r\n"
+        b"what are your hours?\r\n"
+    )
+    code, _ = await asyncio.to_thread(smtp_send, stack, data, "eve@example.com")
+    assert code == 250
+    reply = (await eventually(lambda: _relayed(stack), what="the reply"))[0]
+    assert reply["Bcc"] is None
+    assert "\n" not in str(reply["Subject"])
+    assert "\r" not in str(reply["Subject"])
+    assert [str(reply["To"])] == ["eve@example.com"]
+
+
+async def _relayed(stack: Stack) -> list[Any]:
+    return list(stack.relay.messages)
