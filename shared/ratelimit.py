@@ -1,15 +1,19 @@
 """Fixed-window rate limits in Valkey, shared by every replica of a service.
 
-One atomic script per check: count the hit in the current window and, past the limit, answer how
-many seconds remain until the window resets (the `Retry-After` a client should honour). A window
-is a key that expires by itself, so nothing needs cleaning up.
+One atomic script per limit: count the hit in the current window and, past the limit, answer how
+many milliseconds remain until the window resets (the `Retry-After` a client should honour). A
+window is a key that expires by itself, so nothing needs cleaning up. Several limits can ride on
+one pipeline with other reads, so a hot path pays one round trip for all of them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
 
 from shared.errors import RateLimited
 
@@ -25,24 +29,45 @@ return ttl
 """
 
 
+@dataclass(frozen=True)
+class Limit:
+    bucket: str  # what is counted: "key:<id>", "user:<id>", "sms:<number>"
+    limit: int  # hits per window; 0 turns the limit off
+    window_seconds: float
+    what: str  # for people: "API key", "end user", "sender"
+
+
 class RateLimiter:
     def __init__(self, client: redis.Redis, namespace: str = "") -> None:
         self.ns = f"{namespace}:" if namespace else ""
         self._hit = client.register_script(_HIT)
 
-    async def check(self, bucket: str, limit: int, window_seconds: float, what: str) -> None:
-        """Count one hit on `bucket`; raise RateLimited once `limit` hits fell in the window.
-        A limit of 0 turns the check off."""
-        if limit <= 0:
-            return
-        wait_ms = int(
-            await self._hit(
-                keys=[f"{self.ns}rate:{bucket}"], args=[limit, int(window_seconds * 1000)]
-            )
-        )
-        if wait_ms > 0:
-            raise RateLimited(
-                f"too many requests for this {what}; retry later",
-                retry_after=max(1, math.ceil(wait_ms / 1000)),
-                details={"limit": limit, "window_seconds": window_seconds, "scope": what},
-            )
+    def _args(self, limit: Limit) -> tuple[list[str], list[int]]:
+        return [f"{self.ns}rate:{limit.bucket}"], [limit.limit, int(limit.window_seconds * 1000)]
+
+    async def check(self, limit: Limit) -> None:
+        """Count one hit; raise RateLimited once the limit is reached in the window."""
+        if limit.limit > 0:
+            keys, args = self._args(limit)
+            self.verdict([limit], [await self._hit(keys=keys, args=args)])
+
+    def queue(self, pipe: Pipeline, limits: list[Limit]) -> None:
+        """Count one hit of each (enabled) limit on `pipe`; pass its results to `verdict`."""
+        for limit in limits:
+            if limit.limit > 0:
+                keys, args = self._args(limit)
+                pipe.scripts.add(self._hit)  # type: ignore[arg-type]  # loaded if the server lacks it
+                pipe.evalsha(self._hit.sha, len(keys), *keys, *args)
+
+    def verdict(self, limits: list[Limit], results: list[Any]) -> None:
+        for limit, wait_ms in zip([lim for lim in limits if lim.limit > 0], results, strict=True):
+            if int(wait_ms) > 0:
+                raise RateLimited(
+                    f"too many requests for this {limit.what}; retry later",
+                    retry_after=max(1, math.ceil(int(wait_ms) / 1000)),
+                    details={
+                        "limit": limit.limit,
+                        "window_seconds": limit.window_seconds,
+                        "scope": limit.what,
+                    },
+                )

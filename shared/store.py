@@ -8,13 +8,14 @@ entities (indexes) happen in an order that a crash between steps cannot make inc
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
 import msgspec
 import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
 
 from shared.envelopes import Event, turn_created_event
 from shared.errors import Conflict, ConversationClosed, IllegalTransition, NotFound
@@ -250,6 +251,19 @@ class Store:
         if not raw:
             raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
         return _conversation_from_hash(raw)
+
+    async def get_conversation_with(
+        self, cid: str, also: Callable[[Pipeline], None]
+    ) -> tuple[Conversation, list[Any]]:
+        """The conversation, read in one round trip with whatever `also` queues on the pipeline
+        (rate-limit hits); returns the conversation and the results of those extra commands."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self._conv(cid))
+        also(pipe)
+        raw, *rest = await pipe.execute()
+        if not raw:
+            raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
+        return _conversation_from_hash(raw), rest
 
     async def get_conversations(self, ids: Sequence[str]) -> list[Conversation]:
         pipe = self.redis.pipeline(transaction=False)

@@ -82,4 +82,6 @@ async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -
             details={"needed": needed, "scopes": list(key.scopes)},
         )
     connection.state.api_key = key
-    await connection.app.state.gateway.limit_key(key.id)
+    if not handler.opt.get("limits_with_conversation"):  # else counted with the conversation read
+        gateway = connection.app.state.gateway
+        await gateway.limiter.check(gateway.key_limit(key.id))

@@ -17,7 +17,7 @@ from shared.envelopes import Command, CommandResult, InboundMessage, StreamDelta
 from shared.errors import TurnTimeout, Unavailable, error_from_code
 from shared.ids import new_id
 from shared.models import Conversation, utcnow
-from shared.ratelimit import RateLimiter
+from shared.ratelimit import Limit, RateLimiter
 from shared.settings import ApiSettings
 from shared.store import Store
 
@@ -42,19 +42,36 @@ class Gateway:
         self.store = store
         self.subjects = bus.subjects
         self.limiter = RateLimiter(store.redis, settings.namespace)
+        self._end_users: dict[str, str] = {}  # conversation id -> end user id
 
-    async def limit_key(self, key_id: str) -> None:
-        await self.limiter.check(
-            f"key:{key_id}", self.settings.rate_limit_per_key_per_second, 1.0, "API key"
-        )
+    def key_limit(self, key_id: str) -> Limit:
+        return Limit(f"key:{key_id}", self.settings.rate_limit_per_key_per_second, 1.0, "API key")
 
-    async def limit_end_user(self, end_user_id: str) -> None:
-        await self.limiter.check(
+    def end_user_limit(self, end_user_id: str) -> Limit:
+        return Limit(
             f"user:{end_user_id}",
             self.settings.rate_limit_turns_per_end_user_per_minute,
             60.0,
             "end user",
         )
+
+    async def conversation_for_turn(self, conversation_id: str, key_id: str) -> Conversation:
+        """The conversation a turn goes to, with the key's and its end user's rate limits counted
+        in the same round trip (a conversation's end user never changes, so it is remembered)."""
+        end_user = self._end_users.get(conversation_id)
+        limits = [self.key_limit(key_id)]
+        if end_user is not None:
+            limits.append(self.end_user_limit(end_user))
+        conv, results = await self.store.get_conversation_with(
+            conversation_id, lambda pipe: self.limiter.queue(pipe, limits)
+        )
+        self.limiter.verdict(limits, results)
+        if end_user is None:
+            if len(self._end_users) >= 100_000:
+                self._end_users.clear()
+            self._end_users[conv.id] = conv.end_user_id
+            await self.limiter.check(self.end_user_limit(conv.end_user_id))
+        return conv
 
     async def run(self, verb: str, command: Command, timeout: float | None = None) -> CommandResult:
         """Ask core to do something and wait for its answer; core's errors come back as ours."""

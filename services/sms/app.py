@@ -24,7 +24,7 @@ from shared.errors import InvalidRequest
 from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import redact
 from shared.models import DELIVERY_RANK, utcnow
-from shared.ratelimit import RateLimiter
+from shared.ratelimit import Limit, RateLimiter
 from shared.settings import SmsSettings
 from shared.store import Store
 from shared.subjects import Subjects
@@ -85,7 +85,9 @@ def create_app(settings: SmsSettings) -> Litestar:
         sender = env.sender.normalized if env.sender else ""
         if not isinstance(env, ChannelKeyword):  # STOP / START / HELP are always honoured
             await limiter.check(
-                f"sms:{sender}", settings.rate_limit_sms_per_sender_per_minute, 60.0, "sender"
+                Limit(
+                    f"sms:{sender}", settings.rate_limit_sms_per_sender_per_minute, 60.0, "sender"
+                )
             )
         await bus.publish(
             subjects.inbound("sms", env.routing_key),

@@ -108,6 +108,7 @@ class ConversationController(Controller):
     @post(
         "/{conversation_id:str}/turns",
         status_code=200,
+        opt={"limits_with_conversation": True},
         responses={
             202: ResponseSpec(
                 data_container=QueuedTurn,
@@ -122,7 +123,7 @@ class ConversationController(Controller):
         gateway: Gateway,
         request: Request[Any, Any, Any],
     ) -> Response[TurnResult | QueuedTurn]:
-        conv = await _open_conversation(gateway, conversation_id)
+        conv = await _open_conversation(gateway, conversation_id, request)
         reply = await gateway.post_turn(
             conv,
             data.user_message,
@@ -132,7 +133,11 @@ class ConversationController(Controller):
         body, status = _turn_body(reply, data.include_evidence)
         return Response(body, status_code=status)
 
-    @post("/{conversation_id:str}/turns/stream", status_code=200)
+    @post(
+        "/{conversation_id:str}/turns/stream",
+        status_code=200,
+        opt={"limits_with_conversation": True},
+    )
     async def stream_turn(
         self,
         conversation_id: str,
@@ -142,7 +147,7 @@ class ConversationController(Controller):
     ) -> ServerSentEvent:
         """Server-sent events: `delta` frames with pieces of the reply, then `complete` with the
         same body as the sync endpoint (or the queued body), or `error` with the error shape."""
-        conv = await _open_conversation(gateway, conversation_id)
+        conv = await _open_conversation(gateway, conversation_id, request)
         feed = gateway.turn_feed(
             conv,
             data.user_message,
@@ -250,11 +255,12 @@ def _json(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
 
-async def _open_conversation(gateway: Gateway, conversation_id: str) -> Conversation:
-    """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when its end
-    user is over the turn limit."""
-    conv = await gateway.store.get_conversation(conversation_id)
+async def _open_conversation(
+    gateway: Gateway, conversation_id: str, request: Request[Any, Any, Any]
+) -> Conversation:
+    """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when the key
+    or the conversation's end user is over its limit."""
+    conv = await gateway.conversation_for_turn(conversation_id, request.state.api_key.id)
     if conv.status == "closed":
         raise error_from_code("conversation_closed", "conversation is closed", {"status": "closed"})
-    await gateway.limit_end_user(conv.end_user_id)
     return conv
