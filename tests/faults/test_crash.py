@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+import pytest
 
 from shared.store import Store
 from tests.conftest import Servers, eventually
@@ -51,47 +54,48 @@ async def crash_mid_traffic(fleet: Fleet, traffic: Traffic, victim: str, at_frac
     return killed_at
 
 
-async def test_kill_9_core_mid_2000_turns_loses_and_doubles_nothing(
-    servers: Servers, namespace: str, tmp_path: Path
-) -> None:
+@pytest.fixture
+async def load_fleet(servers: Servers, namespace: str, tmp_path: Path) -> AsyncIterator[Fleet]:
     async with launch_fleet(
         servers.nats_url, servers.redis_url, namespace, tmp_path, **LOAD_SETTINGS
     ) as fleet:
-        traffic = Traffic(fleet, {"api": 80, "sms": 80, "email": 40}, per_sender=10)
-        killed_at = await crash_mid_traffic(fleet, traffic, "core", 0.25)
-        store = Store(servers.redis_url, namespace)
-        try:
-            report = await settled(traffic, store)
-        finally:
-            await store.close()
+        yield fleet
+
+
+@pytest.fixture
+async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
+    store = Store(servers.redis_url, namespace)
+    yield store
+    await store.close()
+
+
+async def test_kill_9_core_mid_2000_turns_loses_and_doubles_nothing(
+    load_fleet: Fleet, store: Store
+) -> None:
+    traffic = Traffic(load_fleet, {"api": 80, "sms": 80, "email": 40}, per_sender=10)
+    killed_at = await crash_mid_traffic(load_fleet, traffic, "core", 0.25)
+    report = await settled(traffic, store)
     print(f"\nkill -9 core after {killed_at} accepted, 200 conversations: {report.line()}")
     assert report.accepted == 2000
     assert not report.problems, report.problems[:20]
 
 
 async def test_kill_9_egress_mid_traffic_delivers_every_reply(
-    servers: Servers, namespace: str, tmp_path: Path
+    load_fleet: Fleet, store: Store
 ) -> None:
-    async with launch_fleet(
-        servers.nats_url, servers.redis_url, namespace, tmp_path, **LOAD_SETTINGS
-    ) as fleet:
-        traffic = Traffic(fleet, {"sms": 40, "email": 20}, per_sender=5)
-        killed_at = await crash_mid_traffic(fleet, traffic, "egress", 0.3)
-        store = Store(servers.redis_url, namespace)
-        try:
-            report = await settled(traffic, store)
-            assert not report.problems, report.problems[:20]
-            expected = await replies_by_channel(store)
+    traffic = Traffic(load_fleet, {"sms": 40, "email": 20}, per_sender=5)
+    killed_at = await crash_mid_traffic(load_fleet, traffic, "egress", 0.3)
+    report = await settled(traffic, store)
+    assert not report.problems, report.problems[:20]
+    expected = await replies_by_channel(store)
 
-            async def all_delivered() -> bool:
-                sms, mail = delivered(fleet)
-                return set(expected["sms"]) <= set(sms) and set(expected["email"]) <= set(mail)
+    async def all_delivered() -> bool:
+        sms, mail = delivered(load_fleet)
+        return set(expected["sms"]) <= set(sms) and set(expected["email"]) <= set(mail)
 
-            with contextlib.suppress(AssertionError):  # reported below, with what is missing
-                await eventually(all_delivered, timeout=120, what="every reply delivered")
-        finally:
-            await store.close()
-        sms, mail = delivered(fleet)
+    with contextlib.suppress(AssertionError):  # reported below, with what is missing
+        await eventually(all_delivered, timeout=120, what="every reply delivered")
+    sms, mail = delivered(load_fleet)
     missing = [t for t in expected["sms"] if t not in sms] + [
         t for t in expected["email"] if t not in mail
     ]
