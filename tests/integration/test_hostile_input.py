@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
@@ -26,6 +27,7 @@ from tests.conftest import (
     SMS_PUBLIC_URL,
     TWILIO_SID,
     TWILIO_TOKEN,
+    VOICE_PUBLIC_URL,
     Stack,
     eventually,
 )
@@ -203,44 +205,79 @@ async def test_oversize_deep_and_undecodable_api_bodies_are_clear_4xx(stack: Sta
 # Twilio -------------------------------------------------------------------------------------
 
 
-def signed_post(stack: Stack, form: dict[str, str], path: str = "/twilio/sms") -> httpx.Response:
-    signature = RequestValidator(TWILIO_TOKEN).compute_signature(SMS_PUBLIC_URL + path, form)
-    with httpx.Client(base_url=stack.sms_url, timeout=20) as client:
+def signed_post(
+    stack: Stack, form: dict[str, str], path: str = "/twilio/sms", voice: bool = False
+) -> httpx.Response:
+    public, base = (VOICE_PUBLIC_URL, stack.voice_url) if voice else (SMS_PUBLIC_URL, stack.sms_url)
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature(public + path, form)
+    with httpx.Client(base_url=base, timeout=20) as client:
         return client.post(path, data=form, headers={"X-Twilio-Signature": signature})
 
 
-async def test_generated_twilio_forms_are_accepted_or_refused_with_4xx(stack: Stack) -> None:
-    fields = st.sampled_from(
-        ["MessageSid", "AccountSid", "From", "To", "Body", "NumMedia", "MediaUrl0", "X"]
-    )
+TWILIO_FIELDS = [
+    "MessageSid",
+    "AccountSid",
+    "From",
+    "To",
+    "Body",
+    "NumMedia",
+    "MediaUrl0",
+    "MessageStatus",
+    "ErrorCode",
+    "CallSid",
+    "CallStatus",
+    "SpeechResult",
+    "Confidence",
+    "X",
+]
+BASE_FORM = {
+    "MessageSid": "SM" + "a" * 32,
+    "CallSid": "CA" + "a" * 32,
+    "AccountSid": TWILIO_SID,
+    "From": "+14155550101",
+    "To": "+15550001111",
+    "Body": "hi",
+    "NumMedia": "0",
+    "CallStatus": "ringing",
+    "MessageStatus": "delivered",
+    "SpeechResult": "what are your hours",
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "voice"),
+    [
+        ("/twilio/sms", False),
+        ("/twilio/sms/status", False),
+        ("/twilio/voice", True),
+        ("/twilio/voice/gather", True),
+        ("/twilio/voice/poll?envelope=env_x&polls=1", True),
+        ("/twilio/voice/status", True),
+    ],
+)
+async def test_generated_twilio_forms_are_answered_or_refused_with_4xx(
+    stack: Stack, path: str, voice: bool
+) -> None:
     statuses: list[int] = []
 
-    @FUZZ
+    @settings(FUZZ, max_examples=25)
     @given(
-        form=st.dictionaries(fields, st.text(max_size=60), max_size=8),
+        form=st.dictionaries(st.sampled_from(TWILIO_FIELDS), st.text(max_size=60), max_size=8),
         base=st.booleans(),
     )
     def check(form: dict[str, str], base: bool) -> None:
-        if base:  # a valid message with generated fields laid over it reaches deeper code
-            form = {
-                "MessageSid": "SM" + "a" * 32,
-                "AccountSid": TWILIO_SID,
-                "From": "+14155550101",
-                "To": "+15550001111",
-                "Body": "hi",
-                "NumMedia": "0",
-                **form,
-            }
-        response = signed_post(stack, form)
+        if base:  # a valid request with generated fields laid over it reaches deeper code
+            form = {**BASE_FORM, **form}
+        response = signed_post(stack, form, path, voice)
         statuses.append(response.status_code)
         assert response.status_code == 200 or 400 <= response.status_code < 500, (
+            path,
             form,
             response.text,
         )
 
     await asyncio.to_thread(check)
-    assert 200 in statuses
-    assert any(400 <= s < 500 for s in statuses)
+    assert any(400 <= s < 500 for s in statuses)  # the generator did reach the refusals
 
 
 async def test_sms_text_with_header_injection_and_controls_is_just_text(stack: Stack) -> None:
