@@ -268,8 +268,12 @@ class Bus:
         batch: int = 1,
         workers: int = 1,
         backoff: Backoff = short_backoff,
+        before_batch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Run `handler` for every message of a durable pull consumer, in tasks this bus owns.
+
+        `before_batch` runs once after each fetch, before its messages are handled: the place to
+        read state every message of the batch needs (all of them were published before it runs).
 
         `max_ack_pending=1` makes the consumer strictly ordered across every replica bound to the
         same durable: the next message is handed out only after the previous one is acked.
@@ -292,7 +296,7 @@ class Bus:
             )
             self._pull_subs.append(sub)
             task = asyncio.create_task(
-                self._pull_loop(sub, handler, batch, max_deliver, backoff),
+                self._pull_loop(sub, handler, batch, max_deliver, backoff, before_batch),
                 name=f"consume:{durable}:{worker}",
             )
             self._consumers.append(task)
@@ -304,6 +308,7 @@ class Bus:
         batch: int,
         max_deliver: int,
         backoff: Backoff,
+        before_batch: Callable[[], Awaitable[None]] | None,
     ) -> None:
         me = asyncio.current_task()
         assert me is not None
@@ -321,9 +326,24 @@ class Bus:
                 continue
             finally:
                 self._idle.discard(me)
+            if before_batch is not None and msgs and not await self._until_done(before_batch):
+                return  # stopping: the batch is redelivered to whoever runs next
             for msg in msgs:
                 # Shielded: a shutdown waits for the message in hand to be finished and acked.
                 await asyncio.shield(self._handle(msg, handler, max_deliver, backoff))
+
+    async def _until_done(self, step: Callable[[], Awaitable[None]]) -> bool:
+        """Run `step` until it succeeds (a dependency may be down); False if we are stopping."""
+        pause = 0.1
+        while not self._stopping.is_set():
+            try:
+                await step()
+                return True
+            except Exception as exc:
+                log.warning("before a batch: %s: %s; retrying", type(exc).__name__, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        return False
 
     async def _handle(self, msg: Msg, handler: Handler, max_deliver: int, backoff: Backoff) -> None:
         attempt = msg.metadata.num_delivered or 1

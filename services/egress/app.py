@@ -64,6 +64,7 @@ class Egress:
             handler=self.webhooks.fan_out,
             max_ack_pending=256,
             batch=64,  # unordered: under load one fetch brings many events
+            before_batch=self.webhooks.load_subscriptions,
         )
         await self.bus.consume(
             stream=self.subjects.outbound_stream,

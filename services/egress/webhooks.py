@@ -21,7 +21,7 @@ import msgspec
 from shared.bus import Bus, Delivery, decode_or_dead
 from shared.envelopes import Event
 from shared.errors import NotFound
-from shared.models import WebhookDelivery, utcnow
+from shared.models import WebhookDelivery, WebhookSubscription, utcnow
 from shared.store import Store
 
 log = logging.getLogger("switchboard.egress.webhooks")
@@ -53,12 +53,18 @@ class Webhooks:
         self.bus = bus
         self.store = store
         self.http = http
+        self._subscriptions: list[WebhookSubscription] = []
+
+    async def load_subscriptions(self) -> None:
+        """Read the subscriptions once per fetched batch of events. Every event in the batch was
+        published before this read, so a subscription created before an event is always seen."""
+        self._subscriptions = await self.store.list_webhooks()
 
     async def fan_out(self, delivery: Delivery) -> None:
         event = decode_or_dead(_event, delivery.data)
         if event.session_type != "live":
             return  # test and simulation sessions never fire webhooks
-        for sub in await self.store.list_webhooks():
+        for sub in self._subscriptions:
             if not sub.wants(event.type):
                 continue
             job = WebhookJob(
