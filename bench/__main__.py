@@ -264,7 +264,7 @@ def table(results: dict[str, Any], ratios: dict[str, float]) -> str:
             f"turn {h['turns']} vs turn 1",
             h["first_turns_p50_ms"],
             h["last_turns_p50_ms"],
-            f"ratio {h['ratio']} — {verdict('history_ratio', h['ratio'])} (p50 of first/last {h['window']})",
+            f"ratio {h['ratio']} — {verdict('history_ratio', h['ratio'])} (p50 of {h['window']} turns 1 vs {h['window']} turns ≥{h['turns'] - h['window'] + 1}, interleaved)",
         ),
         (
             "Valkey memory",

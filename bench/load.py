@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -267,28 +268,32 @@ async def email(cfg: Config) -> Config:
 
 
 async def history(cfg: Config) -> Config:
-    """One conversation, turn after turn: does turn N cost more than turn 1?"""
+    """Does turn N of a conversation cost more than turn 1? One conversation is grown to `turns`
+    turns; then, `window` times, the first turn of a fresh conversation and the next turn of the
+    long one are timed back to back, so host noise hits both sides alike."""
     api = await Api.open(cfg)
-    conv = await api.conversation()
-    latencies: list[float] = []
-    for _ in range(cfg["turns"]):
-        began = time.perf_counter()
-        status = await api.turn(conv)
-        if status != 200:
-            raise HttpError(f"turn {len(latencies) + 1}: {status}")
-        latencies.append(time.perf_counter() - began)
+    long_conv = await api.conversation()
+    for n in range(cfg["turns"] - 1):
+        if await api.turn(long_conv) != 200:
+            raise HttpError(f"turn {n + 1} failed")
+    first: list[float] = []
+    late: list[float] = []
+    for _ in range(cfg.get("window", 50)):
+        fresh = await api.conversation()
+        for conv, samples in ((fresh, first), (long_conv, late)):
+            began = time.perf_counter()
+            if await api.turn(conv) != 200:
+                raise HttpError("turn failed")
+            samples.append(time.perf_counter() - began)
     await api.conn.close()
-    window = cfg.get("window", 50)
-    # The first few turns pay for warm caches and connection set-up; skip them for "turn 1".
-    first = sorted(latencies[5 : 5 + window])
-    last = sorted(latencies[-window:])
-    first_ms, last_ms = first[len(first) // 2] * 1000, last[len(last) // 2] * 1000
+    first_ms = statistics.median(first) * 1000
+    late_ms = statistics.median(late) * 1000
     return {
-        "turns": len(latencies),
+        "turns": cfg["turns"] + len(late) - 1,
         "first_turns_p50_ms": round(first_ms, 2),
-        "last_turns_p50_ms": round(last_ms, 2),
-        "ratio": round(last_ms / first_ms, 3),
-        "window": window,
+        "last_turns_p50_ms": round(late_ms, 2),
+        "ratio": round(late_ms / first_ms, 3),
+        "window": len(late),
     }
 
 

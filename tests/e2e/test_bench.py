@@ -33,7 +33,8 @@ def test_the_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     assert results["sms"]["turn_to_egress"]["replied"] == results["sms"]["sent"]
     assert results["email"]["accepted"] == results["email"]["sent"]
     assert results["email"]["replies_relayed"] == results["email"]["sent"]
-    assert results["history"]["turns"] == 60
+    assert results["history"]["turns"] >= 60
+    assert results["history"]["window"] == 50
     assert results["memory"]["bytes_per_turn"] > 0
     assert set(report["ratios"]) == {
         "api_to_ceiling",
