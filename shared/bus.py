@@ -330,7 +330,19 @@ class Bus:
                 return  # stopping: the batch is redelivered to whoever runs next
             for msg in msgs:
                 # Shielded: a shutdown waits for the message in hand to be finished and acked.
-                await asyncio.shield(self._handle(msg, handler, max_deliver, backoff))
+                try:
+                    await asyncio.shield(self._handle(msg, handler, max_deliver, backoff))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Dead-lettering or acking failed (NATS went away mid-step). The message is
+                    # not acked, so it comes back after ack_wait; this consumer carries on.
+                    log.warning(
+                        "message left for redelivery: %s: %s",
+                        type(exc).__name__,
+                        exc,
+                        extra={"subject": msg.subject},
+                    )
 
     async def _until_done(self, step: Callable[[], Awaitable[None]]) -> bool:
         """Run `step` until it succeeds (a dependency may be down); False if we are stopping."""

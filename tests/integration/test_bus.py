@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
+from redis import exceptions as redis_errors
 
 from shared.bus import Bus, Delivery, Undeliverable
 from shared.envelopes import DeadLetter
+from shared.errors import Unavailable
 from shared.subjects import Subjects
 from tests.conftest import Servers, eventually
 
@@ -108,3 +110,59 @@ async def test_undeliverable_goes_to_dead_at_once_and_later_messages_still_flow(
     await eventually(lambda: asyncio.sleep(0, handled == [b"fine"]), what="the next message")
     letters = await dead_letters(bus)
     assert [(d.reason, d.deliveries) for d in letters] == [("unknown_version: v=9", 1)]
+
+
+async def test_a_dependency_outage_holds_the_message_instead_of_dead_lettering_it(
+    bus: Bus,
+) -> None:
+    calls: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        calls.append(delivery.attempt)
+        if len(calls) <= 3:  # more failures than max_deliver allows deliveries
+            raise redis_errors.ConnectionError("Connection refused")
+
+    await bus.publish(bus.subjects.inbound("api", "k"), b"payload", msg_id="held")
+    await bus.consume(
+        stream=bus.subjects.inbound_stream,
+        durable="held",
+        filter_subject=bus.subjects.inbound_all,
+        handler=handler,
+        max_deliver=2,
+    )
+    await eventually(lambda: asyncio.sleep(0, len(calls) == 4), what="the fourth try")
+    assert calls == [1, 1, 1, 1]  # retried in place: the delivery count was never spent
+    assert await dead_letters(bus) == []
+
+
+async def test_a_failed_dead_letter_leaves_the_message_for_redelivery_and_the_consumer_lives(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handled: list[bytes] = []
+    real_dead_letter = bus.dead_letter
+    failures = [Unavailable("the message bus did not store the message")]
+
+    async def flaky_dead_letter(*args: object, **kwargs: object) -> None:
+        if failures:
+            raise failures.pop()
+        await real_dead_letter(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bus, "dead_letter", flaky_dead_letter)
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.data == b"poison":
+            raise Undeliverable("unknown_version: v=9")
+        handled.append(delivery.data)
+
+    await bus.publish(bus.subjects.inbound("api", "k"), b"poison", msg_id="p2")
+    await bus.publish(bus.subjects.inbound("api", "k"), b"fine", msg_id="f2")
+    await bus.consume(
+        stream=bus.subjects.inbound_stream,
+        durable="flaky-dead",
+        filter_subject=bus.subjects.inbound_all,
+        handler=handler,
+        ack_wait=1.0,
+    )
+    await eventually(lambda: asyncio.sleep(0, handled == [b"fine"]), what="the next message")
+    letters = await dead_letters(bus)
+    assert [(d.reason, d.deliveries) for d in letters] == [("unknown_version: v=9", 2)]
