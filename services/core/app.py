@@ -11,7 +11,7 @@ import time
 import msgspec
 from nats.aio.msg import Msg
 
-from services.core import approvals, operators
+from services.core import approvals, operators, replies, routing, turns
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
@@ -136,17 +136,18 @@ class Core:
         c = self.conversations
         match env:
             case InboundMessage():
-                await c.apply_message(env)
+                await turns.apply_message(c, env)
             case ChannelKeyword():
-                await c.apply_keyword(env)
+                await turns.apply_keyword(c, env)
             case Resume():
-                await c.answer_pending(await c.store.get_conversation(env.conversation_id or ""))
+                conv = await c.store.get_conversation(env.conversation_id or "")
+                await replies.answer_pending(c, conv)
             case ApprovalDecided():
                 await approvals.apply_decision(c, env.approval_id)
             case CallStarted():
-                await c.conversation_for(env)
+                await routing.conversation_for(c, env)
             case CallEnded():
-                conv = await c.conversation_for(env)
+                conv = await routing.conversation_for(c, env)
                 if conv.status != "closed":
                     await c.close(conv.id, env.reason, "channel")
 

@@ -13,6 +13,7 @@ import time
 
 import msgspec
 
+from services.core import replies
 from services.core.agent import runtime_for
 from services.core.conversations import Conversations
 from shared.envelopes import ApprovalDecided
@@ -44,7 +45,7 @@ async def resolve(
 
 async def _decided(c: Conversations, approval: Approval) -> None:
     conv = await c.store.get_conversation(approval.conversation_id)
-    await c.emit(
+    await c.outbox.emit(
         "approval.resolved",
         conv,
         approval.reviewer or "system",
@@ -92,7 +93,7 @@ async def apply_decision(c: Conversations, approval_id: str) -> None:
             tool_calls=reply.tool_calls,
         )
         await c.change_status(conv, "active", f"approval {approval.id} approved", actor)
-        await c.answer_pending(conv)
+        await replies.answer_pending(c, conv)
     elif approval.status == "rejected" and approval.on_reject == "continue":
         note = f": {approval.note}" if approval.note else "."
         await c.say(
@@ -103,7 +104,7 @@ async def apply_decision(c: Conversations, approval_id: str) -> None:
             key=f"{approval.id}_result",
         )
         await c.change_status(conv, "active", f"approval {approval.id} rejected", actor)
-        await c.answer_pending(conv)
+        await replies.answer_pending(c, conv)
     else:
         reason = "approval_timed_out" if approval.status == "timed_out" else "approval_rejected"
         await c.say(

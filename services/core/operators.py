@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.core import turns
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from shared.envelopes import HumanTurn, InboundMessage, Simulate
@@ -35,7 +36,7 @@ async def human_turn(c: Conversations, cmd: HumanTurn) -> Conversation:
         )
     if cmd.hand_back:
         await c.change_status(conv, "active", "hand_back", cmd.operator_id)
-        await c.resume(conv, key=ulid())
+        await c.outbox.resume(conv, key=ulid())
     if cmd.close:
         return await c.close(conv.id, "closed_by_operator", cmd.operator_id)
     return await c.store.get_conversation(conv.id)
@@ -59,7 +60,8 @@ async def simulate(c: Conversations, cmd: Simulate) -> tuple[Conversation, list[
         actor=cmd.actor,
     )
     for index, text in enumerate(cmd.user_turns):
-        await c.apply_message(
+        await turns.apply_message(
+            c,
             InboundMessage(
                 id=f"env_{conv.id}_{index}",
                 channel="api",
@@ -67,7 +69,7 @@ async def simulate(c: Conversations, cmd: Simulate) -> tuple[Conversation, list[
                 session_type="simulation",
                 conversation_id=conv.id,
                 text=text,
-            )
+            ),
         )
     conv = await c.close(conv.id, "simulation_complete", cmd.actor)
     return conv, await c.store.turns_after(conv.id, 0, 10_000)

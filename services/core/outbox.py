@@ -1,0 +1,179 @@
+"""What leaves core: outbound envelopes for the channels, events, replies and token streams.
+
+Every durable publish carries a deterministic Nats-Msg-Id derived from the turn or event it
+carries, so a redelivered step re-publishes the same message and JetStream drops the copy. Replies
+(`gw.reply.*`) and token deltas (`gw.stream.*`) are core NATS, fire-and-forget: they only wake a
+waiting request, which can always read the durable state instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable
+from typing import Any
+
+import msgspec
+
+from shared.bus import Bus
+from shared.envelopes import (
+    Event,
+    InboundMessage,
+    OutboundEnvelope,
+    Resume,
+    StreamDelta,
+    ThreadHints,
+    TurnReply,
+    turn_created_event,
+)
+from shared.errors import SwitchboardError
+from shared.ids import new_id
+from shared.models import Conversation, SessionType, Status, Turn, utcnow
+from shared.store import Store
+from shared.telemetry import Metrics
+
+log = logging.getLogger("switchboard.core")
+_enc = msgspec.json.Encoder()
+_WORDS = re.compile(r"\S+\s*")
+
+
+class Outbox:
+    def __init__(self, store: Store, bus: Bus, metrics: Metrics) -> None:
+        self.store = store
+        self.bus = bus
+        self.subjects = bus.subjects
+        self.metrics = metrics
+
+    async def deliver(
+        self,
+        conv: Conversation,
+        answer: Turn,
+        user_turn: Turn,
+        *,
+        thread: ThreadHints | None,
+        deliver: bool,
+        status: Status,
+        stream: bool = False,
+    ) -> None:
+        """Send an answer to the user (unless `deliver` is False: held, kept in the transcript
+        only) and wake the request waiting for it."""
+        envelope_id = user_turn.envelope_id or answer.id
+        if deliver:
+            if stream:
+                for piece in _WORDS.findall(answer.content):
+                    await self.bus.publish_core(
+                        self.subjects.stream(conv.id),
+                        _enc.encode(StreamDelta(envelope_id=envelope_id, text=piece)),
+                    )
+            await self.publish_outbound(conv, answer, thread=thread)
+        self.metrics.messages.labels("core", conv.channel, "answered" if deliver else "held").inc()
+        await self.publish_reply(
+            TurnReply(
+                envelope_id=envelope_id,
+                conversation_id=conv.id,
+                outcome="answered" if deliver else "queued",
+                session_status=status,
+                message_seqs=(user_turn.seq, answer.seq),
+                turn=answer,
+                user_seq=user_turn.seq,
+            )
+        )
+
+    async def publish_outbound(
+        self, conv: Conversation, turn: Turn, thread: ThreadHints | None
+    ) -> None:
+        if conv.session_type == "simulation":
+            return  # read-only: nothing leaves for a real channel
+        outbound = OutboundEnvelope(
+            id=f"out_{turn.id}",
+            channel=conv.channel,
+            conversation_id=conv.id,
+            turn_id=turn.id,
+            seq=turn.seq,
+            session_type=conv.session_type,
+            text=turn.content,
+            recipient=conv.user_address,
+            sender=conv.our_address,
+            thread=thread,
+            author_kind=turn.author.kind,
+            created_at=utcnow(),
+        )
+        await self.bus.publish(
+            self.subjects.outbound(conv.channel, conv.user_address or conv.id),
+            _enc.encode(outbound),
+            msg_id=outbound.id,
+        )
+
+    async def publish_reply(self, reply: TurnReply) -> None:
+        await self.bus.publish_core(self.subjects.reply(reply.conversation_id), _enc.encode(reply))
+
+    async def record_turn(self, conv: Conversation, turn: Turn) -> None:
+        """Publish the turn's `turn.created` event (the append already put it in the audit log)."""
+        event = turn_created_event(turn, conv.session_type)
+        work: list[Awaitable[Any]] = [
+            self.bus.publish(self.subjects.event(event.type), _enc.encode(event), msg_id=event.id)
+        ]
+        if conv.session_type == "live" and turn.role != "system":
+            work.append(self.store.count_usage(conv.channel, turns=1))
+        await asyncio.gather(*work)
+
+    async def reject(self, env: InboundMessage, exc: SwitchboardError) -> None:
+        """An inbound message that cannot become a turn: tell the request waiting for it why."""
+        self.metrics.messages.labels("core", env.channel, "rejected").inc()
+        log.info("inbound rejected: %s", exc.code, extra={"envelope_id": env.id})
+        if env.conversation_id:
+            status = exc.details.get("status", "closed")
+            await self.publish_reply(
+                TurnReply(
+                    envelope_id=env.id,
+                    conversation_id=env.conversation_id,
+                    outcome="rejected",
+                    session_status=status,
+                    error_code=exc.code,
+                    error_message=exc.message,
+                )
+            )
+
+    async def resume(self, conv: Conversation, key: str) -> None:
+        """Ask the conversation's ordered consumer to answer what queued while it was not active."""
+        env = Resume(
+            id=f"env_resume_{key}",
+            channel=conv.channel,
+            received_at=utcnow(),
+            session_type=conv.session_type,
+            conversation_id=conv.id,
+        )
+        await self.bus.publish(
+            self.subjects.inbound(conv.channel, conv.partition_key), _enc.encode(env), msg_id=env.id
+        )
+
+    async def emit(
+        self,
+        event_type: str,
+        conv: Conversation | None,
+        actor: str,
+        data: dict[str, Any],
+        key: str | None = None,
+        session_type: SessionType | None = None,
+    ) -> Event:
+        """Publish an event and keep it in its conversation's audit log.
+
+        With `key`, a redelivered step re-emits the same id, deduplicated in both places.
+        """
+        event = Event(
+            id=f"evt_{event_type}_{key}" if key else new_id("evt"),
+            type=event_type,
+            occurred_at=utcnow(),
+            conversation_id=conv.id if conv else None,
+            session_type=conv.session_type if conv else session_type,
+            actor=actor,
+            data=data,
+        )
+        work: list[Awaitable[Any]] = [
+            self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id)
+        ]
+        if conv is not None:
+            work.append(self.store.record_event(conv.id, event))
+        await asyncio.gather(*work)
+        return event
