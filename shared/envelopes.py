@@ -141,9 +141,13 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     data: dict[str, Any] = {}
 
 
-def turn_created_event(turn: Turn, session_type: SessionType) -> Event:
-    """The `turn.created` event of a turn. Built from the turn alone, so the event published when
-    the turn is appended and the one the audit log shows later are the same."""
+def turn_created_event(
+    turn: Turn, session_type: SessionType, channel: Channel | None = None
+) -> Event:
+    """The `turn.created` event of a turn. Built from the turn alone (and its conversation's
+    channel), so the event published when the turn is appended and the one the audit log shows
+    later are the same. It carries the text and the channel: a webhook receiver needs both and
+    should not have to call back for them."""
     author = turn.author
     return Event(
         id=f"evt_turn.created_{turn.id}",
@@ -152,7 +156,14 @@ def turn_created_event(turn: Turn, session_type: SessionType) -> Event:
         conversation_id=turn.conversation_id,
         session_type=session_type,
         actor=author.id if author.kind == "operator" and author.id else author.kind,
-        data={"seq": turn.seq, "role": turn.role, "turn_id": turn.id, "author": author.kind},
+        data={
+            "seq": turn.seq,
+            "role": turn.role,
+            "turn_id": turn.id,
+            "author": author.kind,
+            "channel": turn.channel or channel,
+            "text": turn.content,
+        },
     )
 
 
@@ -196,6 +207,8 @@ class OpenConversation(msgspec.Struct, frozen=True, kw_only=True, tag="open_conv
     end_user_id: str
     context_variables: dict[str, Any] = {}
     actor: str = "system"
+    # SMS / email: where the end user is reached, so the first message (ours) can be delivered.
+    user_address: str | None = None
 
 
 class CloseConversation(msgspec.Struct, frozen=True, kw_only=True, tag="close_conversation"):

@@ -22,9 +22,23 @@ class InvalidRequest(SwitchboardError):
     status = 422
 
 
+class AddressRequired(InvalidRequest):
+    """A conversation on a channel that reaches people at an address (SMS, email) needs one."""
+
+    code = "address_required"
+
+
 class Unauthenticated(SwitchboardError):
     code = "unauthenticated"
     status = 401
+
+
+class KeyRevoked(Unauthenticated):
+    code = "key_revoked"
+
+
+class KeyExpired(Unauthenticated):
+    code = "key_expired"
 
 
 class Forbidden(SwitchboardError):
@@ -48,6 +62,12 @@ class IllegalTransition(Conflict):
 
 class ConversationClosed(Conflict):
     code = "conversation_closed"
+
+
+class ConversationExists(Conflict):
+    """SMS keeps one open conversation per (end user, our number)."""
+
+    code = "conversation_exists"
 
 
 class Unavailable(SwitchboardError):

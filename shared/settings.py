@@ -65,6 +65,8 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
     # How often the durable approval timer looks for approvals past their deadline.
     approval_sweep_seconds: float = 0.5
     # Sent once per approval wait when the user writes while a tool call awaits approval.
+    # Our number for SMS conversations opened through the API (first contact from us).
+    sms_from_number: str | None = None
     still_waiting_message: str = (
         "Thanks for your message. We're still waiting for approval on your earlier request "
         "and will get back to you as soon as it's decided."

@@ -252,6 +252,14 @@ class Store:
             raise NotFound(f"conversation {cid} not found", details={"conversation_id": cid})
         return _conversation_from_hash(raw)
 
+    async def session_type_of(self, cid: str | None) -> SessionType:
+        """The session type of a conversation; `live` when there is none (or it was erased), so
+        provider events about unknown messages still reach webhooks."""
+        doc = await self.redis.hget(self._conv(cid), "doc") if cid else None
+        return cast(
+            SessionType, _conv_doc_dec.decode(doc).get("session_type", "live") if doc else "live"
+        )
+
     async def get_conversation_with(
         self, cid: str, also: Callable[[Pipeline], None]
     ) -> tuple[Conversation, list[Any]]:
@@ -416,16 +424,16 @@ class Store:
             else:
                 pipe.hget(self._events(cid), entry)
         doc, *raws = await pipe.execute()
-        session_type = cast(
-            SessionType, _conv_doc_dec.decode(doc)["session_type"] if doc else "live"
-        )
+        fields = _conv_doc_dec.decode(doc) if doc else {}
+        session_type = cast(SessionType, fields.get("session_type", "live"))
+        channel = cast(Channel | None, fields.get("channel"))
         events = []
         for entry, raw in zip(entries, raws, strict=True):
             if raw is None:
                 continue
             if entry.startswith("t"):
                 turn = _load_turn(cid, int(entry[1:]), raw)
-                events.append(turn_created_event(turn, session_type))
+                events.append(turn_created_event(turn, session_type, channel))
             else:
                 events.append(_event_dec.decode(raw))
         return events

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response as TwilioResponse
@@ -36,17 +36,24 @@ def check_signature(
     if settings.twilio_skip_signature:
         return
     if not signature:
-        raise SignatureError("missing X-Twilio-Signature header", details={"reason": "missing"})
+        _refuse("missing X-Twilio-Signature header", "missing", url)
     account = params.get("AccountSid", "")
     token = settings.auth_tokens().get(account)
     if token is None:
-        raise SignatureError(
-            "the webhook's AccountSid is not one of ours", details={"reason": "unknown_account"}
-        )
+        _refuse("the webhook's AccountSid is not one of ours", "unknown_account", url)
     if not RequestValidator(token).validate(url, dict(params), signature):
-        raise SignatureError(
-            "X-Twilio-Signature does not match this request", details={"reason": "mismatch"}
-        )
+        _refuse("X-Twilio-Signature does not match this request", "mismatch", url)
+
+
+def _refuse(message: str, reason: str, url: str) -> NoReturn:
+    """Name the URL the signature was checked against, in the log and in `details`: behind a
+    proxy or a tunnel (ngrok) a mismatch is nearly always a public URL setting that differs from
+    the URL Twilio was given. (The webhook's error handler logs the message, URL included.)"""
+    raise SignatureError(
+        f"{message} (checked against {url}; set the service's public URL setting to the URL "
+        "configured at Twilio)",
+        details={"reason": reason, "url": url},
+    )
 
 
 def warn_if_unsigned(settings: TwilioSettings, service: str) -> None:

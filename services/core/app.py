@@ -11,7 +11,7 @@ import time
 import msgspec
 from nats.aio.msg import Msg
 
-from services.core import approvals, operators, replies, routing, turns
+from services.core import approvals, first_contact, operators, replies, routing, turns
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
@@ -170,14 +170,7 @@ class Core:
         c = self.conversations
         match command:
             case OpenConversation():
-                conv = await c.open(
-                    channel=command.channel,
-                    end_user_id=command.end_user_id,
-                    agent_id=command.agent_id,
-                    session_type=command.session_type,
-                    context_variables=command.context_variables,
-                    actor=command.actor,
-                )
+                conv = await first_contact.open_conversation(c, command)
             case CloseConversation():
                 conv = await c.close(command.conversation_id, command.reason, command.actor)
             case StartHandoff():

@@ -110,7 +110,7 @@ class Outbox:
 
     async def record_turn(self, conv: Conversation, turn: Turn) -> None:
         """Publish the turn's `turn.created` event (the append already put it in the audit log)."""
-        event = turn_created_event(turn, conv.session_type)
+        event = turn_created_event(turn, conv.session_type, conv.channel)
         work: list[Awaitable[Any]] = [
             self.bus.publish(self.subjects.event(event.type), _enc.encode(event), msg_id=event.id)
         ]

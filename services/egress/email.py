@@ -48,7 +48,10 @@ class EmailSender:
         domain = sender.rpartition("@")[2] or self.domain
         msg["From"] = sender
         msg["To"] = out.recipient or ""
-        msg["Subject"] = reply_subject(thread.get("subject", ""))
+        # A reply says "Re:"; a first message of ours (an API-opened conversation) does not.
+        first = not thread.get("last_message_id")
+        subject = thread.get("subject", "")
+        msg["Subject"] = (subject or "Your message") if first else reply_subject(subject)
         msg["Date"] = formatdate(localtime=False)
         msg["Message-ID"] = f"<{out.turn_id}@{domain}>"
         if thread.get("last_message_id"):

@@ -142,8 +142,11 @@ class InboundMail:
     async def bounce(self, mail: ParsedMail) -> None:
         """A DSN: mark the delivery of the message it refers to as failed; never a turn."""
         failed = []
+        conversation_id: str | None = None
         for message_id in mail.bounced_message_ids:
             delivery = await self.store.delivery_by_provider_id(message_id)
+            if delivery is not None:
+                conversation_id = conversation_id or delivery.conversation_id
             if delivery is not None and delivery.status != "failed":
                 await self.store.put_delivery(
                     msgspec.structs.replace(
@@ -155,15 +158,25 @@ class InboundMail:
             "email.bounced",
             mail,
             {"message_ids": list(mail.bounced_message_ids), "failed_turns": failed},
+            conversation_id=conversation_id,
         )
 
-    async def event(self, event_type: str, mail: ParsedMail, data: dict[str, Any]) -> None:
+    async def event(
+        self,
+        event_type: str,
+        mail: ParsedMail,
+        data: dict[str, Any],
+        conversation_id: str | None = None,
+    ) -> None:
         key = hashlib.sha256((mail.message_id or repr(data)).encode()).hexdigest()[:32]
         event = Event(
             id=f"evt_{event_type}_{key}",
             type=event_type,
             occurred_at=utcnow(),
             actor="email",
+            conversation_id=conversation_id,
+            # Without a session type, webhook fan-out would drop it as if it were a test session.
+            session_type=await self.store.session_type_of(conversation_id),
             data={"message_id": mail.message_id, **data},
         )
         await self.bus.publish(

@@ -110,12 +110,15 @@ def create_app(settings: SmsSettings) -> Litestar:
             raise InvalidRequest("MessageSid and a known MessageStatus are required")
         error_code = form.get("ErrorCode") or None
         delivery = await store.delivery_by_provider_id(sid)
+        session_type = await store.session_type_of(delivery.conversation_id if delivery else None)
         event = Event(
             id=f"evt_delivery_{sid}_{state}",
             type="message.status",
             occurred_at=utcnow(),
             actor="twilio",
             conversation_id=delivery.conversation_id if delivery else None,
+            # Without a session type, webhook fan-out would drop it as if it were a test session.
+            session_type=session_type,
             data={
                 "provider_id": sid,
                 "status": state,

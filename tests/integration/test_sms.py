@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any
 
@@ -100,6 +101,29 @@ async def test_a_bad_or_missing_signature_is_403_and_nothing_is_published(stack:
     )
     assert tampered.status_code == 403
     assert await inbound_count(stack) == 0
+
+
+async def test_a_signature_failure_names_the_url_it_was_checked_against(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The proxy / ngrok trap: the answer and the log say which URL the check used."""
+    form = sms_form("hi")
+    local = RequestValidator(TWILIO_TOKEN).compute_signature(stack.sms_url + "/twilio/sms", form)
+    with caplog.at_level(logging.WARNING):
+        refused = await post_signed(stack, "/twilio/sms", form, signature=local)
+    assert refused.status_code == 403
+    error = refused.json()["error"]
+    assert error["details"] == {"reason": "mismatch", "url": SMS_PUBLIC_URL + "/twilio/sms"}
+    assert SMS_PUBLIC_URL + "/twilio/sms" in error["message"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "switchboard.http"]
+    assert any(SMS_PUBLIC_URL + "/twilio/sms" in line for line in logged), logged
+    status = sms_form("x", MessageStatus="delivered")
+    async with httpx.AsyncClient(base_url=stack.sms_url) as client:
+        missing = await client.post("/twilio/sms/status?turn=t1&part=0", data=status)
+    assert missing.json()["error"]["details"] == {
+        "reason": "missing",
+        "url": SMS_PUBLIC_URL + "/twilio/sms/status?turn=t1&part=0",
+    }
 
 
 async def test_the_signature_is_checked_against_the_public_url_not_ours(stack: Stack) -> None:

@@ -130,7 +130,7 @@ async def test_the_event_log_shows_each_turn_once_in_order_with_other_events(sto
     assert [e.type for e in events] == ["turn.created", "handoff.started", "turn.created"]
     stored = await store.get_turn(conv.id, first.seq)
     assert stored is not None
-    assert events[0] == turn_created_event(stored, "live")
+    assert events[0] == turn_created_event(stored, "live", conv.channel)
     assert events[1] == handoff
     assert [e.id for e in await store.list_events(conv.id, 2, 10)] == ["evt_turn.created_t2"]
 

@@ -218,6 +218,8 @@ async def test_unsigned_voice_webhooks_are_403(stack: Stack) -> None:
             "/twilio/voice", data={"CallSid": "CA1", "AccountSid": TWILIO_SID}
         )
     assert response.status_code == 403
+    # Which URL the check used, so a proxy or tunnel mismatch is obvious.
+    assert response.json()["error"]["details"]["url"] == VOICE_PUBLIC_URL + "/twilio/voice"
 
 
 async def _first(stack: Stack, channel: str) -> Any:

@@ -22,11 +22,12 @@ from services.api.schemas import (
     TurnResult,
 )
 from shared.envelopes import CloseConversation, Event, OpenConversation, StreamDelta, TurnReply
-from shared.errors import InvalidRequest, SwitchboardError, error_from_code
+from shared.errors import AddressRequired, InvalidRequest, SwitchboardError, error_from_code
 from shared.identity import kind_for_channel, make_identifier
-from shared.models import Conversation, Turn
+from shared.models import Conversation, Delivery, IdentifierKind, Identity, Turn
 
 Limit = Annotated[int, Parameter(ge=1, le=100)]
+REACHED_BY: dict[str, IdentifierKind] = {"sms": "phone", "email": "email"}
 
 
 class ConversationController(Controller):
@@ -40,15 +41,32 @@ class ConversationController(Controller):
     ) -> Conversation:
         if data.end_user_id and data.identity:
             raise InvalidRequest("give end_user_id or identity, not both")
+        reach = REACHED_BY.get(data.channel)  # SMS and email reach the person at an address
+        addresses: list[Identity] = []
         if data.end_user_id:
-            end_user_id = (await gateway.store.get_end_user(data.end_user_id)).id
+            end_user = await gateway.store.get_end_user(data.end_user_id)
+            end_user_id, addresses = end_user.id, list(end_user.identities)
         elif data.identity:
             ident = make_identifier(
                 kind_for_channel(data.identity.channel), data.identity.identifier
             )
+            if reach is not None and ident.kind != reach:
+                raise AddressRequired(
+                    f"a {data.channel} conversation needs a {reach} identity",
+                    details={"channel": data.channel, "identity_kind": ident.kind},
+                )
             end_user_id, _ = await gateway.store.resolve_identity(ident.kind, ident.normalized)
+            addresses = [Identity(kind=ident.kind, value=ident.normalized)]
         else:
             end_user_id = await gateway.store.create_anonymous_user()
+        user_address = None
+        if reach is not None:
+            user_address = next((i.value for i in addresses if i.kind == reach), None)
+            if user_address is None:
+                raise AddressRequired(
+                    f"a {data.channel} conversation needs the end user's {reach}: give identity",
+                    details={"channel": data.channel},
+                )
         return await gateway.command(
             "open_conversation",
             OpenConversation(
@@ -58,6 +76,7 @@ class ConversationController(Controller):
                 end_user_id=end_user_id,
                 context_variables=data.context_variables,
                 actor=request.state.api_key.id,
+                user_address=user_address,
             ),
         )
 
@@ -222,6 +241,12 @@ class ConversationController(Controller):
         turns = await gateway.store.turns_after(conv.id, after, limit)
         more = bool(turns) and turns[-1].seq < conv.last_seq
         return ItemList(items=turns, next_cursor=str(turns[-1].seq) if more else None)
+
+    @get("/{conversation_id:str}/deliveries")
+    async def deliveries(self, conversation_id: str, gateway: Gateway) -> ItemList[Delivery]:
+        """How each outbound message fared with its provider: status, provider ids, errors."""
+        conv = await gateway.store.get_conversation(conversation_id)
+        return ItemList(items=await gateway.store.list_deliveries(conv.id))
 
 
 def _turn_body(reply: TurnReply, include_evidence: bool) -> tuple[TurnResult | QueuedTurn, int]:
