@@ -63,7 +63,7 @@ async def test_turn_created_webhooks_carry_the_text_and_the_channel(
     assert events[1]["data"]["text"] == answer.json()["text"]
     # The audit trail shows the same event, text and channel included.
     trail = (await stack.api.get(f"/v1/conversations/{cid}/events")).json()["items"]
-    assert [e for e in trail if e["type"] == "turn.created"][0]["data"] == events[0]["data"]
+    assert next(e for e in trail if e["type"] == "turn.created")["data"] == events[0]["data"]
 
 
 def _seq(event: dict[str, Any]) -> int:
@@ -98,7 +98,8 @@ async def test_sms_delivery_status_reaches_webhooks_and_deliveries_are_readable(
     assert event["data"]["status"] == "delivered"
     assert event["data"]["turn_id"] == delivery["turn_id"]
     delivered = await deliveries()
-    assert delivered is not None and delivered[0]["status"] == "delivered"
+    assert delivered is not None
+    assert delivered[0]["status"] == "delivered"
 
 
 async def test_an_email_bounce_reaches_webhooks(stack: Stack, hook: Receiver) -> None:
