@@ -3,7 +3,8 @@
 One atomic script per limit: count the hit in the current window and, past the limit, answer how
 many milliseconds remain until the window resets (the `Retry-After` a client should honour). A
 window is a key that expires by itself, so nothing needs cleaning up. Several limits can ride on
-one pipeline with other reads, so a hot path pays one round trip for all of them.
+one pipeline with other reads (`Store.get_conversation_rate_limited`), so a hot path pays one
+round trip for all of them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 
 from shared.errors import RateLimited
+from shared.store.connection import Connection
 
 # KEYS: the window's counter. ARGV: limit, window in milliseconds.
 # Returns 0 when allowed, else the milliseconds until the window resets.
@@ -38,12 +39,14 @@ class Limit:
 
 
 class RateLimiter:
-    def __init__(self, client: redis.Redis, namespace: str = "") -> None:
-        self.ns = f"{namespace}:" if namespace else ""
-        self._hit = client.register_script(_HIT)
+    """Counts hits on the store's connection (`RateLimiter(store.connection)`)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._keys = connection.keys
+        self._hit = connection.script(_HIT)
 
     def _args(self, limit: Limit) -> tuple[list[str], list[int]]:
-        return [f"{self.ns}rate:{limit.bucket}"], [limit.limit, int(limit.window_seconds * 1000)]
+        return [self._keys.rate(limit.bucket)], [limit.limit, int(limit.window_seconds * 1000)]
 
     async def check(self, limit: Limit) -> None:
         """Count one hit; raise RateLimited once the limit is reached in the window."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis.asyncio as redis
 
 from services.supervisor.embedded import ChildProcess, free_port, start_nats, start_valkey
 
@@ -47,6 +48,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 @pytest.fixture
 def namespace() -> str:
     return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def valkey(servers: Servers) -> AsyncIterator[redis.Redis]:
+    """A raw client, for tests that inspect what the store wrote (services never get one)."""
+    client = redis.Redis.from_url(servers.redis_url)
+    yield client
+    await client.aclose()
 
 
 async def eventually(

@@ -41,7 +41,7 @@ class Gateway:
         self.bus = bus
         self.store = store
         self.subjects = bus.subjects
-        self.limiter = RateLimiter(store.redis, settings.namespace)
+        self.limiter = RateLimiter(store.connection)
         self._end_users: dict[str, str] = {}  # conversation id -> end user id
 
     def key_limit(self, key_id: str) -> Limit:
@@ -62,10 +62,7 @@ class Gateway:
         limits = [self.key_limit(key_id)]
         if end_user is not None:
             limits.append(self.end_user_limit(end_user))
-        conv, results = await self.store.get_conversation_with(
-            conversation_id, lambda pipe: self.limiter.queue(pipe, limits)
-        )
-        self.limiter.verdict(limits, results)
+        conv = await self.store.get_conversation_rate_limited(conversation_id, self.limiter, limits)
         if end_user is None:
             if len(self._end_users) >= 100_000:
                 self._end_users.clear()

@@ -59,7 +59,7 @@ def create_app(settings: SmsSettings) -> Litestar:
         metrics=metrics,
     )
     store = Store(settings.redis_url, settings.namespace)
-    limiter = RateLimiter(store.redis, settings.namespace)
+    limiter = RateLimiter(store.connection)
 
     async def ready() -> dict[str, bool]:
         return {"nats": bus.ready, "redis": await store.ping()}

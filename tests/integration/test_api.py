@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+import redis.asyncio as redis
 
 from tests.conftest import Stack, make_key
 
@@ -281,16 +282,12 @@ async def test_scopes_nest_client_under_operator_under_admin(stack: Stack) -> No
         assert (await client.post("/v1/agents", json={"name": "x"})).status_code == 403
 
 
-async def test_keys_are_stored_only_as_hashes(stack: Stack) -> None:
+async def test_keys_are_stored_only_as_hashes(stack: Stack, valkey: redis.Redis) -> None:
     secret = await make_key(stack, "operator")
-    core_store = stack.core.store
-    values = [
-        await core_store.redis.get(k)
-        for k in await core_store.redis.keys(f"{stack.namespace}:apikey:*")
-    ]
+    values = [await valkey.get(k) for k in await valkey.keys(f"{stack.namespace}:apikey:*")]
     assert values
     assert all(secret.encode() not in (v or b"") for v in values)
-    keys = [k.decode() for k in await core_store.redis.keys(f"{stack.namespace}:*")]
+    keys = [k.decode() for k in await valkey.keys(f"{stack.namespace}:*")]
     assert all(secret not in k for k in keys)
 
 

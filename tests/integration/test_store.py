@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
+import redis.asyncio as redis
 
 from services.core.lifecycle import ACCEPTS_USER_TURNS, transition
 from shared.envelopes import Event, turn_created_event
@@ -196,12 +197,14 @@ async def test_concurrent_identity_resolution_creates_one_end_user(store: Store)
     assert user.identities[0].value == "+14155550109"
 
 
-async def test_keys_are_hash_tagged_by_conversation(store: Store) -> None:
+async def test_keys_are_hash_tagged_by_conversation(
+    store: Store, valkey: redis.Redis, namespace: str
+) -> None:
     conv = await new_conversation(store, "conv_tagged")
     await store.append_turn(
         turn(conv.id, "x"), allowed=ACCEPTS_USER_TURNS, dedupe_key="e", dedupe_ttl=60
     )
-    keys = [k.decode() for k in await store.redis.keys(f"{store.ns}*{{conv_tagged}}*")]
+    keys = [k.decode() for k in await valkey.keys(f"{namespace}:*{{conv_tagged}}*")]
     assert len(keys) == 4  # conversation, turn log, dedupe hash, event log: one cluster slot
 
 

@@ -1,0 +1,186 @@
+"""Conversations: the hash, the status transitions, and the indexes that find one (by id, newest
+first, by (end user, channel, our address), by the inbound envelope that opened it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import msgspec
+import redis.asyncio as redis
+
+from shared.errors import ConversationClosed, IllegalTransition, NotFound
+from shared.models import Conversation, SessionType, Status, utcnow
+from shared.store.collection import Aggregate, Page, encode, not_found, text
+from shared.store.connection import Connection
+
+if TYPE_CHECKING:
+    from shared.ratelimit import Limit, RateLimiter
+
+conversation_doc = msgspec.json.Decoder(dict[str, Any])
+
+# KEYS: conv. ARGV: new status, legal from-statuses ("a,b"), updated_at, closed reason
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'', 'not_found'} end
+for s in string.gmatch(ARGV[2], '[^,]+') do
+  if s == status then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
+    if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'closed_reason', ARGV[4]) end
+    return {status, 'ok'}
+  end
+end
+return {status, 'illegal'}
+"""
+
+
+def conversation_not_found(cid: str) -> NotFound:
+    return not_found("conversation", cid, "conversation_id")
+
+
+def status_forbids(status: str, message: str, details: dict[str, Any]) -> Exception:
+    """The error for a change the conversation's current status does not allow."""
+    error = ConversationClosed if status == "closed" else IllegalTransition
+    return error(message, details=details)
+
+
+def conversation_from_hash(raw: dict[Any, Any]) -> Conversation:
+    doc = conversation_doc.decode(raw[b"doc"])
+    doc["status"] = raw[b"status"].decode()
+    doc["last_seq"] = int(raw[b"last_seq"])
+    doc["updated_at"] = datetime.fromisoformat(raw[b"updated_at"].decode())
+    for field in (b"closed_reason", b"approval_id"):
+        if field in raw:
+            doc[field.decode()] = raw[field].decode()
+    return msgspec.convert(doc, Conversation, strict=False)
+
+
+class Conversations(Aggregate):
+    def __init__(self, connection: Connection) -> None:
+        super().__init__(connection)
+        self._transition = connection.script(_TRANSITION)
+
+    async def create_conversation(self, conv: Conversation) -> None:
+        doc = msgspec.structs.asdict(conv)
+        status, last_seq = doc.pop("status"), doc.pop("last_seq")
+        doc.pop("updated_at")
+        doc.pop("closed_reason")
+        doc.pop("approval_id")
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(
+            self._k.conversation(conv.id),
+            mapping={
+                "doc": encode(doc),
+                "status": status,
+                "last_seq": last_seq,
+                "updated_at": conv.updated_at.isoformat(),
+            },
+        )
+        # Ids are time-sortable, so a lexicographic index pages in creation order.
+        pipe.zadd(self._k.conversations(), {conv.id: 0})
+        await pipe.execute()
+
+    async def get_conversation(self, cid: str) -> Conversation:
+        raw = await self._r.hgetall(self._k.conversation(cid))
+        if not raw:
+            raise conversation_not_found(cid)
+        return conversation_from_hash(raw)
+
+    async def session_type_of(self, cid: str | None) -> SessionType:
+        """The session type of a conversation; `live` when there is none (or it was erased), so
+        provider events about unknown messages still reach webhooks."""
+        doc = await self._r.hget(self._k.conversation(cid), "doc") if cid else None
+        return cast(
+            SessionType, conversation_doc.decode(doc).get("session_type", "live") if doc else "live"
+        )
+
+    async def get_conversation_rate_limited(
+        self, cid: str, limiter: RateLimiter, limits: list[Limit]
+    ) -> Conversation:
+        """The conversation, with one hit of each limit counted in the same round trip.
+        Raises NotFound before RateLimited: an unknown conversation is the caller's first problem."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hgetall(self._k.conversation(cid))
+        limiter.queue(pipe, limits)
+        raw, *results = await pipe.execute()
+        if not raw:
+            raise conversation_not_found(cid)
+        limiter.verdict(limits, results)
+        return conversation_from_hash(raw)
+
+    async def get_conversations(self, ids: Sequence[str]) -> list[Conversation]:
+        raws = await self._hashes(self._k.conversation(cid) for cid in ids)
+        return [conversation_from_hash(raw) for raw in raws]
+
+    async def list_conversations(
+        self, *, cursor: str | None, limit: int, filters: dict[str, str]
+    ) -> Page[Conversation]:
+        """Newest first; `cursor` is the last id of the previous page. Filters apply per page scan."""
+        return await self._page_newest_first(
+            self._k.conversations(),
+            cursor=cursor,
+            limit=limit,
+            load=self.get_conversations,
+            keep=lambda conv: all(str(getattr(conv, f)) == v for f, v in filters.items()),
+            id_of=lambda conv: conv.id,
+        )
+
+    async def transition(
+        self, cid: str, to: Status, legal_from: Iterable[str], reason: str = ""
+    ) -> Status:
+        """Atomically move to `to` if the current status is one of `legal_from`; returns the old one."""
+        now = utcnow().isoformat()
+        old, outcome = await self._transition(
+            keys=[self._k.conversation(cid)], args=[to, ",".join(legal_from), now, reason]
+        )
+        old_status: Status = text(old)  # type: ignore[assignment]
+        if outcome == b"not_found":
+            raise conversation_not_found(cid)
+        if outcome == b"illegal":
+            raise status_forbids(
+                old_status,
+                f"conversation is {old_status}; cannot become {to}",
+                {"status": old_status, "requested": to},
+            )
+        return old_status
+
+    async def set_approval_id(self, cid: str, aid: str) -> None:
+        await self._r.hset(self._k.conversation(cid), "approval_id", aid)
+
+    # Which conversation an inbound envelope belongs to ------------------------------------------
+
+    async def open_conversation_id(
+        self, end_user_id: str, channel: str, address: str
+    ) -> str | None:
+        return await self._text_at(self._k.open_conversation(end_user_id, channel, address))
+
+    async def claim_open_conversation(
+        self, end_user_id: str, channel: str, address: str, cid: str, previous: str | None
+    ) -> str:
+        """Point the (user, channel, our address) index at `cid` unless someone else got there first.
+
+        `previous` is the closed conversation the index pointed at, replaced only if still there.
+        """
+        key = self._k.open_conversation(end_user_id, channel, address)
+        async with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    current = await pipe.get(key)
+                    current_id = text(current) if current else None
+                    if current_id is not None and current_id != previous:
+                        return current_id
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(key, cid)
+                    await pipe.execute()
+                    return cid
+                except redis.WatchError:
+                    continue
+
+    async def remember_inbound(self, envelope_id: str, cid: str, ttl: int) -> None:
+        """Map an envelope to the conversation it opened, so a redelivery finds the same one."""
+        await self._r.set(self._k.inbound(envelope_id), cid, ex=ttl, nx=True)
+
+    async def inbound_conversation(self, envelope_id: str) -> str | None:
+        return await self._text_at(self._k.inbound(envelope_id))

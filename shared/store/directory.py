@@ -1,0 +1,146 @@
+"""The directory: end users and their identities, agents and their (immutable) revisions, API keys
+(stored under the hash of their secret only), and webhook subscriptions with their delivery log."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import TypeVar
+
+from shared.ids import new_id
+from shared.models import (
+    Agent,
+    ApiKey,
+    EndUser,
+    IdentifierKind,
+    Identity,
+    Revision,
+    WebhookDelivery,
+    WebhookSubscription,
+    utcnow,
+)
+from shared.store.collection import Aggregate, Codec, encode, not_found, text
+
+T = TypeVar("T")
+
+_end_user = Codec(EndUser)
+_agent = Codec(Agent)
+_revision = Codec(Revision)
+_api_key = Codec(ApiKey)
+_webhook = Codec(WebhookSubscription)
+_webhook_delivery = Codec(WebhookDelivery)
+
+
+def hash_api_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Directory(Aggregate):
+    # End users and identities -------------------------------------------------------------------
+
+    async def resolve_identity(self, kind: IdentifierKind, value: str) -> tuple[str, bool]:
+        """(end_user_id, created). Creates the user first, then claims the identifier, so a crash
+        between the two leaves at most an orphan user, never an identifier pointing at nothing."""
+        ident = self._k.identity(kind, value)
+        existing = await self._r.get(ident)
+        if existing:
+            return text(existing), False
+        user = EndUser(
+            id=new_id("usr"), created_at=utcnow(), identities=(Identity(kind=kind, value=value),)
+        )
+        await self._r.set(self._k.end_user(user.id), encode(user))
+        if await self._r.set(ident, user.id, nx=True):
+            return user.id, True
+        await self._r.delete(self._k.end_user(user.id))
+        winner = await self._r.get(ident)
+        return text(winner), False
+
+    async def create_anonymous_user(self) -> str:
+        user = EndUser(id=new_id("usr"), created_at=utcnow())
+        await self._r.set(self._k.end_user(user.id), encode(user))
+        return user.id
+
+    async def get_end_user(self, uid: str) -> EndUser:
+        if (user := await self._decoded(self._k.end_user(uid), _end_user)) is None:
+            raise not_found("end user", uid, "end_user_id")
+        return user
+
+    # Agents and revisions (immutable once written) -----------------------------------------------
+
+    async def put_agent(self, agent: Agent) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(self._k.agent(agent.id), encode(agent))
+        pipe.zadd(self._k.agents(), {agent.id: 0})
+        await pipe.execute()
+
+    async def get_agent(self, agent_id: str) -> Agent:
+        if (agent := await self._decoded(self._k.agent(agent_id), _agent)) is None:
+            raise not_found("agent", agent_id)
+        return agent
+
+    async def list_agents(self) -> list[Agent]:
+        return await self._all_in(self._k.agents(), self._k.agent, _agent)
+
+    async def next_revision_number(self, agent_id: str) -> int:
+        return int(await self._r.incr(self._k.revision_counter(agent_id)))
+
+    async def put_revision(self, revision: Revision) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(self._k.revision(revision.id), encode(revision))
+        pipe.zadd(self._k.revisions(revision.agent_id), {revision.id: revision.number})
+        await pipe.execute()
+
+    async def get_revision(self, revision_id: str) -> Revision:
+        if (revision := await self._decoded(self._k.revision(revision_id), _revision)) is None:
+            raise not_found("revision", revision_id)
+        return revision
+
+    async def list_revisions(self, agent_id: str) -> list[Revision]:
+        return await self._all_in(self._k.revisions(agent_id), self._k.revision, _revision)
+
+    async def _all_in(self, index: str, key: Callable[[str], str], codec: Codec[T]) -> list[T]:
+        """Every document an index (sorted set of ids) names, in index order."""
+        ids = await self._r.zrange(index, 0, -1)
+        raws = await self._r.mget([key(text(i)) for i in ids]) if ids else []
+        return codec.decode_present(raws)
+
+    # API keys ------------------------------------------------------------------------------------
+
+    async def put_api_key(self, key: ApiKey, secret_hash: str) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(self._k.api_key(secret_hash), encode(key))
+        pipe.zadd(self._k.api_keys(), {key.id: 0})
+        await pipe.execute()
+
+    async def api_key_by_hash(self, secret_hash: str) -> ApiKey | None:
+        return await self._decoded(self._k.api_key(secret_hash), _api_key)
+
+    # Webhook subscriptions -----------------------------------------------------------------------
+
+    async def put_webhook(self, sub: WebhookSubscription) -> None:
+        await self._r.hset(self._k.webhooks(), sub.id, encode(sub))
+
+    async def list_webhooks(self) -> list[WebhookSubscription]:
+        raw = await self._r.hgetall(self._k.webhooks())
+        return sorted(_webhook.decode_present(raw.values()), key=lambda s: s.id)
+
+    async def get_webhook(self, wid: str) -> WebhookSubscription:
+        raw = await self._r.hget(self._k.webhooks(), wid)
+        if not raw:
+            raise not_found("webhook", wid, "webhook_id")
+        return _webhook.decode(raw)
+
+    async def delete_webhook(self, wid: str) -> None:
+        if not await self._r.hdel(self._k.webhooks(), wid):
+            raise not_found("webhook", wid, "webhook_id")
+
+    async def log_delivery(self, wid: str, delivery: WebhookDelivery, keep: int = 200) -> None:
+        key = self._k.webhook_log(wid)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.lpush(key, encode(delivery))
+        pipe.ltrim(key, 0, keep - 1)
+        await pipe.execute()
+
+    async def deliveries(self, wid: str, limit: int = 50) -> list[WebhookDelivery]:
+        raws = await self._r.lrange(self._k.webhook_log(wid), 0, limit - 1)
+        return _webhook_delivery.decode_present(raws)
