@@ -3,6 +3,18 @@
 Delivery is at-least-once. A consumer's handler is called; when it returns the message is acked,
 when it raises `Undeliverable` the message goes to the DEAD stream at once, and when it raises
 anything else it is redelivered with backoff until `max_deliver`, then dead-lettered with the reason.
+
+Two kinds of outage are not the message's fault and never spend its deliveries:
+- NATS or Valkey down (`TRANSIENT`): the consumer keeps the message in hand and retries in place.
+- A provider down (`ProviderUnavailable`: the SMTP relay, Twilio 5xx/429, a customer's endpoint):
+  on a consumer with a `Hold`, the message is nak'd with a jittered exponential delay (the
+  consumer's `max_deliver` is unlimited, so nothing is spent) until it is `Hold.horizon` seconds
+  old, counted from when JetStream stored it (durable: no state of ours). Past the horizon it is
+  dead-lettered like any other failure. `max_ack_pending=1` consumers keep their order: a nak'd
+  message stays pending, so nothing behind it overtakes it.
+
+Before any dead letter, the consumer's `on_dead` hook runs (egress marks the delivery `failed`
+and raises `delivery.failed`). Dead letters can be listed and replayed (`dead_letters`, `replay`).
 """
 
 from __future__ import annotations
@@ -10,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +43,15 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import (
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from redis import exceptions as redis_errors
 
-from shared.envelopes import DeadLetter
+from shared.envelopes import DeadLetter, DeadLetterReplay
 from shared.errors import Unavailable
 from shared.ids import new_id
 from shared.models import utcnow
@@ -42,6 +61,8 @@ from shared.telemetry import Metrics
 log = logging.getLogger("switchboard.bus")
 
 DAY = 24 * 3600.0
+_dead_letter = msgspec.json.Decoder(DeadLetter)
+_replay = msgspec.json.Decoder(DeadLetterReplay)
 
 
 class Undeliverable(Exception):
@@ -49,6 +70,17 @@ class Undeliverable(Exception):
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
+        self.reason = reason
+
+
+class ProviderUnavailable(Exception):
+    """The provider behind a consumer (SMTP relay, Twilio, a customer's endpoint) cannot take the
+    message now (unreachable, 5xx, 429, SMTP 4xx). Nothing is wrong with the message: a consumer
+    with a `Hold` keeps it and tries again later, until the horizon."""
+
+    def __init__(self, provider: str, reason: str) -> None:
+        super().__init__(f"{provider}: {reason}")
+        self.provider = provider
         self.reason = reason
 
 
@@ -60,10 +92,44 @@ class Delivery:
     data: bytes
     headers: dict[str, str]
     attempt: int
+    stored_at: float = 0.0  # Unix seconds: when JetStream stored the message
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
 Backoff = Callable[[int], float]
+DeadHook = Callable[[Delivery, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Hold:
+    """How a consumer rides out a provider outage: delays from `base_delay` doubling per delivery,
+    capped at `max_delay`, with jitter (×0.5–1, so held messages do not return in one burst),
+    until the message is `horizon` seconds old."""
+
+    horizon: float
+    base_delay: float = 1.0
+    max_delay: float = 300.0
+
+    def delay(self, attempt: int, age: float) -> float:
+        raw = min(self.max_delay, self.base_delay * 2.0 ** min(attempt - 1, 40))
+        return max(0.0, min(raw * random.uniform(0.5, 1.0), self.horizon - age))
+
+
+@dataclass(frozen=True)
+class DeadLetterEntry:
+    """A dead letter as the DEAD stream holds it, and its replay if it had one."""
+
+    seq: int
+    letter: DeadLetter
+    replay: DeadLetterReplay | None
+
+
+@dataclass(frozen=True)
+class _Policy:
+    max_deliver: int
+    backoff: Backoff
+    hold: Hold | None
+    on_dead: DeadHook | None
 
 
 def short_backoff(attempt: int) -> float:
@@ -250,8 +316,94 @@ class Bus:
             self.metrics.dead_letters.labels(reason=reason.split(":")[0]).inc()
         log.error(
             "dead-lettered",
-            extra={"subject": source_subject, "reason": reason, "deliveries": deliveries},
+            extra={
+                "subject": source_subject,
+                "reason": reason,
+                "deliveries": deliveries,
+                "dead_letter_id": letter.id,
+                "console": f"dead letter {letter.id} from {source_subject}: {reason[:200]}",
+            },
         )
+
+    # Dead letters: list and replay ------------------------------------------------------------
+
+    async def dead_letters(self, *, after_seq: int = 0, limit: int = 50) -> list[DeadLetterEntry]:
+        """Dead letters in the order they died, from stream sequence `after_seq` + 1 on."""
+        entries: list[DeadLetterEntry] = []
+        seq = after_seq + 1
+        while len(entries) < limit:
+            try:
+                raw = await self.js.get_msg(
+                    self.subjects.dead_stream, seq, subject=self.subjects.dead("*"), next=True
+                )
+            except NotFoundError:
+                break
+            assert raw.seq is not None
+            seq = raw.seq + 1
+            try:
+                letter = _dead_letter.decode(raw.data or b"")
+            except msgspec.DecodeError:
+                continue  # not ours: nothing to show or replay
+            entries.append(DeadLetterEntry(raw.seq, letter, await self._replay_of(letter.id)))
+        return entries
+
+    async def dead_letter_by_id(self, letter_id: str) -> DeadLetterEntry | None:
+        after = 0
+        while page := await self.dead_letters(after_seq=after, limit=200):
+            for entry in page:
+                if entry.letter.id == letter_id:
+                    return entry
+            after = page[-1].seq
+        return None
+
+    async def replay(self, entry: DeadLetterEntry) -> DeadLetterReplay:
+        """Put a dead letter back on the subject it died on; a second replay changes nothing.
+
+        The republished message carries `Nats-Msg-Id` = `replay_<letter id>` (JetStream drops a
+        repeat inside its duplicate window) and a durable marker on `gw.dead.replayed.<id>` says
+        it was replayed (so a later replay is refused). Consumers dedupe on the envelope id
+        inside (core's turn dedupe, egress's delivery record), so a replay of something that had
+        in fact been applied never doubles a turn or a reply.
+        """
+        letter = entry.letter
+        done = entry.replay or await self._replay_of(letter.id)
+        if done is not None:
+            return done
+        await self.publish(
+            letter.source_subject,
+            letter.payload.encode(),
+            msg_id=f"replay_{letter.id}",
+            headers={"Switchboard-Replay-Of": letter.id},
+        )
+        replay = DeadLetterReplay(letter_id=letter.id, replayed_at=utcnow())
+        ack = await self.publish(
+            self._replay_subject(letter.id),
+            msgspec.json.encode(replay),
+            msg_id=f"replayed_{letter.id}",
+        )
+        if ack.duplicate:  # a concurrent replay got there first: its marker is the one
+            return await self._replay_of(letter.id) or replay
+        log.info(
+            "dead letter replayed",
+            extra={
+                "dead_letter_id": letter.id,
+                "subject": letter.source_subject,
+                "console": f"dead letter {letter.id} replayed onto {letter.source_subject}",
+            },
+        )
+        return replay
+
+    def _replay_subject(self, letter_id: str) -> str:
+        return self.subjects.dead(f"replayed.{letter_id}")
+
+    async def _replay_of(self, letter_id: str) -> DeadLetterReplay | None:
+        try:
+            raw = await self.js.get_last_msg(
+                self.subjects.dead_stream, self._replay_subject(letter_id)
+            )
+        except NotFoundError:
+            return None
+        return _replay.decode(raw.data or b"")
 
     # Consuming --------------------------------------------------------------------------------
 
@@ -269,6 +421,8 @@ class Bus:
         workers: int = 1,
         backoff: Backoff = short_backoff,
         before_batch: Callable[[], Awaitable[None]] | None = None,
+        hold: Hold | None = None,
+        on_dead: DeadHook | None = None,
     ) -> None:
         """Run `handler` for every message of a durable pull consumer, in tasks this bus owns.
 
@@ -278,6 +432,8 @@ class Bus:
         `max_ack_pending=1` makes the consumer strictly ordered across every replica bound to the
         same durable: the next message is handed out only after the previous one is acked.
         `workers` > 1 handles that many messages at once (for consumers that need no order).
+        `hold` holds messages through provider outages (see the module docstring); `on_dead` runs
+        before a message of this consumer is dead-lettered, with the reason.
         """
         config = ConsumerConfig(
             durable_name=durable,
@@ -286,9 +442,14 @@ class Bus:
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=ack_wait,
             max_ack_pending=max_ack_pending,
-            # The server's own cap sits above ours so the last attempt is always ours to dead-letter.
-            max_deliver=max_deliver + 1,
+            # The server's own cap sits above ours so the last attempt is always ours to dead-letter;
+            # a holding consumer has none: an outage may take any number of deliveries.
+            max_deliver=-1 if hold is not None else max_deliver + 1,
         )
+        policy = _Policy(max_deliver, backoff, hold, on_dead)
+        with contextlib.suppress(Exception):
+            # Create, or update a durable made by an older version (pull_subscribe only creates).
+            await self.js.add_consumer(stream, config)
         for worker in range(workers):
             # One pull subscription per worker: fetches on a shared one would mix their replies.
             sub = await self.js.pull_subscribe(
@@ -296,7 +457,7 @@ class Bus:
             )
             self._pull_subs.append(sub)
             task = asyncio.create_task(
-                self._pull_loop(sub, handler, batch, max_deliver, backoff, before_batch),
+                self._pull_loop(sub, handler, batch, policy, before_batch),
                 name=f"consume:{durable}:{worker}",
             )
             self._consumers.append(task)
@@ -306,8 +467,7 @@ class Bus:
         sub: JetStreamContext.PullSubscription,
         handler: Handler,
         batch: int,
-        max_deliver: int,
-        backoff: Backoff,
+        policy: _Policy,
         before_batch: Callable[[], Awaitable[None]] | None,
     ) -> None:
         me = asyncio.current_task()
@@ -331,7 +491,7 @@ class Bus:
             for msg in msgs:
                 # Shielded: a shutdown waits for the message in hand to be finished and acked.
                 try:
-                    await asyncio.shield(self._handle(msg, handler, max_deliver, backoff))
+                    await asyncio.shield(self._handle(msg, handler, policy))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -357,31 +517,55 @@ class Bus:
                 pause = min(pause * 2, 2.0)
         return False
 
-    async def _handle(self, msg: Msg, handler: Handler, max_deliver: int, backoff: Backoff) -> None:
+    async def _handle(self, msg: Msg, handler: Handler, policy: _Policy) -> None:
         attempt = msg.metadata.num_delivered or 1
+        stamp = msg.metadata.timestamp
         delivery = Delivery(
-            subject=msg.subject, data=msg.data, headers=dict(msg.headers or {}), attempt=attempt
+            subject=msg.subject,
+            data=msg.data,
+            headers=dict(msg.headers or {}),
+            attempt=attempt,
+            stored_at=stamp.timestamp() if stamp else time.time(),
         )
         try:
             await self._run_through_outages(msg, handler, delivery)
         except Undeliverable as exc:
-            await self._dead_letter_and_ack(msg, exc.reason, attempt)
+            await self._dead_letter_and_ack(msg, delivery, exc.reason, policy)
+        except ProviderUnavailable as exc:
+            if policy.hold is None:
+                await self._failed(msg, delivery, exc, policy)
+                return
+            age = time.time() - delivery.stored_at
+            if age >= policy.hold.horizon:
+                reason = f"gave_up: {exc} (held {age:.0f}s over {attempt} deliveries)"
+                await self._dead_letter_and_ack(msg, delivery, reason, policy)
+                return
+            delay = policy.hold.delay(attempt, age)
+            log.debug(
+                "provider unavailable, holding the message",
+                extra={"subject": msg.subject, "attempt": attempt, "delay": round(delay, 2)},
+            )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=delay)
         except Exception as exc:
-            if attempt >= max_deliver:
-                await self._dead_letter_and_ack(
-                    msg, f"max_deliver: {type(exc).__name__}: {exc}", attempt
-                )
-            else:
-                log.warning(
-                    "handler failed, will redeliver",
-                    exc_info=True,
-                    extra={"subject": msg.subject, "attempt": attempt},
-                )
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=backoff(attempt))
+            await self._failed(msg, delivery, exc, policy)
         else:
             with contextlib.suppress(Exception):  # a lost ack means a redelivery, which dedupes
                 await msg.ack()
+
+    async def _failed(self, msg: Msg, delivery: Delivery, exc: Exception, policy: _Policy) -> None:
+        """A failure that may be the message's own: retried with backoff, up to `max_deliver`."""
+        if delivery.attempt >= policy.max_deliver:
+            reason = f"max_deliver: {type(exc).__name__}: {exc}"
+            await self._dead_letter_and_ack(msg, delivery, reason, policy)
+            return
+        log.warning(
+            "handler failed, will redeliver",
+            exc_info=True,
+            extra={"subject": msg.subject, "attempt": delivery.attempt},
+        )
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=policy.backoff(delivery.attempt))
 
     async def _run_through_outages(self, msg: Msg, handler: Handler, delivery: Delivery) -> None:
         """Run the handler; while a dependency is down, hold the message and try again.
@@ -410,8 +594,12 @@ class Bus:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
-    async def _dead_letter_and_ack(self, msg: Msg, reason: str, attempt: int) -> None:
-        await self.dead_letter(msg.subject, msg.data, reason, attempt)
+    async def _dead_letter_and_ack(
+        self, msg: Msg, delivery: Delivery, reason: str, policy: _Policy
+    ) -> None:
+        if policy.on_dead is not None:
+            await policy.on_dead(delivery, reason)
+        await self.dead_letter(msg.subject, msg.data, reason, delivery.attempt)
         await msg.ack()
 
     # Core NATS request/reply ------------------------------------------------------------------

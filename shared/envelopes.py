@@ -197,6 +197,13 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     payload: str  # the original bytes, decoded as UTF-8 with replacement
 
 
+class DeadLetterReplay(msgspec.Struct, frozen=True, kw_only=True):
+    """The durable marker that a dead letter was put back on its subject (`gw.dead.replayed.<id>`)."""
+
+    letter_id: str
+    replayed_at: datetime
+
+
 # Commands to core (request/reply on gw.cmd.<verb>).
 
 

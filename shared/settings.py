@@ -142,16 +142,25 @@ class SmsSettings(TwilioSettings, kw_only=True, frozen=True):
 class EgressSettings(TwilioSettings, kw_only=True, frozen=True):
     egress_health_port: int = 8091
     webhook_timeout_seconds: float = 10.0
-    # Attempts per event and subscription; the delay doubles from the base, capped at 10 minutes.
+    # Deliveries of one webhook job, SMS or email that fails for an unexpected reason (not an
+    # outage) before it is dead-lettered. Outages are held until the horizons below instead.
     webhook_max_attempts: int = 8
+    # First delay after a failed webhook attempt; it doubles, capped at egress_retry_max_delay.
     webhook_backoff_seconds: float = 2.0
     webhook_workers: int = 8
-    # Attempts per outbound SMS on 429/5xx before it is dead-lettered with Twilio's error.
     sms_max_attempts: int = 6
     smtp_relay_host: str = "127.0.0.1"
     smtp_relay_port: int = 1025
     smtp_relay_timeout_seconds: float = 15.0
     email_max_attempts: int = 6
+    # Provider outages (relay unreachable or 4xx, Twilio 429/5xx or unreachable, a customer's
+    # endpoint failing): the message is held and retried, delays doubling from the base with
+    # jitter up to the cap, until it is this old; then it is marked failed and dead-lettered.
+    email_retry_horizon_seconds: float = 24 * 3600.0
+    sms_retry_horizon_seconds: float = 4 * 3600.0
+    webhook_retry_horizon_seconds: float = 8 * 3600.0
+    egress_retry_base_seconds: float = 1.0
+    egress_retry_max_delay_seconds: float = 300.0
 
 
 class EmailSettings(CommonSettings, kw_only=True, frozen=True):

@@ -109,6 +109,7 @@ class SmtpSink:
         self.messages: list[Any] = []
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._sessions: list[Any] = []
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         import email
@@ -120,16 +121,29 @@ class SmtpSink:
         return "250 OK"
 
     async def start(self) -> None:
+        """Listen on a free port, or again on the same one after `stop` (an outage ending)."""
         from aiosmtpd.smtp import SMTP
 
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: SMTP(self, loop=loop), "127.0.0.1", 0)
+
+        def session() -> Any:
+            smtp = SMTP(self, loop=loop)
+            self._sessions.append(smtp)
+            return smtp
+
+        self._server = await loop.create_server(session, "127.0.0.1", self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Stop listening and hang up on every client (a relay going away)."""
         if self._server is not None:
             self._server.close()
+            for smtp in self._sessions:
+                if smtp.transport is not None:
+                    smtp.transport.close()
+            self._sessions.clear()
             await self._server.wait_closed()
+            self._server = None
 
 
 @dataclass

@@ -8,10 +8,11 @@ import logging
 import httpx
 
 from services.egress.email import EmailSender
+from services.egress.outages import FailedDeliveries, Outages
 from services.egress.sms import SmsSender
 from services.egress.voice import VoiceSpeaker
 from services.egress.webhooks import Webhooks
-from shared.bus import Bus
+from shared.bus import Bus, Hold
 from shared.http import HttpServer, probe_app
 from shared.settings import EgressSettings
 from shared.store import Store
@@ -38,10 +39,12 @@ class Egress:
         self.http_client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_seconds, follow_redirects=False
         )
-        self.webhooks = Webhooks(self.bus, self.store, self.http_client)
+        self.outages = Outages()
+        self.failed = FailedDeliveries(self.bus, self.store)
+        self.webhooks = Webhooks(self.bus, self.store, self.http_client, self.outages)
         self.twilio, self.twilio_http = rest_client(settings)
-        self.sms = SmsSender(settings, self.store, self.twilio)
-        self.email = EmailSender(settings, self.store)
+        self.sms = SmsSender(settings, self.store, self.twilio, self.outages)
+        self.email = EmailSender(settings, self.store, self.outages)
         self.voice = VoiceSpeaker(settings, self.store, self.twilio)
         self.http = HttpServer(
             probe_app(self.ready, self.metrics), settings.host, settings.egress_health_port
@@ -52,6 +55,14 @@ class Egress:
 
     def webhook_backoff(self, attempt: int) -> float:
         return float(min(self.settings.webhook_backoff_seconds * 2 ** (attempt - 1), 600.0))
+
+    def hold(self, horizon: float, base: float | None = None) -> Hold:
+        """How a channel's consumer holds its messages through a provider outage."""
+        return Hold(
+            horizon=horizon,
+            base_delay=self.settings.egress_retry_base_seconds if base is None else base,
+            max_delay=self.settings.egress_retry_max_delay_seconds,
+        )
 
     async def start(self) -> None:
         await self.http.start()
@@ -76,6 +87,9 @@ class Egress:
             max_deliver=self.settings.webhook_max_attempts,
             backoff=self.webhook_backoff,
             ack_wait=self.settings.webhook_timeout_seconds + 20,
+            hold=self.hold(
+                self.settings.webhook_retry_horizon_seconds, self.settings.webhook_backoff_seconds
+            ),
         )
         for partition in range(self.settings.partitions):
             await self.bus.consume(
@@ -86,6 +100,8 @@ class Egress:
                 max_ack_pending=1,
                 max_deliver=self.settings.sms_max_attempts,
                 ack_wait=self.settings.twilio_timeout_seconds * 3 + 10,
+                hold=self.hold(self.settings.sms_retry_horizon_seconds),
+                on_dead=self.failed.mark,
             )
         await self.bus.consume(
             stream=self.subjects.outbound_stream,
@@ -95,6 +111,8 @@ class Egress:
             max_ack_pending=1,
             max_deliver=self.settings.email_max_attempts,
             ack_wait=self.settings.smtp_relay_timeout_seconds * 2 + 10,
+            hold=self.hold(self.settings.email_retry_horizon_seconds),
+            on_dead=self.failed.mark,
         )
         await self.bus.consume(
             stream=self.subjects.outbound_stream,

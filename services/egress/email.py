@@ -3,7 +3,9 @@
 Replies carry a Message-ID at our domain (indexed before sending, so the user's answer threads),
 In-Reply-To and References of the thread, `Reply-To: reply+TOKEN@domain`, `Subject: Re: …`,
 `Auto-Submitted: auto-replied` (RFC 3834: other robots must not answer), and text + HTML parts.
-One SMTP connection is reused; 4xx replies are retried, 5xx fail the delivery.
+One SMTP connection is reused. A relay that is unreachable, times out or answers 4xx is an
+outage: the reply is held and retried (`ProviderUnavailable`, up to the email retry horizon, 24 h
+by default, as MTAs queue). A 5xx answer fails the delivery at once.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import html
 import logging
 from email.message import EmailMessage
 from email.utils import formatdate
+from typing import NoReturn
 
 import aiosmtplib
 import msgspec
 
-from shared.bus import Delivery, Undeliverable, decode_or_dead
+from services.egress.outages import Outages
+from shared.bus import Delivery, ProviderUnavailable, Undeliverable, decode_or_dead
 from shared.envelopes import OutboundEnvelope
 from shared.identity import redact
 from shared.models import Delivery as DeliveryRecord
@@ -35,9 +39,11 @@ def reply_subject(subject: str) -> str:
 
 
 class EmailSender:
-    def __init__(self, settings: EgressSettings, store: Store) -> None:
+    def __init__(self, settings: EgressSettings, store: Store, outages: Outages) -> None:
         self.settings = settings
         self.store = store
+        self.outages = outages
+        self.relay = f"SMTP relay {settings.smtp_relay_host}:{settings.smtp_relay_port}"
         self.domain = settings.domains()[0]
         self._smtp: aiosmtplib.SMTP | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
@@ -93,23 +99,44 @@ class EmailSender:
                 )
             )
             raise Undeliverable(f"smtp_not_supported: {exc}") from exc
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            if all(400 <= code < 500 for code in codes):
+                await self._held(record, f"SMTP {codes[0]}: recipient refused for now")
+            await self._failed(record, str(codes[0]), str(exc))
+            raise Undeliverable(f"smtp_error {codes[0]}: recipient refused") from exc
         except aiosmtplib.SMTPResponseException as exc:
             if 400 <= exc.code < 500:
-                raise  # the relay asks us to retry: redelivered with backoff
-            await self.store.put_delivery(
-                msgspec.structs.replace(
-                    record,
-                    status="failed",
-                    error_code=str(exc.code),
-                    error_message=exc.message,
-                    updated_at=utcnow(),
-                )
-            )
+                await self._held(record, f"SMTP {exc.code}: {exc.message}")
+            await self._failed(record, str(exc.code), exc.message)
             raise Undeliverable(f"smtp_error {exc.code}: {exc.message}") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:  # unreachable, timed out, hung up
+            await self._held(record, f"{type(exc).__name__}: {exc}")
+        self.outages.recovered(self.relay)
         await self.store.put_delivery(
             msgspec.structs.replace(record, status="sent", updated_at=utcnow())
         )
         log.info("email sent", extra={"turn_id": out.turn_id, "to": redact(out.recipient)})
+
+    async def _held(self, record: DeliveryRecord, reason: str) -> NoReturn:
+        """The relay cannot take it now: say so on the record, and hold the message."""
+        self.outages.failed(self.relay, reason)
+        await self.store.put_delivery(
+            msgspec.structs.replace(record, error_message=reason, updated_at=utcnow())
+        )
+        raise ProviderUnavailable(self.relay, reason)
+
+    async def _failed(self, record: DeliveryRecord, code: str, message: str) -> None:
+        self.outages.recovered(self.relay)  # it answered: whatever it said, it is up
+        await self.store.put_delivery(
+            msgspec.structs.replace(
+                record,
+                status="failed",
+                error_code=code,
+                error_message=message,
+                updated_at=utcnow(),
+            )
+        )
 
     async def send(self, msg: EmailMessage) -> None:
         async with self._lock:

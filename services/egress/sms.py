@@ -4,17 +4,23 @@ Per-partition ordered consumers (`max_ack_pending=1`) keep each recipient's mess
 Idempotent across redeliveries: the parts already accepted by Twilio are recorded on the delivery
 before the next is sent, so a redelivery resumes instead of re-sending. (One window remains: a
 crash between Twilio's 201 and that record re-sends that one part; see the README.)
+
+Twilio unreachable, timing out, or answering 429/5xx is an outage: the message is held and retried
+(`ProviderUnavailable`, up to the SMS retry horizon) and, its partition's consumer being ordered,
+nothing for that recipient overtakes it. Twilio's 4xx error codes fail the delivery at once.
 """
 
 from __future__ import annotations
 
 import logging
 
+import aiohttp
 import msgspec
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
-from shared.bus import Delivery, Undeliverable, decode_or_dead
+from services.egress.outages import Outages
+from shared.bus import Delivery, ProviderUnavailable, Undeliverable, decode_or_dead
 from shared.envelopes import OutboundEnvelope
 from shared.identity import redact
 from shared.models import Delivery as DeliveryRecord
@@ -25,6 +31,7 @@ from shared.store import Store
 log = logging.getLogger("switchboard.egress.sms")
 _outbound = msgspec.json.Decoder(OutboundEnvelope)
 MAX_SMS = 1600  # Twilio's limit for one Messages API body
+TWILIO = "Twilio Messaging"
 
 
 def split_text(text: str, limit: int = MAX_SMS) -> list[str]:
@@ -42,10 +49,13 @@ def split_text(text: str, limit: int = MAX_SMS) -> list[str]:
 
 
 class SmsSender:
-    def __init__(self, settings: EgressSettings, store: Store, client: Client) -> None:
+    def __init__(
+        self, settings: EgressSettings, store: Store, client: Client, outages: Outages
+    ) -> None:
         self.settings = settings
         self.store = store
         self.client = client
+        self.outages = outages
         self.status_callback = settings.public_sms_url() + "/twilio/sms/status"
 
     async def deliver(self, delivery: Delivery) -> None:
@@ -85,9 +95,16 @@ class SmsSender:
                     # duplicate recognisable in Twilio's logs and in our status callbacks.
                     status_callback=f"{self.status_callback}?turn={out.turn_id}&part={index}",
                 )
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                self.outages.failed(TWILIO, reason)
+                raise ProviderUnavailable(TWILIO, reason) from exc
             except TwilioRestException as exc:
                 if exc.status == 429 or exc.status >= 500:
-                    raise  # retried with backoff by the bus, then dead-lettered
+                    reason = f"HTTP {exc.status}, error {exc.code}"
+                    self.outages.failed(TWILIO, reason)
+                    raise ProviderUnavailable(TWILIO, reason) from exc
+                self.outages.recovered(TWILIO)
                 await self.store.put_delivery(
                     msgspec.structs.replace(
                         record,
@@ -99,6 +116,7 @@ class SmsSender:
                     )
                 )
                 raise Undeliverable(f"twilio_error {exc.code}: {exc.msg}") from exc
+            self.outages.recovered(TWILIO)
             sent.append(str(message.sid))
             record = msgspec.structs.replace(
                 record,

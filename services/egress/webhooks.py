@@ -2,7 +2,9 @@
 
 Two steps, both durable: each event of a `live` session becomes one job per subscription that
 wants it (`gw.out.webhook`, Nats-Msg-Id = event + subscription, so a re-run fans out nothing
-twice); each job is POSTed until the receiver answers 2xx or the attempts run out (then DEAD).
+twice); each job is POSTed until the receiver answers 2xx. A receiver that fails is in an outage:
+the job is held and retried with growing delays up to the webhook retry horizon (then DEAD), and
+the log says once that the endpoint is failing, with the reason, and once that it recovered.
 
 Receivers verify `X-Switchboard-Signature: v1=<hex>` = HMAC-SHA256(secret, "<timestamp>." + body)
 with `X-Switchboard-Timestamp`, and dedupe on `X-Switchboard-Event-Id`.
@@ -18,7 +20,8 @@ import time
 import httpx
 import msgspec
 
-from shared.bus import Bus, Delivery, decode_or_dead
+from services.egress.outages import Outages
+from shared.bus import Bus, Delivery, ProviderUnavailable, decode_or_dead
 from shared.envelopes import Event
 from shared.errors import NotFound
 from shared.models import WebhookDelivery, WebhookSubscription, utcnow
@@ -39,20 +42,17 @@ class WebhookJob(msgspec.Struct, frozen=True, kw_only=True):
 _job = msgspec.json.Decoder(WebhookJob)
 
 
-class DeliveryFailed(Exception):
-    pass
-
-
 def sign(secret: str, timestamp: int, body: bytes) -> str:
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"v1={mac.hexdigest()}"
 
 
 class Webhooks:
-    def __init__(self, bus: Bus, store: Store, http: httpx.AsyncClient) -> None:
+    def __init__(self, bus: Bus, store: Store, http: httpx.AsyncClient, outages: Outages) -> None:
         self.bus = bus
         self.store = store
         self.http = http
+        self.outages = outages
         self._subscriptions: list[WebhookSubscription] = []
 
     async def load_subscriptions(self) -> None:
@@ -116,9 +116,8 @@ class Webhooks:
                 at=utcnow(),
             ),
         )
+        endpoint = f"webhook {sub.id}"
         if error is not None:
-            log.info(
-                "webhook attempt failed",
-                extra={"webhook_id": sub.id, "event_id": job.event_id, "error": error},
-            )
-            raise DeliveryFailed(error)
+            self.outages.failed(endpoint, error)
+            raise ProviderUnavailable(endpoint, error)
+        self.outages.recovered(endpoint)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import phonenumbers
-from litestar import Litestar, Request, Response, get, post, route
+from litestar import Litestar, Request, Response, delete, get, post, route
 
 from services.twilio_fake.spec import SpecError, TwilioSpec
 from shared.http import HttpServer
@@ -52,6 +52,8 @@ class FakeTwilio:
     accounts: dict[str, str]  # AccountSid -> AuthToken
     requests: list[Sent] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    # An outage: every request is answered with this status and error code until it is ended.
+    outage: tuple[int, int] | None = None
 
     def app(self) -> Litestar:
         fake = self
@@ -70,17 +72,28 @@ class FakeTwilio:
                 Fault(data.get("status", 503), data.get("code", 20500), data.get("count", 1))
             )
 
+        @post("/_fake/outage", status_code=204)
+        async def begin_outage(data: dict[str, int]) -> None:
+            fake.outage = (data.get("status", 503), data.get("code", 20500))
+
+        @delete("/_fake/outage", status_code=204)
+        async def end_outage() -> None:
+            fake.outage = None
+
         @post("/_fake/reset", status_code=204)
         async def reset() -> None:
             fake.requests.clear()
             fake.faults.clear()
+            fake.outage = None
 
         @get("/healthz")
         async def healthz() -> dict[str, str]:
             return {"status": "ok", "service": "twilio-fake"}
 
         return Litestar(
-            [twilio, sent, add_fault, reset, healthz], openapi_config=None, logging_config=None
+            [twilio, sent, add_fault, begin_outage, end_outage, reset, healthz],
+            openapi_config=None,
+            logging_config=None,
         )
 
     async def handle(self, request: Request[Any, Any, Any]) -> Response[Any]:
@@ -106,6 +119,8 @@ class FakeTwilio:
     def answer(
         self, method: str, path: str, authorization: str | None, form: dict[str, list[str]]
     ) -> tuple[dict[str, Any], int]:
+        if self.outage is not None:
+            raise SpecError(*self.outage, "Service Unavailable (injected outage)")
         if self.faults:
             fault = self.faults[0]
             fault.remaining -= 1

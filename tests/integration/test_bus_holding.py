@@ -1,0 +1,118 @@
+"""The bus through a provider outage (held, not dead-lettered, until the horizon) and the DEAD
+stream's list and replay, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from shared.bus import Bus, Delivery, Hold, ProviderUnavailable
+from shared.subjects import Subjects
+from tests.conftest import Servers, eventually
+
+
+@pytest.fixture
+async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
+    bus = Bus(servers.nats_url, Subjects(namespace, partitions=2), name="test")
+    await bus.connect()
+    await bus.ensure_streams()
+    yield bus
+    await bus.close()
+
+
+async def test_a_provider_outage_outlasts_max_deliver_and_keeps_the_order(bus: Bus) -> None:
+    handled: list[tuple[bytes, int]] = []
+    refusals = 0
+
+    async def handler(delivery: Delivery) -> None:
+        nonlocal refusals
+        if delivery.data == b"first" and refusals < 8:  # far more than max_deliver allows
+            refusals += 1
+            raise ProviderUnavailable("relay", "connection refused")
+        handled.append((delivery.data, delivery.attempt))
+
+    subject = bus.subjects.outbound("sms", "+15550001234")
+    await bus.publish(subject, b"first", msg_id="o1")
+    await bus.publish(subject, b"second", msg_id="o2")
+    await bus.consume(
+        stream=bus.subjects.outbound_stream,
+        durable="held-provider",
+        filter_subject=subject,
+        handler=handler,
+        max_deliver=3,
+        hold=Hold(horizon=60, base_delay=0.01, max_delay=0.05),
+    )
+    await eventually(lambda: asyncio.sleep(0, len(handled) == 2), what="both messages")
+    # Held and nak'd 8 times (the server's delivery count went to 9, past max_deliver = 3), and
+    # the second message, on the same ordered consumer, never overtook the first.
+    assert handled == [(b"first", 9), (b"second", 1)]
+    assert await bus.dead_letters() == []
+
+
+async def test_a_message_held_past_its_horizon_is_marked_then_dead_lettered(bus: Bus) -> None:
+    marked: list[tuple[bytes, str]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        raise ProviderUnavailable("Twilio Messaging", "HTTP 503, error 20500")
+
+    async def on_dead(delivery: Delivery, reason: str) -> None:
+        marked.append((delivery.data, reason))
+
+    await bus.publish(bus.subjects.outbound("email", "a@b.test"), b"reply", msg_id="h1")
+    await bus.consume(
+        stream=bus.subjects.outbound_stream,
+        durable="horizon",
+        filter_subject=bus.subjects.outbound_all,
+        handler=handler,
+        hold=Hold(horizon=1.0, base_delay=0.05, max_delay=0.2),
+        on_dead=on_dead,
+    )
+    entries = await eventually(bus.dead_letters, what="a dead letter", timeout=15)
+    assert len(entries) == 1
+    reason = entries[0].letter.reason
+    assert reason.startswith("gave_up: Twilio Messaging: HTTP 503, error 20500 (held ")
+    assert entries[0].letter.deliveries > 1
+    assert marked == [(b"reply", reason)]
+
+
+async def test_a_dead_letter_is_listed_and_replayed_once_onto_its_subject(bus: Bus) -> None:
+    seen: list[bytes] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery.data)
+
+    subject = bus.subjects.inbound("api", "conv_r")
+    await bus.dead_letter(subject, b'{"id": "env_1"}', "max_deliver: RuntimeError: boom", 5)
+    await bus.dead_letter(subject, b'{"id": "env_2"}', "undecodable: nope", 1)
+    listed = await bus.dead_letters()
+    assert [(e.letter.source_subject, e.letter.payload, e.replay) for e in listed] == [
+        (subject, '{"id": "env_1"}', None),
+        (subject, '{"id": "env_2"}', None),
+    ]
+    assert [e.letter.id for e in await bus.dead_letters(after_seq=listed[0].seq)] == [
+        listed[1].letter.id
+    ]
+
+    entry = await bus.dead_letter_by_id(listed[0].letter.id)
+    assert entry is not None
+    first = await bus.replay(entry)
+    again = await bus.replay(entry)  # a stale entry: the durable marker is found
+    reread = await bus.dead_letter_by_id(listed[0].letter.id)
+    assert reread is not None
+    assert reread.replay == first
+    assert await bus.replay(reread) == first == again  # and durably: nothing republished
+
+    await bus.consume(
+        stream=bus.subjects.inbound_stream,
+        durable="replayed",
+        filter_subject=bus.subjects.inbound_all,
+        handler=handler,
+    )
+    await eventually(lambda: asyncio.sleep(0, seen == [b'{"id": "env_1"}']), what="the replay")
+    assert seen == [b'{"id": "env_1"}']
+    info = await bus.js.stream_info(bus.subjects.inbound_stream)
+    assert info.state.messages == 1
+    # The listing still shows both letters, the first one marked replayed.
+    assert [e.replay is not None for e in await bus.dead_letters()] == [True, False]
