@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 keep-alive client and latency statistics for the load generator.
+"""The load generator's building blocks: a lean HTTP/1.1 keep-alive client, a closed loop that
+measures the gateway's CPU over its window, and latency statistics.
 
 The load generator shares the machine's cores with the gateway, so every cycle it spends is a cycle
 the server does not get. httpx costs about a millisecond of CPU per request; this client writes one
@@ -10,11 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench.cpu import CpuSnapshot, GatewayCpu
+
+Config = dict[str, Any]
 
 
 class HttpError(RuntimeError):
     pass
+
+
+def hostport(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
 
 
 class Connection:
@@ -54,6 +68,51 @@ class Connection:
         self.writer.close()
         with contextlib.suppress(OSError):
             await self.writer.wait_closed()
+
+
+async def closed_loop(
+    workers: int,
+    duration: float,
+    warmup: float,
+    step: Callable[[int], Awaitable[int]],
+    cpu: GatewayCpu | None = None,
+) -> Config:
+    """`workers` loops calling `step` back to back; counts and times what lands after warm-up, and
+    the CPU every process of the gateway spent in the same window."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    started = time.perf_counter()
+    measure_from, end = started + warmup, started + warmup + duration
+    window: list[CpuSnapshot] = []
+
+    async def worker(index: int) -> None:
+        while (now := time.perf_counter()) < end:
+            status = await step(index)
+            done = time.perf_counter()
+            if now >= measure_from:
+                if status in (200, 201):
+                    latencies.append(done - now)
+                else:
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+
+    async def sample() -> None:
+        assert cpu is not None
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        window.append(cpu.snapshot())
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        window.append(cpu.snapshot())
+
+    await asyncio.gather(*(worker(i) for i in range(workers)), *([sample()] if cpu else []))
+    result: Config = {
+        "concurrency": workers,
+        "seconds": duration,
+        "per_second": round(len(latencies) / duration, 1),
+        "latency": Latencies(latencies).summary(),
+        "errors": errors,
+    }
+    if cpu is not None:
+        result["cpu"] = GatewayCpu.per_operation(window[0], window[1], len(latencies), duration)
+    return result
 
 
 @dataclass
