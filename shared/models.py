@@ -18,6 +18,7 @@ Status = Literal["active", "waiting_for_human", "awaiting_approval", "closed"]
 Role = Literal["user", "assistant", "system"]
 Scope = Literal["admin", "operator", "client"]
 IdentifierKind = Literal["phone", "email", "external"]
+Visibility = Literal["own", "all"]
 
 
 def utcnow() -> datetime:
@@ -77,6 +78,8 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     user_address: str | None = None
     last_seq: int = 0
     closed_reason: str | None = None
+    # Who opened it: the API key's id, or `channel` for traffic that arrived on a channel.
+    created_by: str | None = None
     # Orders this conversation's envelopes: every producer publishes to its partition.
     routing_key: str | None = None
     # The approval the conversation waits for while `awaiting_approval`.
@@ -158,6 +161,14 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     scopes: tuple[Scope, ...]
     created_at: datetime
     prefix: str  # first characters of the secret, to tell keys apart in a list
+    # Past it the key answers 401 `key_expired`; None: it does not expire.
+    expires_at: datetime | None = None
+    # Set when the key is revoked (or replaced, the bootstrap key): 401 `key_revoked` from then on.
+    revoked_at: datetime | None = None
+    # What a client key sees: `own` = only conversations it created; `all` = every one. Keys
+    # stored before this field existed read as `all`, as they behaved; operator and admin keys
+    # always see everything.
+    visibility: Visibility = "all"
 
 
 DeliveryStatus = Literal[

@@ -89,6 +89,11 @@ class Subjects:
     def commands_all(self) -> str:
         return self._s("gw.cmd.>")
 
+    @property
+    def key_revoked(self) -> str:
+        """Core NATS broadcast: an API key was revoked; every API replica drops it from its cache."""
+        return self._s("gw.ctl.key_revoked")
+
     def reply(self, conversation_id: str) -> str:
         return self._s(f"gw.reply.{conversation_id}")
 

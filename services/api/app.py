@@ -13,8 +13,9 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from nats.aio.msg import Msg
 
-from services.api.auth import KeyRing, require_scope
+from services.api.auth import BOOTSTRAP_KEY_ID, KeyRing, require_scope
 from services.api.gateway import Gateway
 from services.api.routes.admin import AgentController, IdentityController, KeyController
 from services.api.routes.conversations import ConversationController
@@ -128,14 +129,23 @@ def create_app(settings: ApiSettings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await bus.connect()
         await bus.ensure_streams()
+
+        async def forget(msg: Msg) -> None:
+            keyring.forget(msg.data.decode(errors="replace"))
+
+        revocations = await bus.nc.subscribe(subjects.key_revoked, cb=forget)
         if settings.bootstrap_api_key:
+            # A fixed id: a changed bootstrap secret replaces (revokes) the previous one.
             await keyring.create(
-                "bootstrap", ("admin",), secret=settings.bootstrap_api_key, key_id="key_bootstrap"
+                "bootstrap", ("admin",), secret=settings.bootstrap_api_key, key_id=BOOTSTRAP_KEY_ID
             )
+            # Other replicas may hold the previous bootstrap key in their cache: drop it.
+            await bus.publish_core(subjects.key_revoked, BOOTSTRAP_KEY_ID.encode())
         log.info("api ready", extra={"port": settings.api_port})
         try:
             yield
         finally:
+            await revocations.unsubscribe()
             await bus.close()
             await store.close()
 

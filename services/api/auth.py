@@ -1,25 +1,34 @@
-"""API keys: `x-api-key` on every call, looked up by SHA-256, with scopes.
+"""API keys: `x-api-key` on every call, looked up by SHA-256, with scopes, expiry and revocation.
 
 Scopes nest: `admin` may do everything, `operator` everything a `client` may, plus human turns and
 approvals. A route says the least scope it needs in `opt={"scope": ...}`; a route without one is
 admin-only, so forgetting to mark a route fails closed.
+
+Lookups are cached for a few seconds per process (the turn path is hot). Revoking a key drops it
+from this replica's cache and broadcasts its id on `gw.ctl.key_revoked`, so every replica forgets
+it at once; the short cache lifetime bounds the damage if a broadcast is missed. Expiry is checked
+on every request against the cached record. `last_used_at` is written at most once a minute per
+key and process, never on every call.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from datetime import datetime
 
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from shared.errors import Forbidden, Unauthenticated
+from shared.errors import Forbidden, KeyExpired, KeyRevoked, Unauthenticated
 from shared.ids import new_id
-from shared.models import ApiKey, Scope, utcnow
+from shared.models import ApiKey, Scope, Visibility, utcnow
 from shared.store import Store, hash_api_key
 
 RANK: dict[str, int] = {"client": 1, "operator": 2, "admin": 3}
 CACHE_SECONDS = 5.0
+TOUCH_SECONDS = 60.0
+BOOTSTRAP_KEY_ID = "key_bootstrap"
 
 
 def new_secret() -> str:
@@ -30,6 +39,7 @@ class KeyRing:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._cache: dict[str, tuple[float, ApiKey]] = {}
+        self._touched: dict[str, float] = {}
 
     async def create(
         self,
@@ -37,6 +47,8 @@ class KeyRing:
         scopes: tuple[Scope, ...],
         secret: str | None = None,
         key_id: str | None = None,
+        expires_at: datetime | None = None,
+        visibility: Visibility = "all",
     ) -> tuple[ApiKey, str]:
         secret = secret or new_secret()
         key = ApiKey(
@@ -45,6 +57,8 @@ class KeyRing:
             scopes=scopes,
             created_at=utcnow(),
             prefix=secret[:7],
+            expires_at=expires_at,
+            visibility=visibility,
         )
         await self.store.put_api_key(key, hash_api_key(secret))
         return key, secret
@@ -57,12 +71,31 @@ class KeyRing:
             return cached[1]
         key = await self.store.api_key_by_hash(digest)
         if key is not None:
+            if len(self._cache) >= 10_000:
+                self._cache.clear()
             self._cache[digest] = (now + CACHE_SECONDS, key)
         return key
+
+    def forget(self, key_id: str) -> None:
+        """Drop a revoked key from this replica's cache."""
+        for digest in [d for d, (_, key) in self._cache.items() if key.id == key_id]:
+            del self._cache[digest]
+
+    async def touch(self, key: ApiKey) -> None:
+        """Record a use of the key, at most once per TOUCH_SECONDS in this process."""
+        now = time.monotonic()
+        if now - self._touched.get(key.id, -TOUCH_SECONDS) >= TOUCH_SECONDS:
+            self._touched[key.id] = now
+            await self.store.touch_api_key(key.id, utcnow())
 
 
 def allows(key: ApiKey, needed: str) -> bool:
     return max(RANK[s] for s in key.scopes) >= RANK[needed]
+
+
+def sees_only_its_own(key: ApiKey) -> bool:
+    """A client key with `own` visibility sees only the conversations it created."""
+    return key.visibility == "own" and not allows(key, "operator")
 
 
 async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
@@ -75,6 +108,13 @@ async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -
     key = await keyring.lookup(secret)
     if key is None:
         raise Unauthenticated("unknown API key")
+    if key.revoked_at is not None:
+        raise KeyRevoked("this API key was revoked", details={"key_id": key.id})
+    if key.expires_at is not None and key.expires_at <= utcnow():
+        raise KeyExpired(
+            "this API key has expired",
+            details={"key_id": key.id, "expired_at": key.expires_at.isoformat()},
+        )
     needed = handler.opt.get("scope", "admin")
     if not allows(key, needed):
         raise Forbidden(
@@ -82,6 +122,7 @@ async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -
             details={"needed": needed, "scopes": list(key.scopes)},
         )
     connection.state.api_key = key
+    await keyring.touch(key)
     if not handler.opt.get("limits_with_conversation"):  # else counted with the conversation read
         gateway = connection.app.state.gateway
         await gateway.limiter.check(gateway.key_limit(key.id))

@@ -18,6 +18,7 @@ from shared.models import (
     ToolCall,
     ToolSpec,
     Turn,
+    Visibility,
 )
 
 T = TypeVar("T")
@@ -99,19 +100,40 @@ class CreateAgent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class CreateApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     scopes: Annotated[list[Scope], msgspec.Meta(min_length=1)]
+    # When the key stops working (401 `key_expired`); with a time zone, in the future.
+    expires_at: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    # Client keys: `own` (the default) sees only conversations the key created; `all` every one.
+    # Operator and admin keys always see every conversation.
+    visibility: Visibility | None = None
 
 
 class CreatedApiKey(msgspec.Struct, kw_only=True):
     id: str
     name: str
     scopes: list[Scope]
+    created_at: datetime
+    expires_at: datetime | None
+    visibility: Visibility
     key: str  # shown once; only its hash is stored
+
+
+class ApiKeyInfo(msgspec.Struct, kw_only=True):
+    """An API key as listed: never its secret, nor the secret's hash."""
+
+    id: str
+    name: str
+    scopes: list[Scope]
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    visibility: Visibility
 
 
 class WhoAmI(msgspec.Struct, kw_only=True):
     id: str
     name: str
     scopes: list[Scope]
+    visibility: Visibility = "all"
 
 
 class HandoffRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

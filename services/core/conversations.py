@@ -99,6 +99,7 @@ class Conversations:
             our_address=our_address,
             user_address=user_address,
             routing_key=routing_key or cid,
+            created_by=actor,
         )
         await self.store.create_conversation(conv)
         if session_type == "live":

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from datetime import datetime
 from typing import TypeVar
+
+import msgspec
 
 from shared.ids import new_id
 from shared.models import (
@@ -106,14 +109,64 @@ class Directory(Aggregate):
 
     # API keys ------------------------------------------------------------------------------------
 
-    async def put_api_key(self, key: ApiKey, secret_hash: str) -> None:
+    async def put_api_key(self, key: ApiKey, secret_hash: str) -> bool:
+        """Store a key under its id. A different secret already under that id (the bootstrap key
+        after `SWITCHBOARD_BOOTSTRAP_API_KEY` changed) is revoked first, so a crash in between
+        leaves the old one revoked and the new one written on the next try; the same secret
+        again changes nothing (a revoked bootstrap key stays revoked). True when written."""
+        previous = await self._r.hget(self._k.api_key_ids(), key.id)
+        if previous is not None and text(previous) == secret_hash:
+            return False
+        if previous is not None:
+            await self._revoke_hash(text(previous))
         pipe = self._r.pipeline(transaction=True)
         pipe.set(self._k.api_key(secret_hash), encode(key))
+        pipe.hset(self._k.api_key_ids(), key.id, secret_hash)
         pipe.zadd(self._k.api_keys(), {key.id: 0})
         await pipe.execute()
+        return True
 
     async def api_key_by_hash(self, secret_hash: str) -> ApiKey | None:
         return await self._decoded(self._k.api_key(secret_hash), _api_key)
+
+    async def list_api_keys(self) -> list[tuple[ApiKey, datetime | None]]:
+        """Live (unrevoked) keys with when each was last used, oldest first."""
+        ids = [text(i) for i in await self._r.zrange(self._k.api_keys(), 0, -1)]
+        if not ids:
+            return []
+        hashes = await self._r.hmget(self._k.api_key_ids(), ids)
+        used = await self._r.hmget(self._k.api_key_used(), ids)
+        records = await self._r.mget([self._k.api_key(text(h) if h else "-") for h in hashes])
+        found = []
+        for raw, last in zip(records, used, strict=True):
+            if raw:
+                key = _api_key.decode(raw)
+                if key.revoked_at is None:
+                    found.append((key, datetime.fromisoformat(text(last)) if last else None))
+        return sorted(found, key=lambda item: item[0].created_at)
+
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Mark the key revoked; its record stays, so using it answers `key_revoked`."""
+        digest = await self._r.hget(self._k.api_key_ids(), key_id)
+        revoked = await self._revoke_hash(text(digest)) if digest else None
+        if revoked is None:
+            raise not_found("API key", key_id, "key_id")
+        return revoked
+
+    async def _revoke_hash(self, secret_hash: str) -> ApiKey | None:
+        key = await self.api_key_by_hash(secret_hash)
+        if key is None or key.revoked_at is not None:
+            return None
+        key = msgspec.structs.replace(key, revoked_at=utcnow())
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(self._k.api_key(secret_hash), encode(key))
+        pipe.zrem(self._k.api_keys(), key.id)
+        pipe.hdel(self._k.api_key_used(), key.id)
+        await pipe.execute()
+        return key
+
+    async def touch_api_key(self, key_id: str, at: datetime) -> None:
+        await self._r.hset(self._k.api_key_used(), key_id, at.isoformat())
 
     # Webhook subscriptions -----------------------------------------------------------------------
 

@@ -131,7 +131,16 @@ class Keys:
         return f"{self.ns}apikey:{secret_hash}"
 
     def api_keys(self) -> str:
+        """Sorted set: the ids of live (unrevoked) API keys."""
         return f"{self.ns}apikeys"
+
+    def api_key_ids(self) -> str:
+        """Hash: API key id → the hash of its secret (to revoke or replace a key by id)."""
+        return f"{self.ns}apikey-ids"
+
+    def api_key_used(self) -> str:
+        """Hash: API key id → when it was last used (written at most once a minute per key)."""
+        return f"{self.ns}apikey-used"
 
     def webhooks(self) -> str:
         return f"{self.ns}webhooks"

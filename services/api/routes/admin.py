@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, delete, get, post
 
 from services.api.auth import KeyRing
 from services.api.gateway import Gateway
 from services.api.schemas import (
+    ApiKeyInfo,
     CreateAgent,
     CreateApiKey,
     CreatedApiKey,
@@ -18,7 +19,7 @@ from services.api.schemas import (
     RevisionSpec,
     WhoAmI,
 )
-from shared.errors import NotFound
+from shared.errors import InvalidRequest, NotFound
 from shared.identity import kind_for_channel, make_identifier
 from shared.ids import new_id
 from shared.models import Agent, EndUser, Revision, utcnow
@@ -123,10 +124,59 @@ class KeyController(Controller):
         self, data: CreateApiKey, request: Request[Any, Any, Any]
     ) -> CreatedApiKey:
         keyring: KeyRing = request.app.state.keyring
-        key, secret = await keyring.create(data.name, tuple(data.scopes))
-        return CreatedApiKey(id=key.id, name=key.name, scopes=list(key.scopes), key=secret)
+        if data.expires_at is not None and data.expires_at <= utcnow():
+            raise InvalidRequest(
+                "expires_at must be in the future",
+                details={"expires_at": data.expires_at.isoformat()},
+            )
+        client_only = all(s == "client" for s in data.scopes)
+        if data.visibility == "own" and not client_only:
+            raise InvalidRequest(
+                "visibility own applies to client keys; operator and admin keys see everything",
+                details={"scopes": list(data.scopes)},
+            )
+        visibility = data.visibility or ("own" if client_only else "all")
+        key, secret = await keyring.create(
+            data.name, tuple(data.scopes), expires_at=data.expires_at, visibility=visibility
+        )
+        return CreatedApiKey(
+            id=key.id,
+            name=key.name,
+            scopes=list(key.scopes),
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            visibility=key.visibility,
+            key=secret,
+        )
+
+    @get("/api-keys")
+    async def list_keys(self, gateway: Gateway) -> ItemList[ApiKeyInfo]:
+        return ItemList(
+            items=[
+                ApiKeyInfo(
+                    id=key.id,
+                    name=key.name,
+                    scopes=list(key.scopes),
+                    created_at=key.created_at,
+                    last_used_at=last_used,
+                    expires_at=key.expires_at,
+                    visibility=key.visibility,
+                )
+                for key, last_used in await gateway.store.list_api_keys()
+            ]
+        )
+
+    @delete("/api-keys/{key_id:str}", status_code=204)
+    async def revoke_key(
+        self, key_id: str, gateway: Gateway, request: Request[Any, Any, Any]
+    ) -> None:
+        """Revoke a key: from now on it answers 401 `key_revoked`, on every API replica."""
+        await gateway.store.revoke_api_key(key_id)
+        keyring: KeyRing = request.app.state.keyring
+        keyring.forget(key_id)
+        await gateway.bus.publish_core(gateway.subjects.key_revoked, key_id.encode())
 
     @get("/whoami", opt={"scope": "client"})
     async def whoami(self, request: Request[Any, Any, Any]) -> WhoAmI:
         key = request.state.api_key
-        return WhoAmI(id=key.id, name=key.name, scopes=list(key.scopes))
+        return WhoAmI(id=key.id, name=key.name, scopes=list(key.scopes), visibility=key.visibility)

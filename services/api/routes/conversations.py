@@ -11,6 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from services.api.auth import sees_only_its_own
 from services.api.gateway import Gateway
 from services.api.schemas import (
     CloseRequest,
@@ -22,9 +23,15 @@ from services.api.schemas import (
     TurnResult,
 )
 from shared.envelopes import CloseConversation, Event, OpenConversation, StreamDelta, TurnReply
-from shared.errors import AddressRequired, InvalidRequest, SwitchboardError, error_from_code
+from shared.errors import (
+    AddressRequired,
+    InvalidRequest,
+    NotFound,
+    SwitchboardError,
+    error_from_code,
+)
 from shared.identity import kind_for_channel, make_identifier
-from shared.models import Conversation, Delivery, IdentifierKind, Identity, Turn
+from shared.models import ApiKey, Conversation, Delivery, IdentifierKind, Identity, Turn
 
 Limit = Annotated[int, Parameter(ge=1, le=100)]
 REACHED_BY: dict[str, IdentifierKind] = {"sms": "phone", "email": "email"}
@@ -84,6 +91,7 @@ class ConversationController(Controller):
     async def list_conversations(
         self,
         gateway: Gateway,
+        request: Request[Any, Any, Any],
         channel: str | None = None,
         status: str | None = None,
         session_type: str | None = None,
@@ -101,12 +109,17 @@ class ConversationController(Controller):
             }.items()
             if v
         }
+        key = request.state.api_key
+        if sees_only_its_own(key):
+            filters["created_by"] = key.id
         page = await gateway.store.list_conversations(cursor=cursor, limit=limit, filters=filters)
         return ItemList(items=page.items, next_cursor=page.next_cursor)
 
     @get("/{conversation_id:str}")
-    async def get_conversation(self, conversation_id: str, gateway: Gateway) -> Conversation:
-        return await gateway.store.get_conversation(conversation_id)
+    async def get_conversation(
+        self, conversation_id: str, gateway: Gateway, request: Request[Any, Any, Any]
+    ) -> Conversation:
+        return await visible_conversation(gateway, conversation_id, request)
 
     @post("/{conversation_id:str}/close", status_code=200)
     async def close(
@@ -117,6 +130,7 @@ class ConversationController(Controller):
         data: CloseRequest | None = None,
     ) -> Conversation:
         reason = data.reason if data else "closed_by_client"
+        await visible_conversation(gateway, conversation_id, request)
         return await gateway.command(
             "close_conversation",
             CloseConversation(
@@ -204,11 +218,12 @@ class ConversationController(Controller):
         self,
         conversation_id: str,
         gateway: Gateway,
+        request: Request[Any, Any, Any],
         since_seq: Annotated[int, Parameter(ge=0)] = 0,
         limit: Limit = 100,
     ) -> Messages:
         """Polling: the status and every message after `since_seq`. `next_seq` never rewinds."""
-        conv = await gateway.store.get_conversation(conversation_id)
+        conv = await visible_conversation(gateway, conversation_id, request)
         turns = await gateway.store.turns_after(conv.id, since_seq, limit)
         return Messages(
             conversation_id=conv.id,
@@ -219,10 +234,15 @@ class ConversationController(Controller):
 
     @get("/{conversation_id:str}/events")
     async def events(
-        self, conversation_id: str, gateway: Gateway, cursor: str | None = None, limit: Limit = 100
+        self,
+        conversation_id: str,
+        gateway: Gateway,
+        request: Request[Any, Any, Any],
+        cursor: str | None = None,
+        limit: Limit = 100,
     ) -> ItemList[Event]:
         """The audit trail: every state change, with who, what and when."""
-        conv = await gateway.store.get_conversation(conversation_id)
+        conv = await visible_conversation(gateway, conversation_id, request)
         offset = int(cursor) if cursor and cursor.isdigit() else 0
         items = await gateway.store.list_events(conv.id, offset, limit + 1)
         more = len(items) > limit
@@ -230,10 +250,15 @@ class ConversationController(Controller):
 
     @get("/{conversation_id:str}/turns")
     async def list_turns(
-        self, conversation_id: str, gateway: Gateway, cursor: str | None = None, limit: Limit = 50
+        self,
+        conversation_id: str,
+        gateway: Gateway,
+        request: Request[Any, Any, Any],
+        cursor: str | None = None,
+        limit: Limit = 50,
     ) -> ItemList[Turn]:
         """The transcript in seq order; `cursor` is the last seq already seen."""
-        conv = await gateway.store.get_conversation(conversation_id)
+        conv = await visible_conversation(gateway, conversation_id, request)
         try:
             after = int(cursor) if cursor else 0
         except ValueError as exc:
@@ -243,9 +268,11 @@ class ConversationController(Controller):
         return ItemList(items=turns, next_cursor=str(turns[-1].seq) if more else None)
 
     @get("/{conversation_id:str}/deliveries")
-    async def deliveries(self, conversation_id: str, gateway: Gateway) -> ItemList[Delivery]:
+    async def deliveries(
+        self, conversation_id: str, gateway: Gateway, request: Request[Any, Any, Any]
+    ) -> ItemList[Delivery]:
         """How each outbound message fared with its provider: status, provider ids, errors."""
-        conv = await gateway.store.get_conversation(conversation_id)
+        conv = await visible_conversation(gateway, conversation_id, request)
         return ItemList(items=await gateway.store.list_deliveries(conv.id))
 
 
@@ -285,7 +312,23 @@ async def _open_conversation(
 ) -> Conversation:
     """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when the key
     or the conversation's end user is over its limit."""
-    conv = await gateway.conversation_for_turn(conversation_id, request.state.api_key.id)
+    key = request.state.api_key
+    conv = await gateway.conversation_for_turn(conversation_id, key.id)
+    _check_visible(key, conv)
     if conv.status == "closed":
         raise error_from_code("conversation_closed", "conversation is closed", {"status": "closed"})
     return conv
+
+
+async def visible_conversation(
+    gateway: Gateway, conversation_id: str, request: Request[Any, Any, Any]
+) -> Conversation:
+    """The conversation, if the calling key may see it (404 otherwise, as if it did not exist)."""
+    conv = await gateway.store.get_conversation(conversation_id)
+    _check_visible(request.state.api_key, conv)
+    return conv
+
+
+def _check_visible(key: ApiKey, conv: Conversation) -> None:
+    if sees_only_its_own(key) and conv.created_by != key.id:
+        raise NotFound(f"conversation {conv.id} not found", details={"conversation_id": conv.id})
