@@ -80,11 +80,19 @@ class InboundMessage(_Inbound, frozen=True, kw_only=True, tag="message"):
 
 
 class CallStarted(_Inbound, frozen=True, kw_only=True, tag="call_started"):
-    pass
+    # What the voice service greeted the caller with, for the transcript (it was already spoken).
+    greeting: str | None = None
 
 
 class CallEnded(_Inbound, frozen=True, kw_only=True, tag="call_ended"):
     reason: str = "completed"
+
+
+class Prompted(_Inbound, frozen=True, kw_only=True, tag="prompted"):
+    """Internal: a channel said this to the user on its own (a voice re-prompt on silence). Core
+    records it in the transcript as a system turn; it is never delivered again."""
+
+    text: str
 
 
 class Resume(_Inbound, frozen=True, kw_only=True, tag="resume"):
@@ -105,7 +113,7 @@ class ChannelKeyword(_Inbound, frozen=True, kw_only=True, tag="keyword"):
 
 
 InboundEnvelope = (
-    InboundMessage | CallStarted | CallEnded | Resume | ApprovalDecided | ChannelKeyword
+    InboundMessage | CallStarted | CallEnded | Prompted | Resume | ApprovalDecided | ChannelKeyword
 )
 
 

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from services.core import approvals, first_contact, operators, replies, routing, turns
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
+from services.core.lifecycle import ACCEPTS_USER_TURNS
 from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
 from shared.envelopes import (
     SCHEMA_VERSION,
@@ -28,6 +29,7 @@ from shared.envelopes import (
     InboundEnvelope,
     InboundMessage,
     OpenConversation,
+    Prompted,
     ResolveApproval,
     Resume,
     Simulate,
@@ -35,6 +37,7 @@ from shared.envelopes import (
 )
 from shared.errors import SwitchboardError
 from shared.http import HttpServer, probe_app
+from shared.models import Author
 from shared.settings import CoreSettings
 from shared.store import Store
 from shared.subjects import Subjects
@@ -145,7 +148,22 @@ class Core:
             case ApprovalDecided():
                 await approvals.apply_decision(c, env.approval_id)
             case CallStarted():
-                await routing.conversation_for(c, env)
+                conv = await routing.conversation_for(c, env)
+                if env.greeting:  # already spoken by the voice service: transcript only
+                    agent = Author(kind="agent", id=conv.assigned_agent_id)
+                    await c.record(
+                        conv,
+                        env.greeting,
+                        author=agent,
+                        allowed=ACCEPTS_USER_TURNS,
+                        key=f"{env.id}_greeting",
+                    )
+            case Prompted():
+                conv = await routing.conversation_for(c, env)
+                system = Author(kind="system")
+                await c.record(
+                    conv, env.text, author=system, allowed=ACCEPTS_USER_TURNS, key=env.id
+                )
             case CallEnded():
                 conv = await routing.conversation_for(c, env)
                 if conv.status != "closed":

@@ -161,11 +161,30 @@ class Conversations:
         tool_calls: tuple[ToolCall, ...] = (),
     ) -> Turn:
         """Append a message to the user that is not an answer to one turn, and deliver it."""
+        turn = await self.record(
+            conv, text, author=author, allowed=allowed, key=key, tool_calls=tool_calls
+        )
+        await self.outbox.publish_outbound(conv, turn, thread=None)
+        return turn
+
+    async def record(
+        self,
+        conv: Conversation,
+        text: str,
+        *,
+        author: Author,
+        allowed: tuple[Status, ...],
+        key: str | None = None,
+        tool_calls: tuple[ToolCall, ...] = (),
+    ) -> Turn:
+        """Append a message to the transcript without delivering it (a channel already said it,
+        or `say` delivers it next). A notice from the gateway itself is a `system` turn; the
+        agent's words are `assistant`."""
         turn = Turn(
             id=f"turn_{key}" if key else new_id("turn"),
             conversation_id=conv.id,
             seq=0,
-            role="assistant",
+            role="system" if author.kind == "system" else "assistant",
             content=text,
             author=author,
             created_at=utcnow(),
@@ -178,5 +197,4 @@ class Conversations:
         turn = msgspec.structs.replace(turn, seq=appended.seq)
         if not appended.duplicate:
             await self.outbox.record_turn(conv, turn)
-        await self.outbox.publish_outbound(conv, turn, thread=None)
         return turn

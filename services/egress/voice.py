@@ -62,7 +62,7 @@ class VoiceSpeaker:
         age = time.time() - out.created_at.timestamp()
         if out.author_kind == "agent" and age < self.settings.voice_reply_budget_seconds + 0.5:
             raise NotYet(out.turn_id)
-        if not await self.store.claim_once(f"voice:{out.turn_id}"):
+        if await self.store.claim_or_holder(f"voice:{out.turn_id}", "egress") is not None:
             return  # the webhook already spoke it
         try:
             await self.client.calls(call_sid).update_async(twiml=self.twiml(out.text))

@@ -19,9 +19,16 @@ import msgspec
 from litestar import Litestar, Request, Response, post
 from nats.aio.msg import Msg
 
-from services.voice.twiml import Speech
+from services.voice.twiml import GOODBYE, REPROMPT, Speech
 from shared.bus import Bus
-from shared.envelopes import CallEnded, CallStarted, InboundMessage, ThreadHints, TurnReply
+from shared.envelopes import (
+    CallEnded,
+    CallStarted,
+    InboundMessage,
+    Prompted,
+    ThreadHints,
+    TurnReply,
+)
 from shared.errors import InvalidRequest
 from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import make_identifier, normalize_phone
@@ -101,8 +108,12 @@ def create_app(settings: VoiceSettings) -> Litestar:
         return cid
 
     async def speak(reply: Turn) -> str | None:
-        """The TwiML for a reply, if we are the one to speak it (egress may have already)."""
-        if not await store.claim_once(f"voice:{reply.id}"):
+        """The TwiML for a reply, unless egress already spoke it by updating the live call.
+
+        A webhook may speak a reply again: Twilio retries a request whose response it did not
+        get, and the caller must hear the answer then, not a hold followed by silence."""
+        holder = await store.claim_or_holder(f"voice:{reply.id}", "webhook")
+        if holder not in (None, "webhook"):
             return None
         if (
             any(
@@ -117,7 +128,11 @@ def create_app(settings: VoiceSettings) -> Litestar:
     @post("/twilio/voice", status_code=200, media_type=TWIML)
     async def call_started(request: Request[Any, Any, Any]) -> Response[str]:
         form = await signed_form(request)
-        env = CallStarted(id=f"env_call_{form['CallSid']}", **call_thread(form))
+        env = CallStarted(
+            id=f"env_call_{form['CallSid']}",
+            greeting=settings.voice_greeting,
+            **call_thread(form),
+        )
         await bus.publish(
             subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
         )
@@ -130,11 +145,24 @@ def create_app(settings: VoiceSettings) -> Litestar:
         form = await signed_form(request)
         said = form.get("SpeechResult", "").strip()
         if not said:
-            return twiml(speech.reprompt() if attempt < 2 else speech.goodbye())
+            # Said on silence, so the transcript shows what the caller heard.
+            text, answer = (
+                (REPROMPT, speech.reprompt()) if attempt < 2 else (GOODBYE, speech.goodbye())
+            )
+            key = hashlib.sha256(f"{form['CallSid']}|{turn}|{attempt}".encode()).hexdigest()[:32]
+            prompt = Prompted(id=f"env_prompt_{key}", text=text, **call_thread(form))
+            await bus.publish(
+                subjects.inbound("voice", prompt.routing_key), _enc.encode(prompt), msg_id=prompt.id
+            )
+            return twiml(answer)
         cid = await conversation_of(form["CallSid"])
         if cid is None:
             return twiml(speech.sorry())
         key = hashlib.sha256(f"{form['CallSid']}|{turn or said}".encode()).hexdigest()[:32]
+        answered_before = await store.seen_seq(cid, f"env_voice_{key}:reply")
+        earlier = await store.get_turn(cid, answered_before) if answered_before else None
+        if earlier is not None:  # Twilio retried a request we answered: say the same again
+            return twiml(await speak(earlier) or speech.reply("Is there anything else?"))
         env = InboundMessage(
             id=f"env_voice_{key}",
             text=said,

@@ -9,6 +9,9 @@ from twilio.twiml.voice_response import Gather, VoiceResponse
 from shared.ids import ulid
 from shared.settings import VoiceSettings
 
+REPROMPT = "Sorry, I didn't catch that. How can I help?"
+GOODBYE = "I still can't hear anything, so I'll hang up now. Goodbye!"
+
 
 class Speech:
     def __init__(self, settings: VoiceSettings) -> None:
@@ -50,12 +53,12 @@ class Speech:
 
     def reprompt(self) -> str:
         response = VoiceResponse()
-        self.gather(response, "Sorry, I didn't catch that. How can I help?", attempt=2)
+        self.gather(response, REPROMPT, attempt=2)
         return str(response)
 
     def goodbye(self) -> str:
         response = VoiceResponse()
-        response.say("I still can't hear anything, so I'll hang up now. Goodbye!")
+        response.say(GOODBYE)
         response.hangup()
         return str(response)
 
