@@ -267,11 +267,23 @@ Command = (
 )
 
 
+class SimulationStop(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a simulation stopped answering before its last user turn: a tool call waits for an
+    approval, which nobody gives in a read-only run."""
+
+    reason: Literal["awaiting_approval"] = "awaiting_approval"
+    after_user_turn: int  # index into the simulation's user turns
+    tool: str
+    arguments: dict[str, Any] = {}
+    unanswered: tuple[str, ...] = ()  # later user turns: recorded and queued, never answered
+
+
 class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
     ok: bool
     conversation: Conversation | None = None
     approval: Approval | None = None
     turns: tuple[Turn, ...] = ()
+    stopped: SimulationStop | None = None
     error_code: str | None = None
     error_message: str | None = None
     error_details: dict[str, Any] = {}

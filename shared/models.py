@@ -127,8 +127,11 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     timeout_seconds: float = 24 * 3600
     on_reject: Literal["close", "continue"] = "close"
     suspend_message: str = "I've asked a colleague to approve this. I'll get back to you shortly."
+    # Said when the request is rejected or times out and the conversation closes (on_reject=close),
+    # so it promises nothing the gateway will not do.
     fallback_message: str = (
-        "Sorry, I couldn't get that approved. A member of our team will follow up."
+        "Sorry, I couldn't get that approved, so I can't do it. This conversation is now closed; "
+        "write to us again any time."
     )
 
 

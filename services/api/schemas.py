@@ -7,6 +7,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 
+from shared.envelopes import SimulationStop
 from shared.models import (
     Channel,
     Evidence,
@@ -194,6 +195,10 @@ class SimulationResult(msgspec.Struct, kw_only=True):
     revision_id: str
     session_type: SessionType
     transcript: list[Turn]
+    # `completed`, or `awaiting_approval` when a tool call needed an approval: `stopped` then says
+    # which call and which user turns were never sent.
+    outcome: Literal["completed", "awaiting_approval"] = "completed"
+    stopped: SimulationStop | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):

@@ -208,8 +208,10 @@ class Core:
                 )
                 return CommandResult(ok=True, approval=approval)
             case Simulate():
-                conv, turns = await operators.simulate(c, command)
-                return CommandResult(ok=True, conversation=conv, turns=tuple(turns))
+                conv, turns, stopped = await operators.simulate(c, command)
+                return CommandResult(
+                    ok=True, conversation=conv, turns=tuple(turns), stopped=stopped
+                )
         return CommandResult(ok=True, conversation=conv)
 
 

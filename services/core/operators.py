@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.core import turns
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from shared.envelopes import HumanTurn, InboundMessage, Simulate
+from shared.envelopes import HumanTurn, InboundMessage, Simulate, SimulationStop
 from shared.errors import ConversationClosed, IllegalTransition, InvalidRequest
 from shared.ids import ulid
 from shared.models import Author, Conversation, Turn, utcnow
@@ -42,8 +42,14 @@ async def human_turn(c: Conversations, cmd: HumanTurn) -> Conversation:
     return await c.store.get_conversation(conv.id)
 
 
-async def simulate(c: Conversations, cmd: Simulate) -> tuple[Conversation, list[Turn]]:
-    """Replay user turns against a revision: the full runtime, but nothing leaves the gateway."""
+async def simulate(
+    c: Conversations, cmd: Simulate
+) -> tuple[Conversation, list[Turn], SimulationStop | None]:
+    """Replay user turns against a revision: the full runtime, but nothing leaves the gateway.
+
+    A tool call that needs an approval holds the conversation there (nobody approves in a
+    simulation): later user turns are recorded, queued and never answered, and the result says
+    which call held it and which turns went unanswered."""
     revision_id = cmd.revision_id
     if revision_id is None:
         agent = await c.store.get_agent(cmd.agent_id or c.settings.default_agent)
@@ -59,6 +65,7 @@ async def simulate(c: Conversations, cmd: Simulate) -> tuple[Conversation, list[
         session_type="simulation",
         actor=cmd.actor,
     )
+    stopped: SimulationStop | None = None
     for index, text in enumerate(cmd.user_turns):
         await turns.apply_message(
             c,
@@ -71,5 +78,24 @@ async def simulate(c: Conversations, cmd: Simulate) -> tuple[Conversation, list[
                 text=text,
             ),
         )
+        if stopped is None and (await c.store.get_conversation(conv.id)).status == (
+            "awaiting_approval"
+        ):
+            last = await c.store.turns_after(conv.id, 0, 10_000)
+            held = next(
+                (
+                    call
+                    for turn in reversed(last)
+                    for call in turn.tool_calls
+                    if call.decision == "require_approval"
+                ),
+                None,
+            )
+            stopped = SimulationStop(
+                after_user_turn=index,
+                tool=held.name if held else "",
+                arguments=dict(held.arguments) if held else {},
+                unanswered=tuple(cmd.user_turns[index + 1 :]),
+            )
     conv = await c.close(conv.id, "simulation_complete", cmd.actor)
-    return conv, await c.store.turns_after(conv.id, 0, 10_000)
+    return conv, await c.store.turns_after(conv.id, 0, 10_000), stopped

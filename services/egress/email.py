@@ -60,8 +60,11 @@ class EmailSender:
         msg["Subject"] = (subject or "Your message") if first else reply_subject(subject)
         msg["Date"] = formatdate(localtime=False)
         msg["Message-ID"] = f"<{out.turn_id}@{domain}>"
-        if thread.get("last_message_id"):
-            msg["In-Reply-To"] = thread["last_message_id"]
+        # In-Reply-To names the message this reply answers (RFC 5322 §3.6.4): the user's mail the
+        # turn came from, not whatever arrived in the thread since.
+        answered = out.thread.message_id if out.thread and out.thread.message_id else None
+        if answered or thread.get("last_message_id"):
+            msg["In-Reply-To"] = answered or thread["last_message_id"]
         if thread.get("references"):
             msg["References"] = thread["references"]
         if thread.get("reply_token"):

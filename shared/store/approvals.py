@@ -116,3 +116,15 @@ class Approvals(Aggregate):
     async def claim_once(self, key: str, ttl: int = 7 * 24 * 3600) -> bool:
         """True the first time `key` is claimed (e.g. one "still waiting" notice per approval)."""
         return bool(await self._r.set(self._k.once(key), 1, nx=True, ex=ttl))
+
+    async def claim_or_holder(self, key: str, holder: str, ttl: int = 7 * 24 * 3600) -> str | None:
+        """Claim `key` for `holder`: None if this call claimed it, else who holds it. One
+        `SET NX GET`, so two claimants can never both see None."""
+        previous = await self._r.set(self._k.once(key), holder, nx=True, get=True, ex=ttl)
+        return (
+            None
+            if previous is None
+            else previous.decode()
+            if isinstance(previous, bytes)
+            else str(previous)
+        )

@@ -20,14 +20,19 @@ if TYPE_CHECKING:
 
 conversation_doc = msgspec.json.Decoder(dict[str, Any])
 
-# KEYS: conv. ARGV: new status, legal from-statuses ("a,b"), updated_at, closed reason
+# KEYS: conv. ARGV: new status, legal from-statuses ("a,b"), updated_at, reason. The reason is
+# kept as `closed_reason` only when the new status is `closed`; reopening clears it.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'', 'not_found'} end
 for s in string.gmatch(ARGV[2], '[^,]+') do
   if s == status then
     redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-    if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'closed_reason', ARGV[4]) end
+    if ARGV[1] == 'closed' and ARGV[4] ~= '' then
+      redis.call('HSET', KEYS[1], 'closed_reason', ARGV[4])
+    elseif ARGV[1] ~= 'closed' then
+      redis.call('HDEL', KEYS[1], 'closed_reason')
+    end
     return {status, 'ok'}
   end
 end

@@ -212,9 +212,34 @@ async def test_reject_sends_a_safe_message_and_closes(stack: Stack) -> None:
     assert resolved.json()["status"] == "rejected"
     await eventually(lambda: _equals(status(stack, cid), "closed"), what="the close")
     last = (await transcript(stack, cid))[-1]
-    assert last[1] == "system"
+    assert last[:2] == ("system", "system")  # a notice from the gateway, not the agent's words
     assert "couldn't get that approved" in last[2]
+    assert "follow up" not in last[2]  # the conversation is closed: nobody will
     assert not any("refund for order" in t[2] for t in await transcript(stack, cid))
+    assert (await stack.api.get(f"/v1/conversations/{cid}")).json()["closed_reason"] == (
+        "approval_rejected"
+    )
+
+
+async def test_closed_reason_is_set_only_on_closed_conversations(stack: Stack) -> None:
+    cid = (await open_conversation(stack))["id"]
+    ask = await say(stack, cid, "can I talk to a human please")
+    assert ask.json()["session_status"] == "waiting_for_human"
+    assert (await stack.api.get(f"/v1/conversations/{cid}")).json()["closed_reason"] is None
+    back = await stack.api.post(
+        f"/v1/conversations/{cid}/human-turns", json={"content": "back", "hand_back": True}
+    )
+    assert back.json()["status"] == "active"
+    assert back.json()["closed_reason"] is None
+    closed = await stack.api.post(f"/v1/conversations/{cid}/close", json={"reason": "done"})
+    assert closed.json()["closed_reason"] == "done"
+
+
+async def test_the_still_waiting_notice_is_a_system_turn(stack: Stack) -> None:
+    cid, _ = await request_refund(stack)
+    await say(stack, cid, "any news?")
+    notices = [t for t in await transcript(stack, cid) if t[1] == "system"]
+    assert [t[0] for t in notices] == ["system"]
 
 
 async def test_reject_with_on_reject_continue_keeps_the_conversation_going(stack: Stack) -> None:

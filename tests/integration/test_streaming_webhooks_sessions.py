@@ -273,5 +273,21 @@ async def test_a_simulation_can_target_an_inactive_revision(stack: Stack) -> Non
     assert missing.status_code == 404
 
 
+async def test_a_simulation_that_reaches_an_approval_says_so(stack: Stack) -> None:
+    sim = await stack.api.post(
+        "/v1/simulations",
+        json={"user_turns": ["hi", "refund order 12345", "what are your hours?"]},
+    )
+    assert sim.status_code == 201, sim.text
+    body = sim.json()
+    assert body["outcome"] == "awaiting_approval"
+    assert body["stopped"]["after_user_turn"] == 1
+    assert body["stopped"]["tool"] == "issue_refund"
+    assert body["stopped"]["arguments"] == {"order_id": "12345"}
+    assert body["stopped"]["unanswered"] == ["what are your hours?"]
+    completed = await stack.api.post("/v1/simulations", json={"user_turns": ["hours?"]})
+    assert (completed.json()["outcome"], completed.json()["stopped"]) == ("completed", None)
+
+
 async def test_simulations_need_turns(stack: Stack) -> None:
     assert (await stack.api.post("/v1/simulations", json={"user_turns": []})).status_code == 422

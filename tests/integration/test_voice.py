@@ -95,8 +95,10 @@ async def test_a_full_call_with_three_speech_turns_and_a_hang_up(stack: Stack) -
 
     await eventually(closed, what="the hang-up to close the conversation")
     transcript = (await stack.api.get(f"/v1/conversations/{conv.id}/turns")).json()["items"]
-    assert [t["role"] for t in transcript] == ["user", "assistant"] * 3
-    assert transcript[0]["content"] == "how long do refunds take"
+    # The greeting the caller heard opens the transcript.
+    assert [t["role"] for t in transcript] == ["assistant"] + ["user", "assistant"] * 3
+    assert "Acme Support" in transcript[0]["content"]
+    assert transcript[1]["content"] == "how long do refunds take"
     assert (await stack.api.get(f"/v1/conversations/{conv.id}")).json()["closed_reason"] == (
         "call_completed"
     )
@@ -164,6 +166,49 @@ async def test_no_speech_reprompts_once_then_says_goodbye(stack: Stack) -> None:
     goodbye = await call.post(again.attrib["action"])
     assert "Goodbye" in spoken(goodbye)
     assert goodbye.find("Hangup") is not None
+
+
+async def test_twilio_retrying_a_gather_hears_the_answer_again(stack: Stack) -> None:
+    """Twilio re-sends a webhook whose response it did not get: the caller must hear the answer
+    that was produced, not a hold followed by silence, and the turn is applied once."""
+    call = Call(stack)
+    twiml = await call.start()
+    gather = twiml.find("Gather")
+    assert gather is not None
+    first = await call.post(gather.attrib["action"], SpeechResult="and your hours?")
+    retry = await call.post(gather.attrib["action"], SpeechResult="and your hours?")
+    assert "Monday to Friday" in spoken(first)
+    assert spoken(retry) == spoken(first)
+    conv = await voice_conversation(stack, call)
+    transcript = (await stack.api.get(f"/v1/conversations/{conv.id}/turns")).json()["items"]
+    assert [t["role"] for t in transcript] == ["assistant", "user", "assistant"]
+
+
+async def test_reprompts_and_goodbye_are_in_the_transcript_as_system_turns(stack: Stack) -> None:
+    call = Call(stack)
+    twiml = await call.start()
+    gather = twiml.find("Gather")
+    assert gather is not None
+    reprompt = await call.post(gather.attrib["action"])
+    again = reprompt.find("Gather")
+    assert again is not None
+    await call.post(again.attrib["action"])
+    conv = await voice_conversation(stack, call)
+
+    async def transcript() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = (
+            await stack.api.get(f"/v1/conversations/{conv.id}/turns")
+        ).json()["items"]
+        return items if len(items) == 3 else None
+
+    turns = await eventually(transcript, what="greeting, re-prompt and goodbye in the transcript")
+    assert [(t["role"], t["author"]["kind"]) for t in turns] == [
+        ("assistant", "agent"),
+        ("system", "system"),
+        ("system", "system"),
+    ]
+    assert "didn't catch that" in turns[1]["content"]
+    assert "Goodbye" in turns[2]["content"]
 
 
 async def test_a_caller_who_texted_before_is_the_same_end_user(stack: Stack) -> None:

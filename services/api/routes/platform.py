@@ -95,6 +95,8 @@ class SimulationController(Controller):
             revision_id=result.conversation.pinned_revision_id,
             session_type=result.conversation.session_type,
             transcript=list(result.turns),
+            outcome="completed" if result.stopped is None else result.stopped.reason,
+            stopped=result.stopped,
         )
 
     @get("/usage")

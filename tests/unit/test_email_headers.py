@@ -1,0 +1,35 @@
+"""The headers of an email reply, built without a relay."""
+
+from __future__ import annotations
+
+from services.egress.email import EmailSender
+from shared.envelopes import OutboundEnvelope, ThreadHints
+from shared.models import utcnow
+from shared.settings import EgressSettings
+
+
+def outbound(thread: ThreadHints | None) -> OutboundEnvelope:
+    return OutboundEnvelope(
+        id="out_turn_1",
+        channel="email",
+        conversation_id="conv_1",
+        turn_id="turn_1",
+        seq=2,
+        session_type="live",
+        text="Refunds take 14 days.",
+        recipient="jane@example.com",
+        sender="support@acme.test",
+        thread=thread,
+        created_at=utcnow(),
+    )
+
+
+def test_in_reply_to_names_the_answered_mail_not_the_threads_latest() -> None:
+    sender = EmailSender(EgressSettings(email_domains="acme.test"), store=None)  # type: ignore[arg-type]
+    thread = {"last_message_id": "<second@example.com>", "references": "<first@example.com>"}
+    answered = ThreadHints(message_id="<first@example.com>")
+    msg = sender.build(outbound(answered), thread)
+    assert msg["In-Reply-To"] == "<first@example.com>"
+    # A message that does not come from one mail (an operator's) answers the thread's latest.
+    msg = sender.build(outbound(None), thread)
+    assert msg["In-Reply-To"] == "<second@example.com>"
