@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.egress.email import EmailSender
+from services.egress.outages import Outages
 from shared.envelopes import OutboundEnvelope, ThreadHints
 from shared.models import utcnow
 from shared.settings import EgressSettings
@@ -25,7 +26,7 @@ def outbound(thread: ThreadHints | None) -> OutboundEnvelope:
 
 
 def test_in_reply_to_names_the_answered_mail_not_the_threads_latest() -> None:
-    sender = EmailSender(EgressSettings(email_domains="acme.test"), store=None)  # type: ignore[arg-type]
+    sender = EmailSender(EgressSettings(email_domains="acme.test"), None, Outages())  # type: ignore[arg-type]
     thread = {"last_message_id": "<second@example.com>", "references": "<first@example.com>"}
     answered = ThreadHints(message_id="<first@example.com>")
     msg = sender.build(outbound(answered), thread)
