@@ -393,6 +393,20 @@ class Bus:
         )
         return replay
 
+    async def replay_all(self) -> tuple[int, int]:
+        """Replay every dead letter not yet replayed: (replayed now, replayed before)."""
+        replayed = before = 0
+        after = 0
+        while page := await self.dead_letters(after_seq=after, limit=200):
+            for entry in page:
+                if entry.replay is not None:
+                    before += 1
+                else:
+                    await self.replay(entry)
+                    replayed += 1
+            after = page[-1].seq
+        return replayed, before
+
     def _replay_subject(self, letter_id: str) -> str:
         return self.subjects.dead(f"replayed.{letter_id}")
 

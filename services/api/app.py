@@ -19,6 +19,7 @@ from services.api.auth import BOOTSTRAP_KEY_ID, KeyRing, require_scope
 from services.api.gateway import Gateway
 from services.api.routes.admin import AgentController, IdentityController, KeyController
 from services.api.routes.conversations import ConversationController
+from services.api.routes.dead_letters import DeadLetterController
 from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
 from services.api.schemas import ErrorBody, ErrorResponse
@@ -162,6 +163,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             ApprovalController,
             WebhookController,
             SimulationController,
+            DeadLetterController,
             *probe_handlers(ready, metrics),
         ],
         lifespan=[lifespan],

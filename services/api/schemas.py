@@ -216,3 +216,27 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
 class ErrorResponse(msgspec.Struct, kw_only=True):
     error: ErrorBody
+
+
+class DeadLetterView(msgspec.Struct, kw_only=True):
+    """A message in the DEAD stream: where it died, why, and whether it was replayed."""
+
+    id: str
+    seq: int  # its position in the DEAD stream (the list's cursor)
+    source_subject: str  # where a replay puts it back
+    reason: str
+    deliveries: int
+    failed_at: datetime
+    payload: str
+    replayed_at: datetime | None = None
+
+
+class DeadLetterReplayed(msgspec.Struct, kw_only=True):
+    id: str
+    source_subject: str
+    replayed_at: datetime
+
+
+class DeadLettersReplayed(msgspec.Struct, kw_only=True):
+    replayed: int  # put back now
+    already_replayed: int  # left alone: replayed before

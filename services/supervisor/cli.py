@@ -2,6 +2,7 @@
 
 switchboard up [--external]   run embedded NATS + Valkey and every service; Ctrl-C stops all
 switchboard <service>         run one service in the foreground (core, egress, api)
+switchboard dead list | replay <id> | replay --all   the DEAD stream
 """
 
 from __future__ import annotations
@@ -191,7 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     for spec in (*SERVICES, TWILIO_FAKE):
         commands.add_parser(spec.name, help=f"run the {spec.what} alone")
     commands.add_parser("streams", help="print the JetStream stream names and subjects")
+    dead = commands.add_parser("dead", help="list or replay what is in the DEAD stream")
+    dead_actions = dead.add_subparsers(dest="dead_action", required=True, metavar="ACTION")
+    dead_list = dead_actions.add_parser("list", help="every dead letter, its reason and state")
+    dead_list.add_argument("--json", action="store_true", help="as JSON, with payloads")
+    dead_replay = dead_actions.add_parser(
+        "replay", help="put a dead letter back on its subject (at most once)"
+    )
+    which = dead_replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="the dead letter's id (dead_…)")
+    which.add_argument("--all", action="store_true", help="every one not yet replayed")
     args = parser.parse_args(argv)
+    if args.command == "dead":
+        from services.supervisor import dead as dead_letters
+
+        return dead_letters.run(
+            args.dead_action,
+            getattr(args, "id", None),
+            getattr(args, "all", False),
+            getattr(args, "json", False),
+        )
     if args.command == "up":
         return up(args.external)
     if args.command == "streams":
