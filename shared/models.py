@@ -113,9 +113,15 @@ class KnowledgeBase(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool the agent may propose. `parameters` is a JSON schema (or the short form
+    `{"order_id": "string"}`); with a `url`, core POSTs the arguments there to run it."""
+
     name: str
     description: str = ""
     parameters: dict[str, Any] = {}
+    url: str | None = None
+    secret: str = ""  # write-only: signs calls to `url`, never returned by the API
+    timeout_seconds: float = 10.0
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,12 +141,37 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     )
 
 
+RuntimeKind = Literal["builtin", "http", "openai"]
+
+
+class HttpRuntimeConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A customer's bot: core POSTs each turn's context to `url`, signed with `secret`."""
+
+    url: str
+    secret: str = ""  # write-only: never returned by the API
+    timeout_seconds: float = 10.0
+
+
+class OpenAIRuntimeConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Any OpenAI-compatible chat-completions server. The key is read from the environment
+    variable `api_key_env` at call time and never stored."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    system_prompt: str = "You are a helpful customer support agent. Answer briefly."
+    temperature: float | None = None
+    max_history_turns: int = 20
+    timeout_seconds: float = 30.0
+
+
 class Revision(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     agent_id: str
     number: int
-    # Only the builtin playbook runtime exists yet; `http` and `openai` are planned (see README).
-    runtime: Literal["builtin"] = "builtin"
+    runtime: RuntimeKind = "builtin"
+    http: HttpRuntimeConfig | None = None
+    openai: OpenAIRuntimeConfig | None = None
     created_at: datetime
     knowledge_base: KnowledgeBase | None = None
     tools: tuple[ToolSpec, ...] = ()

@@ -71,6 +71,13 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
         "Thanks for your message. We're still waiting for approval on your earlier request "
         "and will get back to you as soon as it's decided."
     )
+    # What one turn may spend on an `http` bot or a model, retries included, before the
+    # revision's fallback text goes out (keep it below `ack_wait_seconds`).
+    agent_turn_budget_seconds: float = 20.0
+    # The first pause between failed attempts at a bot, a model or a tool; it doubles (max 2 s).
+    agent_retry_backoff_seconds: float = 0.25
+    # How many of the end user's earlier turns (across channels) the agent's context carries.
+    agent_history_turns: int = 20
 
 
 S = TypeVar("S", bound=CommonSettings)

@@ -103,6 +103,7 @@ class Core:
             except TimeoutError:
                 self._timer.cancel()
         await self.bus.close()
+        await self.conversations.runtimes.aclose()
         await self.store.close()
         await self.http.stop()
 

@@ -14,7 +14,6 @@ import time
 import msgspec
 
 from services.core import replies
-from services.core.agent import runtime_for
 from services.core.conversations import Conversations
 from shared.envelopes import ApprovalDecided
 from shared.errors import Conflict, NotFound
@@ -77,13 +76,10 @@ async def apply_decision(c: Conversations, approval_id: str) -> None:
     if conv.status != "awaiting_approval" or conv.approval_id != approval.id:
         await c.store.mark_applied(approval.id)  # carried out before a redelivery
         return
-    tool = str(approval.payload["tool"])
-    arguments = dict(approval.payload.get("arguments", {}))
     actor = approval.reviewer or "system"
     agent = Author(kind="agent", id=conv.assigned_agent_id)
     if approval.status == "approved":
-        revision = await c.revision(conv.pinned_revision_id)
-        reply = runtime_for(revision).call_tool(tool, arguments, approved=True)
+        reply = await replies.resume_after_approval(c, conv, approval)
         await c.say(
             conv,
             reply.text,

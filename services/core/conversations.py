@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from services.core.agent import Budget, Runtimes
 from services.core.lifecycle import transition
 from services.core.outbox import Outbox
 from shared.bus import Bus
@@ -50,6 +51,12 @@ class Conversations:
         self.subjects = bus.subjects
         self.metrics = metrics
         self.outbox = Outbox(store, bus, metrics)
+        self.runtimes = Runtimes(
+            Budget(
+                turn_seconds=settings.agent_turn_budget_seconds,
+                retry_backoff_seconds=settings.agent_retry_backoff_seconds,
+            )
+        )
         self._revisions: dict[str, Revision] = {}
 
     async def revision(self, revision_id: str) -> Revision:

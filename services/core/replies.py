@@ -9,17 +9,110 @@ twice.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
+from typing import Any
 
 import msgspec
 
-from services.core.agent import AgentReply, runtime_for
-from services.core.agent.runtime import PendingToolCall
+from services.core.agent.context import ToolOutcome
+from services.core.agent.runtime import DeltaSink
+from services.core.agent.steps import (
+    Answer,
+    PendingToolCall,
+    decode_steps,
+    encode_steps,
+    run_steps,
+    run_tool_once,
+    tool_key,
+)
 from services.core.agent.tools import policy_for
+from services.core.context import build_context
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from shared.envelopes import ThreadHints
-from shared.models import Approval, Author, Conversation, Status, Turn, utcnow
+from shared.envelopes import StreamDelta, ThreadHints
+from shared.models import Approval, Author, Conversation, Status, ToolCall, Turn, utcnow
+
+_enc = msgspec.json.Encoder()
+
+
+class ToolResults:
+    """The tool ledger of one conversation in Valkey: results by idempotency key."""
+
+    def __init__(self, c: Conversations, conversation_id: str) -> None:
+        self.c = c
+        self.conversation_id = conversation_id
+
+    async def recall(self, key: str) -> tuple[bool, Any]:
+        raw = await self.c.store.tool_result(self.conversation_id, key)
+        return (True, msgspec.json.decode(raw)) if raw is not None else (False, None)
+
+    async def record(self, key: str, result: Any) -> None:
+        await self.c.store.put_tool_result(
+            self.conversation_id, key, _enc.encode(result), self.c.settings.dedupe_ttl_seconds
+        )
+
+
+async def produce(
+    c: Conversations,
+    conv: Conversation,
+    user_turn: Turn,
+    *,
+    stream: bool = False,
+    steps: tuple[ToolOutcome, ...] = (),
+    approvals: bool = True,
+    turn_key: str | None = None,
+) -> Answer:
+    """Ask the conversation's runtime for its answer to `user_turn`, tools run under the
+    revision's policies. A runtime that fails leaves the fallback text and an `agent.failed`
+    event, never silence."""
+    revision = await c.revision(conv.pinned_revision_id)
+    runtime = c.runtimes.for_revision(revision)
+    context = await build_context(
+        c.store,
+        c.runtimes,
+        runtime,
+        conv,
+        user_turn,
+        revision,
+        history_turns=c.settings.agent_history_turns,
+    )
+    on_delta: DeltaSink | None = None
+    if stream:
+        subject = c.subjects.stream(conv.id)
+        envelope_id = user_turn.envelope_id or user_turn.id
+
+        async def on_delta(piece: str) -> None:
+            await c.bus.publish_core(
+                subject, _enc.encode(StreamDelta(envelope_id=envelope_id, text=piece))
+            )
+
+    key = turn_key or f"{user_turn.envelope_id}:reply"
+    answer = await run_steps(
+        runtime,
+        msgspec.structs.replace(context, tool_results=steps),
+        revision,
+        c.runtimes.tools,
+        ToolResults(c, conv.id),
+        turn_key=key,
+        simulate=conv.session_type == "simulation",
+        on_delta=on_delta,
+        approvals=approvals,
+    )
+    if answer.failure is not None:
+        await c.outbox.emit(
+            "agent.failed",
+            conv,
+            "agent",
+            {
+                "runtime": revision.runtime,
+                "reason": answer.failure,
+                "attempts": answer.attempts,
+                "seq": user_turn.seq,
+            },
+            key=key.replace(":", "_"),
+        )
+    return answer
 
 
 async def respond(
@@ -31,13 +124,58 @@ async def respond(
     stream: bool = False,
 ) -> Status:
     """Run the agent on one user turn and deliver its reply; returns the status after it."""
-    revision = await c.revision(conv.pinned_revision_id)
-    reply = runtime_for(revision).reply(
-        user_turn.content, simulate=conv.session_type == "simulation"
-    )
+    reply = await produce(c, conv, user_turn, stream=stream)
     return await answer(
         c, conv, user_turn, reply, f"{user_turn.envelope_id}:reply", thread=thread, stream=stream
     )
+
+
+async def resume_after_approval(c: Conversations, conv: Conversation, approval: Approval) -> Answer:
+    """Run an approved tool call (once: keyed by the approval) and give its result back to the
+    runtime, which writes the reply. The turn does not wait for a second approval."""
+    revision = await c.revision(conv.pinned_revision_id)
+    name = str(approval.payload["tool"])
+    arguments = dict(approval.payload.get("arguments", {}))
+    result = await run_tool_once(
+        c.runtimes.tools,
+        ToolResults(c, conv.id),
+        revision,
+        name,
+        arguments,
+        key=tool_key(approval.id, name, arguments),
+        conversation_id=conv.id,
+        simulate=conv.session_type == "simulation",
+    )
+    approved = ToolOutcome(
+        id=str(approval.payload.get("call_id") or "call_approved"),
+        name=name,
+        arguments=arguments,
+        decision="approved",
+        result=result,
+    )
+    seq = approval.payload.get("user_seq")
+    user_turn = await c.store.get_turn(conv.id, int(seq)) if isinstance(seq, int) else None
+    if user_turn is None:  # an approval from before turns were resumed through the runtime
+        user_turn = Turn(
+            id=f"turn_{approval.id}",
+            conversation_id=conv.id,
+            seq=0,
+            role="user",
+            content=f"(approved: {name})",
+            author=Author(kind="end_user", id=conv.end_user_id),
+            created_at=approval.created_at,
+            channel=conv.channel,
+        )
+    answer = await produce(
+        c,
+        conv,
+        user_turn,
+        steps=(*decode_steps(approval.payload.get("steps")), approved),
+        approvals=False,
+        turn_key=approval.id,
+    )
+    call = ToolCall(name=name, arguments=arguments, result=result, decision="approved")
+    return dataclasses.replace(answer, tool_calls=(call, *answer.tool_calls))
 
 
 async def answer_pending(
@@ -60,7 +198,7 @@ async def answer(
     c: Conversations,
     conv: Conversation,
     user_turn: Turn,
-    reply: AgentReply,
+    reply: Answer,
     reply_key: str,
     *,
     thread: ThreadHints | None = None,
@@ -70,7 +208,7 @@ async def answer(
     if reply.handoff and conv.channel == "voice" and not c.settings.human_queue_number:
         # Nobody to dial: the caller stays with the agent, and the gap is on record.
         await c.outbox.emit("voice.transfer_unavailable", conv, "agent", {}, key=reply_key)
-        reply = AgentReply(
+        reply = Answer(
             text="I'm sorry, nobody from our team is available to take your call right now. "
             "I'll keep helping you myself.",
             tool_calls=tuple(
@@ -107,16 +245,22 @@ async def answer(
     deliver = appended.status == "active"
     status = appended.status
     if deliver and reply.handoff:
-        await c.handoff(conv, reason=reply.tool_calls[0].name, actor="agent")
+        await c.handoff(conv, reason=reply.tool_calls[-1].name, actor="agent")
         status = "waiting_for_human"
     elif deliver and reply.approval is not None:
         if conv.session_type == "simulation":  # read-only: nobody will approve it
             await c.change_status(conv, "awaiting_approval", "simulated approval", "agent")
         else:
-            await request_approval(c, conv, turn, reply.approval)
+            await request_approval(c, conv, turn, reply.approval, user_turn.seq)
         status = "awaiting_approval"
     await c.outbox.deliver(
-        conv, turn, user_turn, thread=thread, deliver=deliver, status=status, stream=stream
+        conv,
+        turn,
+        user_turn,
+        thread=thread,
+        deliver=deliver,
+        status=status,
+        stream=stream and not reply.streamed,
     )
     return status
 
@@ -145,6 +289,7 @@ async def finish_answered(
             conv,
             turn,
             PendingToolCall(held.name, dict(held.arguments), policy_for(revision, held.name)),
+            user_turn.seq,
         )
         current = await c.store.get_conversation(conv.id)
     await c.outbox.deliver(
@@ -153,8 +298,20 @@ async def finish_answered(
     return True
 
 
+def approval_payload(call: PendingToolCall, user_seq: int) -> dict[str, Any]:
+    """What an approver sees (`tool`, `arguments`), plus what resuming the turn needs: the call's
+    id, the turn's earlier tool steps and the user turn it answers."""
+    payload: dict[str, Any] = {"tool": call.name, "arguments": call.arguments}
+    if call.call_id:
+        payload["call_id"] = call.call_id
+    if call.steps:
+        payload["steps"] = encode_steps(call.steps)
+    payload["user_seq"] = user_seq
+    return payload
+
+
 async def request_approval(
-    c: Conversations, conv: Conversation, answer: Turn, call: PendingToolCall
+    c: Conversations, conv: Conversation, answer: Turn, call: PendingToolCall, user_seq: int
 ) -> None:
     policy = call.policy
     now = utcnow()
@@ -162,7 +319,7 @@ async def request_approval(
         id=f"apr_{answer.id.removeprefix('turn_')}",
         conversation_id=conv.id,
         subject_ref=answer.id,
-        payload={"tool": call.name, "arguments": call.arguments},
+        payload=approval_payload(call, user_seq),
         approver_role=policy.approver_role,
         suspend_message=policy.suspend_message,
         fallback_message=policy.fallback_message,

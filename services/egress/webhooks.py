@@ -12,10 +12,7 @@ with `X-Switchboard-Timestamp`, and dedupe on `X-Switchboard-Event-Id`.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import time
 
 import httpx
 import msgspec
@@ -25,6 +22,7 @@ from shared.bus import Bus, Delivery, ProviderUnavailable, decode_or_dead
 from shared.envelopes import Event
 from shared.errors import NotFound
 from shared.models import WebhookDelivery, WebhookSubscription, utcnow
+from shared.signing import signature_headers
 from shared.store import Store
 
 log = logging.getLogger("switchboard.egress.webhooks")
@@ -40,11 +38,6 @@ class WebhookJob(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _job = msgspec.json.Decoder(WebhookJob)
-
-
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"v1={mac.hexdigest()}"
 
 
 class Webhooks:
@@ -85,15 +78,13 @@ class Webhooks:
         except NotFound:
             return  # the subscription was deleted meanwhile
         body = job.body.encode()
-        timestamp = int(time.time())
         headers = {
             "content-type": "application/json",
             "user-agent": "Switchboard-Webhooks/1",
             "x-switchboard-event-id": job.event_id,
             "x-switchboard-event-type": job.event_type,
-            "x-switchboard-timestamp": str(timestamp),
-            "x-switchboard-signature": sign(sub.secret, timestamp, body),
             "x-switchboard-delivery-attempt": str(delivery.attempt),
+            **signature_headers(sub.secret, body),
         }
         status: int | None = None
         error: str | None = None

@@ -84,7 +84,14 @@ class Conversations(Aggregate):
         )
         # Ids are time-sortable, so a lexicographic index pages in creation order.
         pipe.zadd(self._k.conversations(), {conv.id: 0})
+        # The end user's conversations on every channel, for the agent's cross-channel history.
+        pipe.zadd(self._k.end_user_conversations(conv.end_user_id), {conv.id: 0})
         await pipe.execute()
+
+    async def end_user_conversation_ids(self, end_user_id: str, limit: int) -> list[str]:
+        """The end user's newest `limit` conversation ids (ids sort by creation time)."""
+        key = self._k.end_user_conversations(end_user_id)
+        return [text(i) for i in await self._r.zrevrangebylex(key, b"+", b"-", start=0, num=limit)]
 
     async def get_conversation(self, cid: str) -> Conversation:
         raw = await self._r.hgetall(self._k.conversation(cid))

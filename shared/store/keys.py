@@ -50,10 +50,19 @@ class Keys:
     def email_thread(self, cid: str) -> str:
         return f"{self.ns}email-thread:{{{cid}}}"
 
+    def tool_results(self, cid: str) -> str:
+        """Hash: a tool call's idempotency key → its result (JSON), so a redelivery never runs
+        the call again."""
+        return f"{self.ns}tool-results:{{{cid}}}"
+
     # Conversation indexes -----------------------------------------------------------------------
     def conversations(self) -> str:
         """Sorted set (all scores 0): conversation ids, paged lexicographically (ids sort by time)."""
         return f"{self.ns}convs"
+
+    def end_user_conversations(self, end_user_id: str) -> str:
+        """Sorted set (all scores 0): the end user's conversation ids on every channel."""
+        return f"{self.ns}user-convs:{{{end_user_id}}}"
 
     def open_conversation(self, end_user_id: str, channel: str, address: str) -> str:
         return f"{self.ns}open:{{{end_user_id}}}:{channel}:{address}"

@@ -242,3 +242,19 @@ class Turns(Aggregate):
     async def usage(self) -> dict[str, int]:
         raw = await self._r.hgetall(self._k.usage())
         return {text(k): int(v) for k, v in raw.items()}
+
+    # Tool results -------------------------------------------------------------------------------
+
+    async def tool_result(self, cid: str, key: str) -> bytes | None:
+        """A tool call's recorded result (JSON) by its idempotency key."""
+        raw = await self._r.hget(self._k.tool_results(cid), key)
+        if raw is None:
+            return None
+        return raw if isinstance(raw, bytes) else raw.encode()
+
+    async def put_tool_result(self, cid: str, key: str, result: bytes, ttl: int) -> None:
+        name = self._k.tool_results(cid)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(name, key, result)
+        pipe.expire(name, ttl)
+        await pipe.execute()

@@ -252,6 +252,6 @@ async def test_a_redelivery_finishes_an_approval_a_crash_left_half_done(stack: S
     await eventually(awaiting, what="the approval to be created on redelivery")
     pending = (await stack.api.get("/v1/approvals", params={"status": "pending"})).json()["items"]
     assert [a["payload"] for a in pending if a["conversation_id"] == conv["id"]] == [
-        {"tool": "issue_refund", "arguments": {"order_id": "12345"}}
+        {"tool": "issue_refund", "arguments": {"order_id": "12345"}, "user_seq": 1}
     ]
     assert len(await store.turns_after(conv["id"], 0, 10)) == 2  # nothing appended twice

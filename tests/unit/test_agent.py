@@ -1,16 +1,64 @@
-"""The builtin runtime and the demo agent, as DESIGN.md describes them."""
+"""The builtin runtime and the demo agent, as DESIGN.md describes them: each turn goes through
+core's step loop (`run_steps`), which runs the tools the runtime proposes under the policies."""
 
+from typing import Any
+
+import httpx
 import pytest
 
+from services.core.agent.builtin import BuiltinRuntime
+from services.core.agent.context import AgentContext, ConversationInfo, EndUserInfo, UserMessage
 from services.core.agent.demo import DEMO_KB, DEMO_POLICIES, DEMO_TOOLS
 from services.core.agent.knowledge import KnowledgeIndex, chunk_document, tokenize
-from services.core.agent.runtime import Runtime
+from services.core.agent.steps import Answer, run_steps
+from services.core.agent.tools import ToolRunner, offered_tools
 from shared.models import Revision, utcnow
 
 
+class MemoryLedger:
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {}
+
+    async def recall(self, key: str) -> tuple[bool, Any]:
+        return (key in self.results, self.results.get(key))
+
+    async def record(self, key: str, result: Any) -> None:
+        self.results[key] = result
+
+
+class Demo:
+    """A revision's builtin runtime, asked one message at a time through the step loop."""
+
+    def __init__(self, revision: Revision) -> None:
+        self.revision = revision
+        self.runtime = BuiltinRuntime(revision)
+        kb = revision.knowledge_base
+        self.index = KnowledgeIndex(kb) if kb else None
+
+    async def reply(self, text: str) -> Answer:
+        context = AgentContext(
+            conversation=ConversationInfo(
+                id="conv", channel="api", session_type="test", agent_id="a", revision_id="rev"
+            ),
+            end_user=EndUserInfo(id="usr"),
+            message=UserMessage(seq=1, text=text, channel="api", created_at=utcnow()),
+            evidence=tuple(self.index.search(text)) if self.index else (),
+            tools=offered_tools(self.revision),
+        )
+        async with httpx.AsyncClient() as http:
+            return await run_steps(
+                self.runtime,
+                context,
+                self.revision,
+                ToolRunner(http),
+                MemoryLedger(),
+                turn_key="env:reply",
+            )
+
+
 @pytest.fixture(scope="module")
-def demo() -> Runtime:
-    return Runtime(
+def demo() -> Demo:
+    return Demo(
         Revision(
             id="rev",
             agent_id="a",
@@ -65,8 +113,10 @@ def test_tokenizer_drops_stop_words_and_stems() -> None:
     assert tokenize("How long do refunds take?") == ["long", "refund", "take"]
 
 
-def test_general_question_is_answered_from_the_knowledge_base_with_evidence(demo: Runtime) -> None:
-    reply = demo.reply("how long do refunds take?")
+async def test_general_question_is_answered_from_the_knowledge_base_with_evidence(
+    demo: Demo,
+) -> None:
+    reply = await demo.reply("how long do refunds take?")
     assert "14 days" in reply.text
     assert reply.evidence[0].chunk_id == "refunds#0"
     assert reply.evidence[0].score > 0
@@ -77,21 +127,21 @@ def test_general_question_is_answered_from_the_knowledge_base_with_evidence(demo
     ("text", "status"),
     [("status of order 12345", "shipped"), ("where is my order #67890?", "processing")],
 )
-def test_order_questions_call_lookup_order(demo: Runtime, text: str, status: str) -> None:
-    reply = demo.reply(text)
+async def test_order_questions_call_lookup_order(demo: Demo, text: str, status: str) -> None:
+    reply = await demo.reply(text)
     assert reply.tool_calls[0].name == "lookup_order"
     assert reply.tool_calls[0].result["status"] == status
     assert status in reply.text
 
 
-def test_unknown_order_says_so(demo: Runtime) -> None:
-    reply = demo.reply("what about order 99999")
+async def test_unknown_order_says_so(demo: Demo) -> None:
+    reply = await demo.reply("what about order 99999")
     assert reply.tool_calls[0].result == {"order_id": "99999", "found": False}
     assert "couldn't find" in reply.text
 
 
-def test_refund_request_is_held_for_approval_by_policy(demo: Runtime) -> None:
-    reply = demo.reply("please refund order 12345")
+async def test_refund_request_is_held_for_approval_by_policy(demo: Demo) -> None:
+    reply = await demo.reply("please refund order 12345")
     assert reply.approval is not None
     assert reply.approval.name == "issue_refund"
     assert reply.tool_calls[0].decision == "require_approval"
@@ -101,30 +151,30 @@ def test_refund_request_is_held_for_approval_by_policy(demo: Runtime) -> None:
 @pytest.mark.parametrize(
     "text", ["I want to talk to a human", "can I speak to a representative", "get me a real person"]
 )
-def test_asking_for_a_person_transfers(demo: Runtime, text: str) -> None:
-    reply = demo.reply(text)
+async def test_asking_for_a_person_transfers(demo: Demo, text: str) -> None:
+    reply = await demo.reply(text)
     assert reply.handoff
     assert reply.tool_calls[0].name == "transfer_call"
 
 
-def test_greeting_and_fallback(demo: Runtime) -> None:
-    assert demo.reply("hello").text == demo.revision.greeting
-    assert demo.reply("what is the capital of France").text == demo.revision.fallback
+async def test_greeting_and_fallback(demo: Demo) -> None:
+    assert (await demo.reply("hello")).text == demo.revision.greeting
+    assert (await demo.reply("what is the capital of France")).text == demo.revision.fallback
 
 
-def test_a_workflow_handoff_node_hands_off_like_transfer_call() -> None:
+async def test_a_workflow_handoff_node_hands_off_like_transfer_call() -> None:
     from shared.models import ToolSpec
 
-    runtime = Runtime(
+    runtime = Demo(
         Revision(
             id="r2", agent_id="a", number=1, created_at=utcnow(), tools=(ToolSpec(name="handoff"),)
         )
     )
-    reply = runtime.reply("can I talk to a person?")
+    reply = await runtime.reply("can I talk to a person?")
     assert reply.handoff
     assert reply.tool_calls[0].name == "handoff"
 
 
-def test_without_a_handoff_tool_the_agent_does_not_hand_off() -> None:
-    runtime = Runtime(Revision(id="r3", agent_id="a", number=1, created_at=utcnow()))
-    assert not runtime.reply("can I talk to a person?").handoff
+async def test_without_a_handoff_tool_the_agent_does_not_hand_off() -> None:
+    runtime = Demo(Revision(id="r3", agent_id="a", number=1, created_at=utcnow()))
+    assert not (await runtime.reply("can I talk to a person?")).handoff

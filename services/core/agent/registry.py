@@ -1,0 +1,73 @@
+"""Compiled runtimes, one per revision, and the HTTP client they and the tools share.
+
+Revisions are immutable, so a runtime (and the revision's knowledge index) is built once per
+revision id and kept. Core owns one `Runtimes` and closes it on shutdown.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from services.core.agent.builtin import BuiltinRuntime
+from services.core.agent.context import AgentContext
+from services.core.agent.http_runtime import HttpRuntime
+from services.core.agent.knowledge import KnowledgeIndex
+from services.core.agent.openai_runtime import OpenAIRuntime
+from services.core.agent.runtime import AgentReply, Budget, DeltaSink, Runtime, RuntimeFailed
+from services.core.agent.tools import ToolRunner
+from shared.models import Revision
+
+
+class Misconfigured:
+    """A revision whose runtime lacks its settings (written around the API): every turn fails
+    over to the fallback, with the reason on record."""
+
+    wants_history = False
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def reply(self, context: AgentContext, on_delta: DeltaSink | None = None) -> AgentReply:
+        raise RuntimeFailed(self.reason)
+
+
+class Runtimes:
+    def __init__(self, budget: Budget | None = None) -> None:
+        self.budget = budget or Budget()
+        self.http = httpx.AsyncClient(timeout=30.0)
+        self.tools = ToolRunner(self.http, self.budget.retry_backoff_seconds)
+        self._runtimes: dict[str, Runtime] = {}
+        self._openai: list[OpenAIRuntime] = []
+        self._indexes: dict[str, KnowledgeIndex | None] = {}
+
+    def for_revision(self, revision: Revision) -> Runtime:
+        runtime = self._runtimes.get(revision.id)
+        if runtime is None:
+            runtime = self._runtimes[revision.id] = self._build(revision)
+        return runtime
+
+    def _build(self, revision: Revision) -> Runtime:
+        match revision.runtime:
+            case "builtin":
+                return BuiltinRuntime(revision)
+            case "http":
+                if revision.http is None:
+                    return Misconfigured("revision has no http settings")
+                return HttpRuntime(revision.http, self.http, self.budget)
+            case "openai":
+                if revision.openai is None:
+                    return Misconfigured("revision has no openai settings")
+                runtime = OpenAIRuntime(revision.openai, self.budget)
+                self._openai.append(runtime)
+                return runtime
+
+    def index_for(self, revision: Revision) -> KnowledgeIndex | None:
+        if revision.id not in self._indexes:
+            kb = revision.knowledge_base
+            self._indexes[revision.id] = KnowledgeIndex(kb) if kb else None
+        return self._indexes[revision.id]
+
+    async def aclose(self) -> None:
+        for runtime in self._openai:
+            await runtime.close()
+        await self.http.aclose()
