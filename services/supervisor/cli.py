@@ -1,6 +1,9 @@
 """The `switchboard` command.
 
-switchboard up [--external]   run embedded NATS + Valkey and every service; Ctrl-C stops all
+switchboard up [--external]   run embedded NATS + Valkey and every service; Ctrl-C stops all.
+    Every port is checked free first and every listener checked to be the process just started
+    (else exit 1, naming the port and its variable); a process that dies later is restarted with
+    backoff; notable events that services log (a `console` field) are printed under the banner.
 switchboard <service>         run one service in the foreground (core, egress, api)
 switchboard dead list | replay <id> | replay --all   the DEAD stream
 """
@@ -17,10 +20,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.supervisor.embedded import ChildProcess, StartError, start_nats, start_valkey
+from services.supervisor.ports import Port, check_free, listens
 
 
 @dataclass(frozen=True)
@@ -29,9 +34,20 @@ class ServiceSpec:
     port_variable: str
     default_port: int
     what: str
+    # Further ports it listens on: (variable, default, what).
+    more_ports: tuple[tuple[str, int, str], ...] = ()
 
     def port(self, env: dict[str, str]) -> int:
         return int(env.get(self.port_variable, self.default_port))
+
+    def ports(self, env: dict[str, str]) -> list[Port]:
+        return [
+            Port(int(env.get(variable, default)), variable, what)
+            for variable, default, what in (
+                (self.port_variable, self.default_port, f"{self.name}: {self.what}"),
+                *self.more_ports,
+            )
+        ]
 
 
 # In start order: core first, so the streams and the demo agent exist when ingress opens.
@@ -40,7 +56,13 @@ SERVICES = (
     ServiceSpec("egress", "SWITCHBOARD_EGRESS_HEALTH_PORT", 8091, "egress workers (probes)"),
     ServiceSpec("api", "SWITCHBOARD_API_PORT", 8080, "HTTP API"),
     ServiceSpec("sms", "SWITCHBOARD_SMS_PORT", 8081, "Twilio SMS webhooks"),
-    ServiceSpec("email", "SWITCHBOARD_EMAIL_HEALTH_PORT", 8092, "inbound SMTP (probes)"),
+    ServiceSpec(
+        "email",
+        "SWITCHBOARD_EMAIL_HEALTH_PORT",
+        8092,
+        "inbound SMTP (probes)",
+        (("SWITCHBOARD_SMTP_PORT", 2525, "email: inbound SMTP"),),
+    ),
     ServiceSpec("voice", "SWITCHBOARD_VOICE_PORT", 8082, "Twilio Voice webhooks"),
 )
 TWILIO_FAKE = ServiceSpec(
@@ -73,6 +95,21 @@ def wait_ready(url: str, child: ChildProcess, timeout: float) -> None:
     raise StartError(f"{child.name} not ready after {timeout:.0f}s ({last})")
 
 
+def verify_listener(child: ChildProcess, ports: list[Port], timeout: float = 5.0) -> None:
+    """The process answering on each port must be the one just started, not a leftover."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while not listens(child.proc.pid, port.number):
+            if child.proc.poll() is not None:
+                raise StartError(f"{child.name} exited with {child.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise StartError(
+                    f"port {port.number} ({port.what}) answers, but not from the {child.name} "
+                    f"just started: another process holds it; set {port.variable}"
+                )
+            time.sleep(0.05)
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -80,13 +117,53 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+@dataclass
+class Managed:
+    """A server or service `up` keeps running: started, verified, and restarted after a crash with
+    a delay that doubles per crash in a row (reset once it has stayed up a minute)."""
+
+    name: str
+    launch: Callable[[], ChildProcess]  # starts it and returns once it is ready and verified
+    child: ChildProcess
+    log_offset: int = 0
+    crashes_in_a_row: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None
+
+    def console_lines(self) -> list[str]:
+        """New log lines that carry a `console` field: the notable events `up` prints."""
+        try:
+            with open(self.child.log_path, "rb") as log:
+                log.seek(self.log_offset)
+                chunk = log.read()
+        except OSError:
+            return []
+        complete = chunk.rfind(b"\n") + 1  # a half-written last line waits for the next look
+        self.log_offset += complete
+        lines = []
+        for raw in chunk[:complete].splitlines():
+            if not raw.startswith(b"{") or b'"console"' not in raw:
+                continue
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("console"):
+                lines.append(str(entry["console"]))
+        return lines
+
+
+def restart_delay(base: float, crashes_in_a_row: int) -> float:
+    return float(min(base * 2 ** (crashes_in_a_row - 1), 60.0))
+
+
 def up(external: bool) -> int:
     env = dict(os.environ)
     host = env.get("SWITCHBOARD_HOST", "127.0.0.1")
     data_dir = Path(env.get("SWITCHBOARD_DATA_DIR", "./.switchboard")).resolve()
     logs = data_dir / "logs"
-    children: list[ChildProcess] = []
-    servers: list[ChildProcess] = []
+    restart_base = float(env.get("SWITCHBOARD_RESTART_BACKOFF_SECONDS", "1"))
+    managed: list[Managed] = []
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -96,43 +173,63 @@ def up(external: bool) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
+    def keep(name: str, launch: Callable[[], ChildProcess]) -> None:
+        child = launch()
+        managed.append(Managed(name, launch, child, log_offset=child.log_start))
+
     try:
-        if external:
-            for variable in ("NATS_URL", "REDIS_URL"):
-                if variable not in env:
-                    raise StartError(f"--external needs {variable}")
-            say(f"using external NATS at {env['NATS_URL']} and Redis at {env['REDIS_URL']}")
-        else:
-            nats_port = int(env.get("SWITCHBOARD_NATS_PORT", 4222))
-            redis_port = int(env.get("SWITCHBOARD_REDIS_PORT", 6379))
-            say(f"starting embedded servers (data in {data_dir})")
-            servers.append(start_valkey(data_dir, host, redis_port))
-            say(f"  ✓ valkey-server  redis://{host}:{redis_port}  (AOF on)")
-            servers.append(start_nats(data_dir, host, nats_port))
-            say(f"  ✓ nats-server    nats://{host}:{nats_port}  (JetStream, file storage)")
-            env["NATS_URL"] = f"nats://{host}:{nats_port}"
-            env["REDIS_URL"] = f"redis://{host}:{redis_port}/0"
-        key = env.setdefault("SWITCHBOARD_BOOTSTRAP_API_KEY", "sk_dev_" + secrets.token_urlsafe(18))
         specs = list(SERVICES)
         if "SWITCHBOARD_TWILIO_AUTH_TOKEN" not in env:
             # No Twilio account: replies go to a local fake so an SMS round trip still works.
             env["SWITCHBOARD_TWILIO_BASE_URL"] = f"http://{host}:{TWILIO_FAKE.port(env)}"
             specs.insert(0, TWILIO_FAKE)
+        needed = [port for spec in specs for port in spec.ports(env)]
+        if external:
+            for variable in ("NATS_URL", "REDIS_URL"):
+                if variable not in env:
+                    raise StartError(f"--external needs {variable}")
+        else:
+            nats_port = Port(
+                int(env.get("SWITCHBOARD_NATS_PORT", 4222)),
+                "SWITCHBOARD_NATS_PORT",
+                "embedded nats-server",
+            )
+            redis_port = Port(
+                int(env.get("SWITCHBOARD_REDIS_PORT", 6379)),
+                "SWITCHBOARD_REDIS_PORT",
+                "embedded valkey-server",
+            )
+            needed = [nats_port, redis_port, *needed]
+        problems = check_free(host, needed)
+        if problems:
+            for problem in problems:
+                say(f"error: {problem}")
+            raise StartError(f"{len(problems)} port(s) in use; nothing was started")
+        if external:
+            say(f"using external NATS at {env['NATS_URL']} and Redis at {env['REDIS_URL']}")
+        else:
+            say(f"starting embedded servers (data in {data_dir})")
+
+            def valkey() -> ChildProcess:
+                child = start_valkey(data_dir, host, redis_port.number)
+                verify_listener(child, [redis_port])
+                return child
+
+            def nats() -> ChildProcess:
+                child = start_nats(data_dir, host, nats_port.number)
+                verify_listener(child, [nats_port])
+                return child
+
+            keep("valkey-server", valkey)
+            say(f"  ✓ valkey-server  redis://{host}:{redis_port.number}  (AOF on)")
+            keep("nats-server", nats)
+            say(f"  ✓ nats-server    nats://{host}:{nats_port.number}  (JetStream, file storage)")
+            env["NATS_URL"] = f"nats://{host}:{nats_port.number}"
+            env["REDIS_URL"] = f"redis://{host}:{redis_port.number}/0"
+        key = env.setdefault("SWITCHBOARD_BOOTSTRAP_API_KEY", "sk_dev_" + secrets.token_urlsafe(18))
         say("starting services")
         for spec in specs:
-            child = ChildProcess(
-                spec.name,
-                [sys.executable, "-m", f"services.{spec.name}"],
-                logs / f"{spec.name}.log",
-                env=env,
-            )
-            children.append(child)
-            try:
-                probe = "healthz" if spec is TWILIO_FAKE else "readyz"
-                wait_ready(f"http://{host}:{spec.port(env)}/{probe}", child, 30)
-            except StartError:
-                say(tail(child.log_path))
-                raise
+            keep(spec.name, service_launcher(spec, env, host, logs))
             say(f"  ✓ {spec.name:<11} http://{host}:{spec.port(env)}  {spec.what}")
         api = f"http://{host}:{SERVICES[2].port(env)}"
         sms = f"http://{host}:{SERVICES[3].port(env)}"
@@ -150,16 +247,12 @@ Try it:
   curl -s -X POST {api}/v1/conversations/<id>/turns -H 'x-api-key: {key}' \\
        -H 'content-type: application/json' -d '{{"user_message": "how long do refunds take?"}}'
 
-Press Ctrl-C to stop.""")
+Press Ctrl-C to stop. Notable events (restarts, dead letters, provider outages) show below.""")
         while not stopping:
-            for child in children + servers:
-                if child.proc.poll() is not None:
-                    say(
-                        f"{child.name} exited unexpectedly ({child.proc.returncode}); stopping\n"
-                        f"{tail(child.log_path)}"
-                    )
-                    stopping = True
-                    break
+            for m in managed:
+                if stopping:
+                    break  # Ctrl-C reaches the children too: their exit is not a crash
+                watch(m, restart_base)
             time.sleep(0.2)
         return_code = 0
     except StartError as exc:
@@ -167,13 +260,70 @@ Press Ctrl-C to stop.""")
         return_code = 1
     finally:
         say("stopping…")
-        for child in reversed(children):
-            child.stop()
-            say(f"  stopped {child.name}")
-        for server in reversed(servers):
-            server.stop()
-            say(f"  stopped {server.name}")
+        for m in reversed(managed):
+            m.child.stop()
+            say(f"  stopped {m.name}")
     return return_code
+
+
+def service_launcher(
+    spec: ServiceSpec, env: dict[str, str], host: str, logs: Path
+) -> Callable[[], ChildProcess]:
+    def launch() -> ChildProcess:
+        child = ChildProcess(
+            spec.name,
+            [sys.executable, "-m", f"services.{spec.name}"],
+            logs / f"{spec.name}.log",
+            env=env,
+        )
+        try:
+            probe = "healthz" if spec is TWILIO_FAKE else "readyz"
+            wait_ready(f"http://{host}:{spec.port(env)}/{probe}", child, 30)
+            verify_listener(child, spec.ports(env))
+        except StartError:
+            child.stop()
+            say(tail(child.log_path))
+            raise
+        return child
+
+    return launch
+
+
+def watch(m: Managed, restart_base: float) -> None:
+    """Print what the process logged as notable; restart it (after its delay) if it died."""
+    stamp = time.strftime("%H:%M:%S")
+    for line in m.console_lines():
+        say(f"{stamp} {m.name}: {line}")
+    now = time.monotonic()
+    if m.restart_at is None:
+        code = m.child.proc.poll()
+        if code is None:
+            if now - m.started_at > 60:
+                m.crashes_in_a_row = 0
+            return
+        m.crashes_in_a_row += 1
+        delay = restart_delay(restart_base, m.crashes_in_a_row)
+        m.restart_at = now + delay
+        m.child.stop()  # closes its log
+        say(
+            f"{stamp} ! {m.name} exited unexpectedly (code {code}); restarting in {delay:.0f}s "
+            f"(crash {m.crashes_in_a_row} in a row)\n{tail(m.child.log_path, 5)}"
+        )
+        return
+    if now < m.restart_at:
+        return
+    try:
+        m.child = m.launch()
+    except StartError as exc:
+        m.crashes_in_a_row += 1
+        delay = restart_delay(restart_base, m.crashes_in_a_row)
+        m.restart_at = time.monotonic() + delay
+        say(f"{stamp} ! {m.name} did not come back ({exc}); trying again in {delay:.0f}s")
+        return
+    m.restart_at = None
+    m.started_at = time.monotonic()
+    m.log_offset = m.child.log_start
+    say(f"{time.strftime('%H:%M:%S')} ✓ {m.name} restarted (pid {m.child.proc.pid})")
 
 
 def main(argv: list[str] | None = None) -> int:

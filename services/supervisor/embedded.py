@@ -90,6 +90,7 @@ class ChildProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log_start = self._log.tell()  # where this run's lines begin in the shared log
         self.proc = subprocess.Popen(
             argv,
             stdout=self._log,
@@ -108,7 +109,8 @@ class ChildProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
 

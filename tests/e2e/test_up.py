@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,21 +21,54 @@ from services.supervisor.embedded import free_port
 pytestmark = pytest.mark.e2e
 
 
-def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
-    """Collect stdout until `marker` appears; fail with everything printed so far."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    selector = selectors.DefaultSelector()
-    selector.register(fd, selectors.EVENT_READ)
-    output = ""
-    deadline = time.monotonic() + timeout
-    while marker not in output:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or proc.poll() is not None:
-            raise AssertionError(f"`switchboard up` never printed {marker!r}:\n{output}")
-        if selector.select(remaining):
-            output += os.read(fd, 65536).decode(errors="replace")
-    return output
+class Console:
+    """Everything `switchboard up` printed so far, read as it comes."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.fd, selectors.EVENT_READ)
+        self.output = ""
+
+    def wait_for(self, marker: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while marker not in self.output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.proc.poll() is not None:
+                raise AssertionError(f"`switchboard up` never printed {marker!r}:\n{self.output}")
+            if self.selector.select(remaining):
+                self.output += os.read(self.fd, 65536).decode(errors="replace")
+        return self.output
+
+
+def test_up_refuses_a_port_in_use_naming_it_and_starts_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "SWITCHBOARD_DATA_DIR": str(tmp_path / "data"),
+            "SWITCHBOARD_NATS_PORT": str(free_port()),
+            "SWITCHBOARD_REDIS_PORT": str(free_port()),
+            "SWITCHBOARD_API_PORT": str(port),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "services.supervisor", "up"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+    out = done.stdout.decode(errors="replace")
+    assert done.returncode == 1, out
+    assert f"port {port} on 127.0.0.1 (api: HTTP API) is already in use" in out
+    assert "set SWITCHBOARD_API_PORT to a free port" in out
+    assert "nothing was started" in out
+    assert "✓" not in out
+    assert "Switchboard is up" not in out
+    assert not (tmp_path / "data" / "nats").exists()  # no server was started
 
 
 def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
@@ -55,6 +89,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         "SWITCHBOARD_DATA_DIR": str(tmp_path / "data"),
         "SWITCHBOARD_BOOTSTRAP_API_KEY": "sk_e2e",
         "PYTHONUNBUFFERED": "1",
+        "SWITCHBOARD_RESTART_BACKOFF_SECONDS": "0.5",
         **{f"SWITCHBOARD_{name}_PORT": str(port) for name, port in ports.items()},
     }
     env.pop("NATS_URL", None)
@@ -66,7 +101,8 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         stderr=subprocess.STDOUT,
     )
     try:
-        banner = read_until(proc, "Press Ctrl-C to stop.", timeout=90)
+        console = Console(proc)
+        banner = console.wait_for("Press Ctrl-C to stop.", timeout=90)
         api = f"http://127.0.0.1:{ports['API']}"
         assert api in banner
         assert "sk_e2e" in banner
@@ -113,9 +149,45 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert sent, "no SMS reached the Twilio fake"
         assert "Monday to Friday" in sent[0]["form"]["Body"], sent
 
+        # A second `up` on the same ports fails, says which, and changes nothing.
+        second = subprocess.run(
+            [sys.executable, "-m", "services.supervisor", "up"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        refused = second.stdout.decode(errors="replace")
+        assert second.returncode == 1, refused
+        assert f"port {ports['API']} on 127.0.0.1 (api: HTTP API) is already in use" in refused
+        assert "SWITCHBOARD_NATS_PORT" in refused
+        assert "Switchboard is up" not in refused
+
+        # A reply that fails for good is one console line (the dead letter), not silence.
+        magic = {**form, "MessageSid": "SM" + "d" * 32, "From": "+15005550001"}
+        signature = RequestValidator("dev-auth-token").compute_signature(sms_url, magic)
+        assert httpx.post(sms_url, data=magic, headers={"X-Twilio-Signature": signature}).is_success
+        console.wait_for("twilio_error 21211", timeout=30)
+        assert "dead letter dead_" in console.output
+
+        # A service killed later is restarted, visibly, and the gateway keeps answering.
+        core = next(c for c in children if "services.core" in " ".join(c.cmdline()))
+        core.kill()
+        console.wait_for("✓ core restarted", timeout=60)
+        assert "! core exited unexpectedly (code -9); restarting in" in console.output
+        with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:
+            conv = client.post("/v1/conversations", json={})
+            assert conv.status_code == 201, conv.text
+            again = client.post(
+                f"/v1/conversations/{conv.json()['id']}/turns",
+                json={"user_message": "how long does standard shipping take?"},
+            )
+            assert again.status_code == 200, again.text
+        assert proc.poll() is None  # the rest of the stack never went down
+        children = psutil.Process(proc.pid).children(recursive=True)
+
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
-        rest = out.decode(errors="replace")
+        rest = console.output + out.decode(errors="replace")
         assert proc.returncode == 0, rest
         assert "stopped nats-server" in rest
         assert "stopped valkey-server" in rest
