@@ -24,9 +24,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -57,6 +57,8 @@ from shared.ids import new_id
 from shared.models import utcnow
 from shared.subjects import Subjects
 from shared.telemetry import Metrics
+
+T = TypeVar("T")
 
 log = logging.getLogger("switchboard.bus")
 
@@ -626,6 +628,26 @@ class Bus:
     async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
         reply = await self.nc.request(subject, payload, timeout=timeout)
         return reply.data
+
+    @contextlib.asynccontextmanager
+    async def listen(
+        self, subject: str, accept: Callable[[Msg], T | None]
+    ) -> AsyncIterator[asyncio.Queue[T]]:
+        """Await replies: core NATS messages on `subject` while the block runs, each passed through
+        `accept` (None drops it: someone else's reply), queued in arrival order. Enter it before
+        publishing the request, on this connection, so the reply cannot overtake the subscription.
+        """
+        queue: asyncio.Queue[T] = asyncio.Queue()
+
+        async def on_message(msg: Msg) -> None:
+            if (item := accept(msg)) is not None:
+                queue.put_nowait(item)
+
+        sub = await self.nc.subscribe(subject, cb=on_message)
+        try:
+            yield queue
+        finally:
+            await sub.unsubscribe()
 
     async def publish_core(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget core NATS publish: for replies and token streams, never for state."""

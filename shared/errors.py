@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 
 class SwitchboardError(Exception):
     """Base of every error a caller can act on. `code` is stable; `message` is for people."""
@@ -107,3 +109,24 @@ def error_from_code(
 ) -> SwitchboardError:
     """Rebuild a domain error that crossed the bus as (code, message, details)."""
     return _codes(SwitchboardError).get(code, SwitchboardError)(message, details=details)
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """The one error shape of every HTTP answer and SSE `error` frame:
+    `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorBody
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorBody(code=code, message=message, details=details or {}))
+
+
+def error_body_of(exc: SwitchboardError) -> ErrorResponse:
+    return error_body(exc.code, exc.message, exc.details)

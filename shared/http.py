@@ -14,7 +14,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from shared.errors import RateLimited, SwitchboardError
+from shared.errors import RateLimited, SwitchboardError, error_body
 from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.http")
@@ -108,7 +108,7 @@ def provider_webhook_error(request: Request[Any, Any, Any], exc: Exception) -> R
         status, code, message, details = 503, "unavailable", "try again", {}
     if status in (403, 429):
         log.warning("rejected webhook: %s", message, extra={"path": request.url.path})
-    body = {"error": {"code": code, "message": message, "details": details}}
+    body = error_body(code, message, details)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
     return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
 

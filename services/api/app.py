@@ -22,14 +22,11 @@ from services.api.routes.conversations import ConversationController
 from services.api.routes.dead_letters import DeadLetterController
 from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
-from services.api.schemas import ErrorBody, ErrorResponse
-from shared.bus import TRANSIENT, Bus
-from shared.errors import RateLimited, SwitchboardError
+from shared.bus import TRANSIENT
+from shared.errors import ErrorResponse, RateLimited, SwitchboardError, error_body
 from shared.http import probe_handlers, serve_until
+from shared.service import Service
 from shared.settings import ApiSettings
-from shared.store import Store
-from shared.subjects import Subjects
-from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.api")
 MAX_BODY = 1024 * 1024
@@ -43,7 +40,7 @@ def _error(
     headers: dict[str, str] | None = None,
 ) -> Response[ErrorResponse]:
     return Response(
-        ErrorResponse(error=ErrorBody(code=code, message=message, details=details or {})),
+        error_body(code, message, details),
         status_code=status,
         media_type=MediaType.JSON,
         headers=headers,
@@ -110,45 +107,34 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[E
 
 
 def create_app(settings: ApiSettings) -> Litestar:
-    metrics = Metrics("api")
-    subjects = Subjects(settings.namespace, settings.partitions)
-    bus = Bus(
-        settings.nats_url,
-        subjects,
-        name="switchboard-api",
-        replicas=settings.stream_replicas,
-        metrics=metrics,
-    )
-    store = Store(settings.redis_url, settings.namespace)
-    gateway = Gateway(settings, bus, store)
-    keyring = KeyRing(store)
-
-    async def ready() -> dict[str, bool]:
-        return {"nats": bus.ready, "redis": await store.ping()}
+    service = Service("api", settings)
+    metrics, subjects, bus = service.metrics, service.subjects, service.bus
+    gateway = Gateway(settings, bus, service.store)
+    keyring = KeyRing(service.store)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await bus.connect()
-        await bus.ensure_streams()
+        async with service.opened():
 
-        async def forget(msg: Msg) -> None:
-            keyring.forget(msg.data.decode(errors="replace"))
+            async def forget(msg: Msg) -> None:
+                keyring.forget(msg.data.decode(errors="replace"))
 
-        revocations = await bus.nc.subscribe(subjects.key_revoked, cb=forget)
-        if settings.bootstrap_api_key:
-            # A fixed id: a changed bootstrap secret replaces (revokes) the previous one.
-            await keyring.create(
-                "bootstrap", ("admin",), secret=settings.bootstrap_api_key, key_id=BOOTSTRAP_KEY_ID
-            )
-            # Other replicas may hold the previous bootstrap key in their cache: drop it.
-            await bus.publish_core(subjects.key_revoked, BOOTSTRAP_KEY_ID.encode())
-        log.info("api ready", extra={"port": settings.api_port})
-        try:
-            yield
-        finally:
-            await revocations.unsubscribe()
-            await bus.close()
-            await store.close()
+            revocations = await bus.nc.subscribe(subjects.key_revoked, cb=forget)
+            try:
+                if settings.bootstrap_api_key:
+                    # A fixed id: a changed bootstrap secret replaces (revokes) the previous one.
+                    await keyring.create(
+                        "bootstrap",
+                        ("admin",),
+                        secret=settings.bootstrap_api_key,
+                        key_id=BOOTSTRAP_KEY_ID,
+                    )
+                    # Other replicas may hold the previous bootstrap key in their cache: drop it.
+                    await bus.publish_core(subjects.key_revoked, BOOTSTRAP_KEY_ID.encode())
+                log.info("api ready", extra={"port": settings.api_port})
+                yield
+            finally:
+                await revocations.unsubscribe()
 
     def provide_gateway(state: State) -> Gateway:
         return state.gateway  # type: ignore[no-any-return]
@@ -164,7 +150,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             WebhookController,
             SimulationController,
             DeadLetterController,
-            *probe_handlers(ready, metrics),
+            *probe_handlers(service.ready, metrics),
         ],
         lifespan=[lifespan],
         guards=[require_scope],

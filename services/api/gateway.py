@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from nats.aio.msg import Msg
@@ -131,21 +131,18 @@ class Gateway:
             metadata=metadata,
             stream=stream,
         )
-        feed: asyncio.Queue[StreamDelta | TurnReply] = asyncio.Queue()
         reply_subject = self.subjects.reply(conv.id)
 
-        async def on_message(msg: Msg) -> None:
+        def ours(msg: Msg) -> StreamDelta | TurnReply | None:
             item: StreamDelta | TurnReply = (
                 _reply.decode(msg.data) if msg.subject == reply_subject else _delta.decode(msg.data)
             )
-            if item.envelope_id == env.id:
-                feed.put_nowait(item)
+            return item if item.envelope_id == env.id else None
 
-        # Subscribed before publishing, on the same connection: the reply cannot overtake us, and
+        # Listening before publishing, on the same connection: the reply cannot overtake us, and
         # one subscription for deltas and reply keeps them in the order core sent them.
-        sub = await self.bus.nc.subscribe(self.subjects.conversation_feed(conv.id), cb=on_message)
-        deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_seconds
-        try:
+        async with self.bus.listen(self.subjects.conversation_feed(conv.id), ours) as feed:
+            deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_seconds
             # Not stored → Unavailable (503): only a stored message may be called accepted below.
             ack = await self.bus.publish(
                 self.subjects.inbound("api", conv.partition_key), _enc.encode(env), msg_id=env.id
@@ -160,7 +157,11 @@ class Gateway:
             try:
                 while True:
                     remaining = deadline - asyncio.get_running_loop().time()
-                    item = await asyncio.wait_for(feed.get(), max(remaining, 0.001))
+                    # (mypy joins the union to Struct when it infers the queue's type)
+                    item = cast(
+                        StreamDelta | TurnReply,
+                        await asyncio.wait_for(feed.get(), max(remaining, 0.001)),
+                    )
                     yield item
                     if isinstance(item, TurnReply):
                         return
@@ -170,8 +171,6 @@ class Gateway:
                     "appear in the transcript",
                     details={"envelope_id": env.id},
                 ) from exc
-        finally:
-            await sub.unsubscribe()
 
     async def earlier_reply(self, cid: str, envelope_id: str) -> TurnReply | None:
         conv = await self.store.get_conversation(cid)

@@ -208,16 +208,6 @@ class Usage(msgspec.Struct, kw_only=True):
     turns: dict[str, int]
 
 
-class ErrorBody(msgspec.Struct, kw_only=True):
-    code: str
-    message: str
-    details: dict[str, Any] = {}
-
-
-class ErrorResponse(msgspec.Struct, kw_only=True):
-    error: ErrorBody
-
-
 class DeadLetterView(msgspec.Struct, kw_only=True):
     """A message in the DEAD stream: where it died, why, and whether it was replayed."""
 

@@ -15,7 +15,7 @@ from services.core import approvals, first_contact, operators, replies, routing,
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from shared.bus import Bus, Delivery, Undeliverable, decode_or_dead
+from shared.bus import Delivery, Undeliverable, decode_or_dead
 from shared.envelopes import (
     SCHEMA_VERSION,
     ApprovalDecided,
@@ -36,12 +36,9 @@ from shared.envelopes import (
     StartHandoff,
 )
 from shared.errors import SwitchboardError
-from shared.http import HttpServer, probe_app
 from shared.models import Author
+from shared.service import Service
 from shared.settings import CoreSettings
-from shared.store import Store
-from shared.subjects import Subjects
-from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.core")
 
@@ -53,30 +50,18 @@ _enc = msgspec.json.Encoder()
 class Core:
     def __init__(self, settings: CoreSettings) -> None:
         self.settings = settings
-        self.metrics = Metrics("core")
-        self.subjects = Subjects(settings.namespace, settings.partitions)
-        self.bus = Bus(
-            settings.nats_url,
-            self.subjects,
-            name="switchboard-core",
-            replicas=settings.stream_replicas,
-            metrics=self.metrics,
-        )
-        self.store = Store(settings.redis_url, settings.namespace)
+        self.service = Service("core", settings, probes_port=settings.core_health_port)
+        self.metrics, self.subjects = self.service.metrics, self.service.subjects
+        self.bus, self.store = self.service.bus, self.service.store
+        self._opened = contextlib.AsyncExitStack()
         self.conversations = Conversations(settings, self.store, self.bus, self.metrics)
         self._timer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self.http = HttpServer(
-            probe_app(self.ready, self.metrics), settings.host, settings.core_health_port
-        )
-
-    async def ready(self) -> dict[str, bool]:
-        return {"nats": self.bus.ready, "redis": await self.store.ping()}
 
     async def start(self) -> None:
-        await self.http.start()
-        await self.bus.connect()
-        await self.bus.ensure_streams()
+        # Pushed first, so closed last: after the bus has drained the turns in flight.
+        self._opened.push_async_callback(self.conversations.runtimes.aclose)
+        await self._opened.enter_async_context(self.service.opened())
         if await seed_demo_agent(self.store, self.settings.default_agent):
             log.info("seeded the demo agent", extra={"agent_id": self.settings.default_agent})
         await self.bus.serve(self.subjects.commands_all, "core", self.on_command)
@@ -92,7 +77,7 @@ class Core:
         self._timer = asyncio.create_task(self.approval_timer(), name="approval-timer")
         log.info(
             "core ready",
-            extra={"partitions": self.settings.partitions, "health_port": self.http.port},
+            extra={"partitions": self.settings.partitions, "health_port": self.service.probes_port},
         )
 
     async def stop(self) -> None:
@@ -102,10 +87,7 @@ class Core:
                 await asyncio.wait_for(asyncio.shield(self._timer), 5.0)
             except TimeoutError:
                 self._timer.cancel()
-        await self.bus.close()
-        await self.conversations.runtimes.aclose()
-        await self.store.close()
-        await self.http.stop()
+        await self._opened.aclose()
 
     async def approval_timer(self) -> None:
         """The durable approval timer: its state is the deadline index in Valkey, not memory.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import httpx
@@ -12,12 +13,9 @@ from services.egress.outages import FailedDeliveries, Outages
 from services.egress.sms import SmsSender
 from services.egress.voice import VoiceSpeaker
 from services.egress.webhooks import Webhooks
-from shared.bus import Bus, Hold
-from shared.http import HttpServer, probe_app
+from shared.bus import Hold
+from shared.service import Service
 from shared.settings import EgressSettings
-from shared.store import Store
-from shared.subjects import Subjects
-from shared.telemetry import Metrics
 from shared.twilio import rest_client
 
 log = logging.getLogger("switchboard.egress")
@@ -26,16 +24,10 @@ log = logging.getLogger("switchboard.egress")
 class Egress:
     def __init__(self, settings: EgressSettings) -> None:
         self.settings = settings
-        self.metrics = Metrics("egress")
-        self.subjects = Subjects(settings.namespace, settings.partitions)
-        self.bus = Bus(
-            settings.nats_url,
-            self.subjects,
-            name="switchboard-egress",
-            replicas=settings.stream_replicas,
-            metrics=self.metrics,
-        )
-        self.store = Store(settings.redis_url, settings.namespace)
+        self.service = Service("egress", settings, probes_port=settings.egress_health_port)
+        self.metrics, self.subjects = self.service.metrics, self.service.subjects
+        self.bus, self.store = self.service.bus, self.service.store
+        self._opened = contextlib.AsyncExitStack()
         self.http_client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_seconds, follow_redirects=False
         )
@@ -46,12 +38,6 @@ class Egress:
         self.sms = SmsSender(settings, self.store, self.twilio, self.outages)
         self.email = EmailSender(settings, self.store, self.outages)
         self.voice = VoiceSpeaker(settings, self.store, self.twilio)
-        self.http = HttpServer(
-            probe_app(self.ready, self.metrics), settings.host, settings.egress_health_port
-        )
-
-    async def ready(self) -> dict[str, bool]:
-        return {"nats": self.bus.ready, "redis": await self.store.ping()}
 
     def webhook_backoff(self, attempt: int) -> float:
         return float(min(self.settings.webhook_backoff_seconds * 2 ** (attempt - 1), 600.0))
@@ -65,9 +51,9 @@ class Egress:
         )
 
     async def start(self) -> None:
-        await self.http.start()
-        await self.bus.connect()
-        await self.bus.ensure_streams()
+        # Pushed first, so closed last: after the bus has drained the deliveries in flight.
+        self._opened.push_async_callback(self.close_clients)
+        await self._opened.enter_async_context(self.service.opened())
         await self.bus.consume(
             stream=self.subjects.events_stream,
             durable="egress-webhook-fanout",
@@ -124,15 +110,15 @@ class Egress:
             max_deliver=6,
             backoff=self.voice.head_start,
         )
-        log.info("egress ready", extra={"health_port": self.http.port})
+        log.info("egress ready", extra={"health_port": self.service.probes_port})
 
     async def stop(self) -> None:
-        await self.bus.close()
+        await self._opened.aclose()
+
+    async def close_clients(self) -> None:
         await self.http_client.aclose()
         await self.twilio_http.close()
         await self.email.close()
-        await self.store.close()
-        await self.http.stop()
 
 
 async def run(settings: EgressSettings, stop: asyncio.Event) -> None:

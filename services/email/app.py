@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiosmtpd.smtp import SMTP
 
 from services.email.handler import InboundMail
-from shared.bus import Bus
-from shared.http import HttpServer, probe_app
+from shared.service import Service
 from shared.settings import EmailSettings
-from shared.store import Store
-from shared.subjects import Subjects
-from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.email")
 
@@ -21,33 +18,24 @@ log = logging.getLogger("switchboard.email")
 class EmailService:
     def __init__(self, settings: EmailSettings) -> None:
         self.settings = settings
-        self.metrics = Metrics("email")
-        self.bus = Bus(
-            settings.nats_url,
-            Subjects(settings.namespace, settings.partitions),
-            name="switchboard-email",
-            replicas=settings.stream_replicas,
-            metrics=self.metrics,
+        self.service = Service(
+            "email",
+            settings,
+            probes_port=settings.email_health_port,
+            checks={"smtp": lambda: self._server is not None and self._server.is_serving()},
         )
-        self.store = Store(settings.redis_url, settings.namespace)
+        self.metrics, self.bus, self.store = (
+            self.service.metrics,
+            self.service.bus,
+            self.service.store,
+        )
         self.handler = InboundMail(settings, self.bus, self.store)
-        self.http = HttpServer(
-            probe_app(self.ready, self.metrics), settings.host, settings.email_health_port
-        )
         self._server: asyncio.Server | None = None
+        self._opened = contextlib.AsyncExitStack()
         self.port = settings.smtp_port
 
-    async def ready(self) -> dict[str, bool]:
-        return {
-            "nats": self.bus.ready,
-            "redis": await self.store.ping(),
-            "smtp": self._server is not None and self._server.is_serving(),
-        }
-
     async def start(self) -> None:
-        await self.http.start()
-        await self.bus.connect()
-        await self.bus.ensure_streams()
+        await self._opened.enter_async_context(self.service.opened())
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: SMTP(
@@ -69,9 +57,7 @@ class EmailService:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        await self.bus.close()
-        await self.store.close()
-        await self.http.stop()
+        await self._opened.aclose()
 
 
 async def run(settings: EmailSettings, stop: asyncio.Event) -> None:

@@ -18,17 +18,14 @@ from litestar.datastructures import State
 from twilio.twiml.messaging_response import MessagingResponse
 
 from services.sms.messages import envelope_from_form
-from shared.bus import Bus
 from shared.envelopes import ChannelKeyword, Event
 from shared.errors import InvalidRequest
 from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import redact
 from shared.models import DELIVERY_RANK, utcnow
 from shared.ratelimit import Limit, RateLimiter
+from shared.service import Service
 from shared.settings import SmsSettings
-from shared.store import Store
-from shared.subjects import Subjects
-from shared.telemetry import Metrics
 from shared.twilio import check_signature, warn_if_unsigned
 
 log = logging.getLogger("switchboard.sms")
@@ -49,34 +46,19 @@ async def signed_form(request: Request[Any, Any, Any], settings: SmsSettings) ->
 
 
 def create_app(settings: SmsSettings) -> Litestar:
-    metrics = Metrics("sms")
-    subjects = Subjects(settings.namespace, settings.partitions)
-    bus = Bus(
-        settings.nats_url,
-        subjects,
-        name="switchboard-sms",
-        replicas=settings.stream_replicas,
-        metrics=metrics,
-    )
-    store = Store(settings.redis_url, settings.namespace)
+    service = Service("sms", settings)
+    metrics, subjects, bus, store = service.metrics, service.subjects, service.bus, service.store
     limiter = RateLimiter(store.connection)
-
-    async def ready() -> dict[str, bool]:
-        return {"nats": bus.ready, "redis": await store.ping()}
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         warn_if_unsigned(settings, "sms")
-        await bus.connect()
-        await bus.ensure_streams()
-        log.info(
-            "sms ready", extra={"port": settings.sms_port, "public_url": settings.public_sms_url()}
-        )
-        try:
+        async with service.opened():
+            log.info(
+                "sms ready",
+                extra={"port": settings.sms_port, "public_url": settings.public_sms_url()},
+            )
             yield
-        finally:
-            await bus.close()
-            await store.close()
 
     @post("/twilio/sms", status_code=200, media_type=TWIML)
     async def inbound(request: Request[Any, Any, Any]) -> Response[str]:
@@ -141,7 +123,7 @@ def create_app(settings: SmsSettings) -> Litestar:
         return Response(str(MessagingResponse()), media_type=TWIML)
 
     return Litestar(
-        route_handlers=[inbound, status, *probe_handlers(ready, metrics)],
+        route_handlers=[inbound, status, *probe_handlers(service.ready, metrics)],
         lifespan=[lifespan],
         exception_handlers={Exception: provider_webhook_error},
         state=State({"bus": bus, "store": store}),

@@ -20,7 +20,6 @@ from litestar import Litestar, Request, Response, post
 from nats.aio.msg import Msg
 
 from services.voice.twiml import GOODBYE, REPROMPT, Speech
-from shared.bus import Bus
 from shared.envelopes import (
     CallEnded,
     CallStarted,
@@ -33,10 +32,8 @@ from shared.errors import InvalidRequest
 from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import make_identifier, normalize_phone
 from shared.models import Turn, utcnow
+from shared.service import Service
 from shared.settings import VoiceSettings
-from shared.store import Store
-from shared.subjects import Subjects
-from shared.telemetry import Metrics
 from shared.twilio import check_signature, warn_if_unsigned
 
 log = logging.getLogger("switchboard.voice")
@@ -48,31 +45,15 @@ MAX_POLLS = 10
 
 
 def create_app(settings: VoiceSettings) -> Litestar:
-    metrics = Metrics("voice")
-    subjects = Subjects(settings.namespace, settings.partitions)
-    bus = Bus(
-        settings.nats_url,
-        subjects,
-        name="switchboard-voice",
-        replicas=settings.stream_replicas,
-        metrics=metrics,
-    )
-    store = Store(settings.redis_url, settings.namespace)
+    service = Service("voice", settings)
+    metrics, subjects, bus, store = service.metrics, service.subjects, service.bus, service.store
     speech = Speech(settings)
-
-    async def ready() -> dict[str, bool]:
-        return {"nats": bus.ready, "redis": await store.ping()}
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         warn_if_unsigned(settings, "voice")
-        await bus.connect()
-        await bus.ensure_streams()
-        try:
+        async with service.opened():
             yield
-        finally:
-            await bus.close()
-            await store.close()
 
     async def signed_form(request: Request[Any, Any, Any]) -> dict[str, str]:
         form = await request.form()
@@ -170,23 +151,19 @@ def create_app(settings: VoiceSettings) -> Litestar:
             metadata={"confidence": form.get("Confidence", "")},
             **call_thread(form),
         )
-        answered: asyncio.Future[TurnReply] = asyncio.get_running_loop().create_future()
 
-        async def on_reply(msg: Msg) -> None:
+        def ours(msg: Msg) -> TurnReply | None:
             reply = _reply.decode(msg.data)
-            if reply.envelope_id == env.id and not answered.done():
-                answered.set_result(reply)
+            return reply if reply.envelope_id == env.id else None
 
-        sub = await bus.nc.subscribe(subjects.reply(cid), cb=on_reply)
-        try:
+        async with bus.listen(subjects.reply(cid), ours) as replies:
             await bus.publish(
                 subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
             )
-            reply = await asyncio.wait_for(answered, settings.voice_reply_budget_seconds)
-        except TimeoutError:
-            return twiml(speech.hold(env.id, 1))
-        finally:
-            await sub.unsubscribe()
+            try:
+                reply = await asyncio.wait_for(replies.get(), settings.voice_reply_budget_seconds)
+            except TimeoutError:
+                return twiml(speech.hold(env.id, 1))
         if reply.turn is not None and reply.outcome == "answered":
             return twiml(await speak(reply.turn) or speech.reply("Is there anything else?"))
         return twiml(speech.hold(env.id, 1))
@@ -219,7 +196,13 @@ def create_app(settings: VoiceSettings) -> Litestar:
         return twiml("<Response/>")
 
     return Litestar(
-        route_handlers=[call_started, gathered, poll, status, *probe_handlers(ready, metrics)],
+        route_handlers=[
+            call_started,
+            gathered,
+            poll,
+            status,
+            *probe_handlers(service.ready, metrics),
+        ],
         lifespan=[lifespan],
         exception_handlers={Exception: provider_webhook_error},
         request_max_body_size=64 * 1024,

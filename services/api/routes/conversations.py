@@ -28,6 +28,7 @@ from shared.errors import (
     InvalidRequest,
     NotFound,
     SwitchboardError,
+    error_body_of,
     error_from_code,
 )
 from shared.identity import kind_for_channel, make_identifier
@@ -200,15 +201,7 @@ class ConversationController(Controller):
             except SwitchboardError as exc:
                 yield ServerSentEventMessage(
                     event="error",
-                    data=_json(
-                        {
-                            "error": {
-                                "code": exc.code,
-                                "message": exc.message,
-                                "details": exc.details,
-                            }
-                        }
-                    ),
+                    data=_json(error_body_of(exc)),
                 )
 
         return ServerSentEvent(frames())
