@@ -255,6 +255,11 @@ class ResolveApproval(msgspec.Struct, frozen=True, kw_only=True, tag="resolve_ap
     note: str | None = None
 
 
+class EraseEndUser(msgspec.Struct, frozen=True, kw_only=True, tag="erase_end_user"):
+    end_user_id: str
+    actor: str = "system"
+
+
 class Simulate(msgspec.Struct, frozen=True, kw_only=True, tag="simulate"):
     agent_id: str | None = None
     revision_id: str | None = None
@@ -263,7 +268,13 @@ class Simulate(msgspec.Struct, frozen=True, kw_only=True, tag="simulate"):
 
 
 Command = (
-    OpenConversation | CloseConversation | StartHandoff | HumanTurn | ResolveApproval | Simulate
+    OpenConversation
+    | CloseConversation
+    | StartHandoff
+    | HumanTurn
+    | ResolveApproval
+    | Simulate
+    | EraseEndUser
 )
 
 
@@ -287,6 +298,8 @@ class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
     error_code: str | None = None
     error_message: str | None = None
     error_details: dict[str, Any] = {}
+    # What an erasure removed: conversations, turns, stream messages.
+    counts: dict[str, int] = {}
 
 
 __all__ = [
@@ -298,6 +311,7 @@ __all__ = [
     "Command",
     "CommandResult",
     "DeadLetter",
+    "EraseEndUser",
     "Event",
     "Evidence",
     "Identifier",

@@ -48,6 +48,8 @@ class ApiSettings(CommonSettings, kw_only=True, frozen=True):
     # How long a synchronous turn waits for core before answering 504.
     turn_timeout_seconds: float = 15.0
     command_timeout_seconds: float = 5.0
+    # An erasure reads every message the streams hold: it may take longer than other commands.
+    erasure_timeout_seconds: float = 120.0
     # Requests per second per API key, and turns per minute per end user (0 turns a limit off).
     rate_limit_per_key_per_second: int = 100
     rate_limit_turns_per_end_user_per_minute: int = 60
@@ -65,6 +67,10 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
     # How often the durable approval timer looks for approvals past their deadline.
     approval_sweep_seconds: float = 0.5
     # Sent once per approval wait when the user writes while a tool call awaits approval.
+    # Close and erase conversations idle for more than this many days (0: keep forever), checked
+    # every `retention_sweep_seconds` by one core replica.
+    retention_days: float = 0.0
+    retention_sweep_seconds: float = 3600.0
     # Our number for SMS conversations opened through the API (first contact from us).
     sms_from_number: str | None = None
     still_waiting_message: str = (

@@ -130,6 +130,13 @@ class ApiKeyInfo(msgspec.Struct, kw_only=True):
     visibility: Visibility
 
 
+class ErasedEndUser(msgspec.Struct, kw_only=True):
+    end_user_id: str
+    conversations: int = 0
+    turns: int = 0
+    stream_messages: int = 0
+
+
 class WhoAmI(msgspec.Struct, kw_only=True):
     id: str
     name: str

@@ -11,7 +11,7 @@ import time
 import msgspec
 from nats.aio.msg import Msg
 
-from services.core import approvals, first_contact, operators, replies, routing, turns
+from services.core import approvals, erasure, first_contact, operators, replies, routing, turns
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
@@ -25,6 +25,7 @@ from shared.envelopes import (
     CloseConversation,
     Command,
     CommandResult,
+    EraseEndUser,
     HumanTurn,
     InboundEnvelope,
     InboundMessage,
@@ -56,6 +57,8 @@ class Core:
         self._opened = contextlib.AsyncExitStack()
         self.conversations = Conversations(settings, self.store, self.bus, self.metrics)
         self._timer: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -75,6 +78,8 @@ class Core:
                 ack_wait=self.settings.ack_wait_seconds,
             )
         self._timer = asyncio.create_task(self.approval_timer(), name="approval-timer")
+        if self.settings.retention_days > 0:
+            self._retention = asyncio.create_task(self.retention_timer(), name="retention")
         log.info(
             "core ready",
             extra={"partitions": self.settings.partitions, "health_port": self.service.probes_port},
@@ -82,11 +87,12 @@ class Core:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._timer is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._timer), 5.0)
-            except TimeoutError:
-                self._timer.cancel()
+        for task in (self._timer, self._retention, *self._side_tasks):
+            if task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), 5.0)
+                except TimeoutError:
+                    task.cancel()
         await self._opened.aclose()
 
     async def approval_timer(self) -> None:
@@ -102,6 +108,20 @@ class Core:
                 log.exception("approval sweep failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.approval_sweep_seconds)
+
+    async def retention_timer(self) -> None:
+        """Close and erase conversations past `SWITCHBOARD_RETENTION_DAYS`: one replica per period
+        (whoever claims the period's slot in Valkey), so replicas never erase in parallel."""
+        period = self.settings.retention_sweep_seconds
+        while not self._stopping.is_set():
+            slot = int(time.time() // period)
+            try:
+                if await self.store.claim_once(f"retention:{slot}", ttl=max(int(period * 2), 1)):
+                    await erasure.sweep_retention(self.conversations, self.settings.retention_days)
+            except Exception:
+                log.exception("retention sweep failed; retrying next period")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), period)
 
     async def on_inbound(self, delivery: Delivery) -> None:
         started = time.perf_counter()
@@ -155,9 +175,22 @@ class Core:
     async def on_command(self, msg: Msg) -> None:
         try:
             command = _command.decode(msg.data)
-            result = await self.run_command(command)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             result = CommandResult(ok=False, error_code="invalid_request", error_message=str(exc))
+            await msg.respond(_enc.encode(result))
+            return
+        if isinstance(command, EraseEndUser):
+            # An erasure reads the streams through: it must not hold up the commands behind it
+            # (one subscription runs its callbacks one at a time).
+            task = asyncio.create_task(self.answer_command(msg, command), name="erasure")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+            return
+        await self.answer_command(msg, command)
+
+    async def answer_command(self, msg: Msg, command: Command) -> None:
+        try:
+            result = await self.run_command(command)
         except SwitchboardError as exc:
             result = CommandResult(
                 ok=False, error_code=exc.code, error_message=exc.message, error_details=exc.details
@@ -195,6 +228,9 @@ class Core:
                 return CommandResult(
                     ok=True, conversation=conv, turns=tuple(turns), stopped=stopped
                 )
+            case EraseEndUser():
+                counts = await erasure.erase_end_user(c, command.end_user_id, command.actor)
+                return CommandResult(ok=True, counts=counts)
         return CommandResult(ok=True, conversation=conv)
 
 

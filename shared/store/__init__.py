@@ -9,6 +9,7 @@ entities (indexes) happen in an order that a crash between steps cannot make inc
     approvals.py      approvals, their deadline index and the unapplied set
     channels.py       reply deliveries, SMS opt-outs, calls, email threading
     directory.py      end users and identities, agents and revisions, API keys, webhooks
+    erasure.py        what one conversation or end user leaves behind, found and deleted
     collection.py     the shared base: typed decoders, the cursor pager, the not-found mapping
     connection.py     the one Valkey connection per process (the rate limiter shares it)
 """
@@ -21,12 +22,13 @@ from shared.store.collection import Page
 from shared.store.connection import Connection
 from shared.store.conversations import Conversations
 from shared.store.directory import Directory, hash_api_key
+from shared.store.erasure import Erasure
 from shared.store.turns import Appended, Turns
 
 __all__ = ["Appended", "Connection", "Page", "Store", "hash_api_key"]
 
 
-class Store(Conversations, Turns, Approvals, ChannelState, Directory):
+class Store(Erasure, Conversations, Turns, Approvals, ChannelState, Directory):
     def __init__(self, url: str, namespace: str = "") -> None:
         super().__init__(Connection(url, namespace))
 

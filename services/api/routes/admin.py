@@ -13,12 +13,14 @@ from services.api.schemas import (
     CreateAgent,
     CreateApiKey,
     CreatedApiKey,
+    ErasedEndUser,
     ItemList,
     ResolvedIdentity,
     ResolveIdentity,
     RevisionSpec,
     WhoAmI,
 )
+from shared.envelopes import EraseEndUser
 from shared.errors import InvalidRequest, NotFound
 from shared.identity import kind_for_channel, make_identifier
 from shared.ids import new_id
@@ -39,6 +41,20 @@ class IdentityController(Controller):
     @get("/end-users/{end_user_id:str}")
     async def end_user(self, end_user_id: str, gateway: Gateway) -> EndUser:
         return await gateway.store.get_end_user(end_user_id)
+
+    @delete("/end-users/{end_user_id:str}", status_code=200, opt={"scope": "admin"})
+    async def erase_end_user(
+        self, end_user_id: str, gateway: Gateway, request: Request[Any, Any, Any]
+    ) -> ErasedEndUser:
+        """Erase the end user: their conversations (turns, originals, delivery records and
+        addresses), identities and record, in Valkey and in the messages JetStream still holds.
+        What remains is an `end_user.erased` event with these counts."""
+        result = await gateway.run(
+            "erase_end_user",
+            EraseEndUser(end_user_id=end_user_id, actor=request.state.api_key.id),
+            timeout=gateway.settings.erasure_timeout_seconds,
+        )
+        return ErasedEndUser(end_user_id=end_user_id, **result.counts)
 
 
 class AgentController(Controller):

@@ -1,0 +1,157 @@
+"""Erasure of an end user, and retention: personal data removed from Valkey and from JetStream.
+
+`DELETE /v1/end-users/{id}` reaches core as a command: every conversation of the end user is
+erased from the store (turns, originals, delivery records and addresses, threading indexes; see
+`shared/store/erasure.py`), then their record and identifiers, then every message still held in a
+stream (INBOUND, OUTBOUND with webhook jobs, EVENTS, DEAD) that names them: their id, one of their
+conversations, or one of their identifiers (a phone number, an address). JetStream overwrites a
+deleted message's bytes. What stays is one `end_user.erased` event with counts and no personal data.
+
+Retention (`SWITCHBOARD_RETENTION_DAYS`, off by default): a periodic sweep closes and erases
+conversations opened and last active more than N days ago, the same way, one
+`conversation.erased` event each. One core replica sweeps per period (a claim in Valkey). Stream
+messages are matched by conversation id only (the person may have newer conversations): an inbound
+channel envelope, which names the sender but not the conversation, leaves with the INBOUND
+stream's own 7-day age limit.
+
+Limits, stated: a stream scan reads every message the streams still hold (they keep 7 days
+inbound/outbound, 30 days events and dead letters), so erasure costs time in proportion to that;
+a message an ingress publishes for the end user while the erasure runs is not erased.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+import msgspec
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.core.conversations import Conversations
+from shared.bus import Bus
+from shared.envelopes import Event
+from shared.ids import new_id
+from shared.models import utcnow
+
+log = logging.getLogger("switchboard.core.erasure")
+_BATCH = 256
+
+
+async def erase_end_user(c: Conversations, end_user_id: str, actor: str) -> dict[str, int]:
+    user = await c.store.get_end_user(end_user_id)
+    conversations = await c.store.get_conversations(await c.store.conversation_ids_of(end_user_id))
+    needles = {user.id, *(i.value for i in user.identities)}
+    for conv in conversations:
+        needles.add(conv.id)
+        if conv.user_address:
+            needles.add(conv.user_address)
+    # Streams first, then the store, the record last: an erasure cut short (a crash, a restart)
+    # is simply run again, and still finds everything that names the person.
+    removed = await scrub_streams(c.bus, needles)
+    turns = 0
+    for conv in conversations:
+        turns += await c.store.erase_conversation(conv)
+    await c.store.erase_end_user_record(user)
+    counts = {"conversations": len(conversations), "turns": turns, "stream_messages": removed}
+    await _audit(c, "end_user.erased", actor, {"end_user_id": user.id, **counts})
+    log.info("end user erased", extra={"end_user_id": user.id, **counts})
+    return counts
+
+
+async def sweep_retention(c: Conversations, days: float, limit: int = 500) -> int:
+    """Close and erase conversations idle for more than `days`; returns how many."""
+    cutoff = utcnow() - timedelta(days=days)
+    stale = await c.store.conversations_idle_since(cutoff, limit)
+    if not stale:
+        return 0
+    needles: set[str] = set()
+    for conv in stale:
+        if conv.status != "closed":
+            await c.close(conv.id, "retention", "retention")
+        # Its id only: the person's address may name their newer conversations too.
+        needles.add(conv.id)
+    removed = await scrub_streams(c.bus, needles)
+    for conv in stale:
+        turns = await c.store.erase_conversation(conv)
+        await _audit(
+            c,
+            "conversation.erased",
+            "retention",
+            {"conversation_id": conv.id, "reason": "retention", "turns": turns},
+        )
+    log.info("retention sweep", extra={"conversations": len(stale), "stream_messages": removed})
+    return len(stale)
+
+
+async def scrub_streams(bus: Bus, needles: set[str]) -> int:
+    """Delete every stream message whose payload names one of `needles` (case-insensitively);
+    returns how many. Reads each stream once, up to the last message it held when the scan began."""
+    wanted = [n.lower().encode() for n in needles if n]
+    if not wanted:
+        return 0
+    s = bus.subjects
+    removed = 0
+    started = time.perf_counter()
+    for stream, subject in (
+        (s.inbound_stream, s.inbound_all),
+        (s.outbound_stream, s.outbound_all),
+        (s.events_stream, s.events_all),
+        (s.dead_stream, s.dead_all),
+    ):
+        info = await bus.js.stream_info(stream)
+        if not info.state.messages:
+            continue
+        last = info.state.last_seq
+        sub = await bus.js.pull_subscribe(
+            subject,
+            stream=stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        name = (await sub.consumer_info()).name
+        try:
+            done = False
+            while not done:
+                try:
+                    batch = await sub.fetch(_BATCH, timeout=1.0)
+                except NatsTimeout:
+                    break  # nothing more to read
+                for msg in batch:
+                    seq = msg.metadata.sequence.stream
+                    if seq > last:
+                        done = True
+                        break
+                    payload = msg.data.lower()
+                    if any(n in payload for n in wanted):
+                        await bus.js.delete_msg(stream, seq)
+                        removed += 1
+                    done = seq >= last
+        finally:
+            await sub.unsubscribe()
+            await bus.js.delete_consumer(stream, name)
+    log.info(
+        "streams scrubbed",
+        extra={"removed": removed, "seconds": round(time.perf_counter() - started, 3)},
+    )
+    return removed
+
+
+async def _audit(c: Conversations, event_type: str, actor: str, data: dict[str, object]) -> None:
+    """An audit event without personal data: ids and counts only. `live`, so webhooks get it."""
+    event = Event(
+        id=new_id("evt"),
+        type=event_type,
+        occurred_at=utcnow(),
+        session_type="live",
+        actor=actor,
+        data=dict(data),
+    )
+    await c.bus.publish(
+        c.bus.subjects.event(event_type), msgspec.json.encode(event), msg_id=event.id
+    )
