@@ -4,8 +4,8 @@ What a conversation leaves behind (all found from the conversation itself, never
 keyspace): its hash, turn log, audit events, pending queue, dedupe hash, delivery records and the
 provider ids that point at them, untrimmed email originals, the email thread with its reply token
 and the Message-IDs indexed for threading, the call it was, the inbound-envelope markers of its
-user turns, the approvals its replies asked for, and its place in the conversation index and the
-open-conversation index. An end user adds their record and the identifiers that point at it.
+user turns, the approvals its replies asked for, the results of its tool calls, and its place in
+the conversation indexes (all, the end user's) and the open-conversation index. An end user adds their record and the identifiers that point at it.
 
 Kept on purpose: SMS opt-outs (a suppression list must outlive erasure, or we would text a person
 who said STOP again), usage counters (aggregates) and webhook delivery logs (event ids and status codes
@@ -35,16 +35,17 @@ _SCAN = 500
 
 class Erasure(Conversations, Turns, ChannelState):
     async def conversation_ids_of(self, end_user_id: str) -> list[str]:
-        """Every conversation of an end user, by a scan of the conversation index (erasure is
-        rare; a per-user index would cost a write on every conversation opened)."""
-        found: list[str] = []
+        """Every conversation of an end user: their index, and a scan of every conversation for
+        those opened before that index existed (erasure is rare; being complete matters more)."""
+        indexed = await self._r.zrange(self._k.end_user_conversations(end_user_id), 0, -1)
+        found: list[str] = [text(i) for i in indexed]
         lower = b"-"
         while True:
             ids = await self._r.zrangebylex(
                 self._k.conversations(), lower, b"+", start=0, num=_SCAN
             )
             if not ids:
-                return found
+                return list(dict.fromkeys(found))
             pipe = self._r.pipeline(transaction=False)
             for cid in ids:
                 pipe.hget(self._k.conversation(text(cid)), "doc")
@@ -89,6 +90,7 @@ class Erasure(Conversations, Turns, ChannelState):
             self._k.originals(cid),
             self._k.email_thread(cid),
             self._k.call_of(cid),
+            self._k.tool_results(cid),
         ]
         for delivery in deliveries:
             for pid in delivery.provider_ids:
@@ -120,6 +122,7 @@ class Erasure(Conversations, Turns, ChannelState):
         pipe = self._r.pipeline(transaction=True)
         pipe.delete(self._k.conversation(cid))
         pipe.zrem(self._k.conversations(), cid)
+        pipe.zrem(self._k.end_user_conversations(conv.end_user_id), cid)
         await pipe.execute()
         return len(turns)
 
@@ -134,6 +137,7 @@ class Erasure(Conversations, Turns, ChannelState):
         windows = [self._k.rate(f"user:{user.id}")]
         windows += [self._k.rate(f"sms:{i.value}") for i in user.identities if i.kind == "phone"]
         await self._r.delete(*windows)
+        await self._r.delete(self._k.end_user_conversations(user.id))
         await self._r.delete(self._k.end_user(user.id))
 
 
