@@ -77,6 +77,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         "CORE_HEALTH",
         "EGRESS_HEALTH",
         "SMS",
+        "VOICE",
         "TWILIO_FAKE",
         "SMTP",
         "EMAIL_HEALTH",

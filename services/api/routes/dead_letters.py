@@ -49,7 +49,7 @@ class DeadLetterController(Controller):
     async def list_dead_letters(
         self, gateway: Gateway, cursor: str | None = None, limit: Limit = 50
     ) -> ItemList[DeadLetterView]:
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) < 19):
             raise InvalidRequest("cursor must be the next_cursor of a previous page")
         entries = await gateway.bus.dead_letters(after_seq=int(cursor or 0), limit=limit + 1)
         more = len(entries) > limit
