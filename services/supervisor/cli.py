@@ -306,7 +306,7 @@ def watch(m: Managed, restart_base: float) -> None:
         m.restart_at = now + delay
         m.child.stop()  # closes its log
         say(
-            f"{stamp} ! {m.name} exited unexpectedly (code {code}); restarting in {delay:.0f}s "
+            f"{stamp} ! {m.name} exited unexpectedly (code {code}); restarting in {delay:g}s "
             f"(crash {m.crashes_in_a_row} in a row)\n{tail(m.child.log_path, 5)}"
         )
         return
@@ -318,7 +318,7 @@ def watch(m: Managed, restart_base: float) -> None:
         m.crashes_in_a_row += 1
         delay = restart_delay(restart_base, m.crashes_in_a_row)
         m.restart_at = time.monotonic() + delay
-        say(f"{stamp} ! {m.name} did not come back ({exc}); trying again in {delay:.0f}s")
+        say(f"{stamp} ! {m.name} did not come back ({exc}); trying again in {delay:g}s")
         return
     m.restart_at = None
     m.started_at = time.monotonic()
