@@ -116,3 +116,28 @@ async def test_a_dead_letter_is_listed_and_replayed_once_onto_its_subject(bus: B
     assert info.state.messages == 1
     # The listing still shows both letters, the first one marked replayed.
     assert [e.replay is not None for e in await bus.dead_letters()] == [True, False]
+
+
+async def test_a_durable_made_before_holding_existed_is_updated_to_unlimited_deliveries(
+    servers: Servers, namespace: str
+) -> None:
+    async def handler(delivery: Delivery) -> None:
+        return None
+
+    subjects = Subjects(namespace, partitions=2)
+    for hold in (None, Hold(horizon=60)):  # an older egress, then this one, on one durable
+        bus = Bus(servers.nats_url, subjects, name="test")
+        await bus.connect()
+        await bus.ensure_streams()
+        await bus.consume(
+            stream=subjects.outbound_stream,
+            durable="egress-upgraded",
+            filter_subject=subjects.outbound("email") + ".*",
+            handler=handler,
+            max_deliver=6,
+            hold=hold,
+        )
+        info = await bus.js.consumer_info(subjects.outbound_stream, "egress-upgraded")
+        await bus.close()
+        # The server must not stop redelivering a held message after 7 deliveries.
+        assert info.config.max_deliver == (7 if hold is None else -1)
