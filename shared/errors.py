@@ -30,6 +30,12 @@ class AddressRequired(InvalidRequest):
     code = "address_required"
 
 
+class IdempotencyKeyReused(InvalidRequest):
+    """An Idempotency-Key seen before with a different body: a client bug, never a replay."""
+
+    code = "idempotency_key_reused"
+
+
 class Unauthenticated(SwitchboardError):
     code = "unauthenticated"
     status = 401
@@ -70,6 +76,18 @@ class ConversationExists(Conflict):
     """SMS keeps one open conversation per (end user, our number)."""
 
     code = "conversation_exists"
+
+
+class IdempotencyKeyInUse(Conflict):
+    """The first request under this Idempotency-Key is still being answered."""
+
+    code = "idempotency_key_in_use"
+
+
+class IdentityConflict(Conflict):
+    """The identifier already belongs to another end user: linking never merges silently."""
+
+    code = "identity_conflict"
 
 
 class Unavailable(SwitchboardError):

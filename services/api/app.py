@@ -8,15 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi import OpenAPIConfig
 from nats.aio.msg import Msg
 
 from services.api.auth import BOOTSTRAP_KEY_ID, KeyRing, require_scope
 from services.api.gateway import Gateway
+from services.api.openapi import complete_document, openapi_config, swagger_assets
 from services.api.routes.admin import AgentController, IdentityController, KeyController
 from services.api.routes.conversations import ConversationController
 from services.api.routes.dead_letters import DeadLetterController
@@ -59,12 +60,36 @@ def on_domain_error(
 def on_validation_error(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[ErrorResponse]:
-    return _error(
-        422,
-        "invalid_request",
-        "the request is malformed",
-        {"errors": exc.extra if isinstance(exc.extra, list) else []},
-    )
+    errors = exc.extra if isinstance(exc.extra, list) else []
+    details: dict[str, object] = {"errors": errors}
+    message = "the request is malformed"
+    missing = _missing_body_fields(request, errors)
+    if missing is not None:  # no body at all: name what it needs
+        message = "the request body is missing" + (
+            f"; it needs {', '.join(missing)}" if missing else ""
+        )
+        details["missing"] = missing
+    elif errors and isinstance(errors[0], dict) and errors[0].get("message"):
+        first = errors[0]
+        source = first.get("source") or ""
+        where = str(getattr(source, "value", source))
+        message = f"{first['message']}" + (f" (in the {where})" if where else "")
+    return _error(422, "invalid_request", message, details)
+
+
+def _missing_body_fields(request: Request[Any, Any, Any], errors: list[Any]) -> list[str] | None:
+    """The required fields of the body, when the error is that there is no body (Litestar reports
+    it as a KeyError on `data`); None for any other validation error."""
+    if not any(
+        isinstance(e, dict) and e.get("key") == "data" and e.get("message") == "'data'"
+        for e in errors
+    ):
+        return None
+    field = request.route_handler.parsed_data_field
+    body_type = field.annotation if field is not None else None
+    if not (isinstance(body_type, type) and issubclass(body_type, msgspec.Struct)):
+        return []
+    return [f.name for f in msgspec.structs.fields(body_type) if f.required]
 
 
 _HTTP_CODES = {
@@ -83,7 +108,8 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     if exc.status_code == 400:  # malformed JSON and friends: the body is unusable
         return _error(422, "invalid_request", exc.detail)
-    return _error(exc.status_code, code, exc.detail)
+    # 405 carries `Allow` (RFC 9110 §15.5.6): the methods this path does declare.
+    return _error(exc.status_code, code, exc.detail, headers=exc.headers or None)
 
 
 def on_undecodable_body(
@@ -139,7 +165,7 @@ def create_app(settings: ApiSettings) -> Litestar:
     def provide_gateway(state: State) -> Gateway:
         return state.gateway  # type: ignore[no-any-return]
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             ConversationController,
             IdentityController,
@@ -151,6 +177,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             SimulationController,
             DeadLetterController,
             *probe_handlers(service.ready, metrics),
+            swagger_assets(),
         ],
         lifespan=[lifespan],
         guards=[require_scope],
@@ -164,11 +191,13 @@ def create_app(settings: ApiSettings) -> Litestar:
             UnicodeDecodeError: on_undecodable_body,
             Exception: on_unexpected,
         },
-        openapi_config=OpenAPIConfig(title="Switchboard API", version="1.0.0", path="/schema"),
+        openapi_config=openapi_config(),
         request_max_body_size=MAX_BODY,
         debug=False,
         logging_config=None,
     )
+    complete_document(app)
+    return app
 
 
 async def run(settings: ApiSettings, stop: asyncio.Event) -> None:

@@ -24,6 +24,9 @@ from shared.models import (
 
 T = TypeVar("T")
 MAX_MESSAGE = 16_000
+# A user message says something: at least one character that is not whitespace. The same pattern
+# is in the OpenAPI document, so what it calls valid is exactly what is accepted.
+UserText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE, pattern=r"\S")]
 
 
 class ItemList(msgspec.Struct, Generic[T], kw_only=True):
@@ -46,7 +49,7 @@ class CreateConversation(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
 
 
 class PostTurn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    user_message: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE)]
+    user_message: UserText
     include_evidence: bool = True
     metadata: dict[str, str] = {}
 
@@ -191,10 +194,7 @@ class CreatedWebhook(WebhookView, kw_only=True):
 class CreateSimulation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     agent_id: str | None = None
     revision_id: str | None = None
-    user_turns: Annotated[
-        list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE)]],
-        msgspec.Meta(min_length=1, max_length=100),
-    ]
+    user_turns: Annotated[list[UserText], msgspec.Meta(min_length=1, max_length=100)]
 
 
 class SimulationResult(msgspec.Struct, kw_only=True):

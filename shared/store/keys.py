@@ -6,6 +6,8 @@ one conversation lives in one Redis Cluster slot and one Lua script can change i
 
 from __future__ import annotations
 
+import hashlib
+
 
 class Keys:
     def __init__(self, namespace: str = "") -> None:
@@ -108,6 +110,11 @@ class Keys:
 
     def reply_token(self, token: str) -> str:
         return f"{self.ns}replytoken:{token}"
+
+    def idempotency(self, scope: str, key: str) -> str:
+        """String: `<body hash>|<result>` of the first request under a client's Idempotency-Key
+        (the key hashed: it is the client's free text)."""
+        return f"{self.ns}idem:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
 
     def rate(self, bucket: str) -> str:
         """A fixed rate-limit window's counter (expires by itself)."""

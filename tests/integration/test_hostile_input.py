@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -108,58 +109,163 @@ def operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
-def fuzz_operation(base_url: str, doc: dict[str, Any], method: str, path: str, op: dict) -> int:  # type: ignore[type-arg]
-    """Run generated requests against one operation; returns how many were sent."""
+def validator(doc: dict[str, Any], schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    """A JSON Schema validator for one schema of the document, its `$ref`s resolved in it."""
+    return jsonschema.Draft202012Validator({**schema, "components": doc["components"]})
+
+
+def request_is_valid(
+    doc: dict[str, Any], op: dict[str, Any], body: Any, sent_body: bool, query: dict[str, Any]
+) -> bool:
+    """Whether the document calls this request valid (path parameters are any string)."""
+    spec = op.get("requestBody")
+    if spec is not None:
+        schema = spec["content"]["application/json"]["schema"]
+        if not sent_body:
+            if spec.get("required", True):
+                return False
+        elif not validator(doc, schema).is_valid(body):
+            return False
+    return all(
+        validator(doc, p.get("schema", {})).is_valid(query[p["name"]])
+        for p in op.get("parameters", [])
+        if p["in"] == "query" and p["name"] in query
+    )
+
+
+def check_against_document(
+    doc: dict[str, Any],
+    op: dict[str, Any],
+    response: httpx.Response,
+    valid: bool,
+    what: Any,
+    routed: bool = True,
+) -> None:
+    """The response is one the document lists for this operation, with the body it documents;
+    a request the document calls valid is never refused for its shape, and one it calls invalid
+    always is (422 `invalid_request`). A path parameter with a `/` in it does not reach the
+    operation at all (`routed` false): that request is only held to the statuses documented."""
+    documented = op["responses"].get(str(response.status_code))
+    assert documented is not None, (
+        what,
+        response.status_code,
+        sorted(op["responses"]),
+        response.text,
+    )
+    schema = documented.get("content", {}).get("application/json", {}).get("schema")
+    if schema is not None:
+        errors = [e.message for e in validator(doc, schema).iter_errors(response.json())]
+        assert not errors, (what, response.status_code, errors[:3], response.text[:500])
+    else:
+        assert not response.content, (what, response.status_code, response.text[:300])
+    shape_refusal = response.status_code == 422 and "errors" in response.json()["error"]["details"]
+    if valid:
+        assert not shape_refusal, ("valid under the document, refused", what, response.text)
+    elif response.status_code not in (401, 429, 503) and routed:
+        assert shape_refusal, ("invalid under the document, accepted", what, response.text)
+
+
+def fuzz_operation(
+    base_url: str,
+    doc: dict[str, Any],
+    method: str,
+    path: str,
+    op: dict,  # type: ignore[type-arg]
+    known_ids: dict[str, list[str]],
+) -> tuple[int, int]:
+    """Run generated requests against one operation, each checked against what the document
+    promises; returns how many were sent and how many of those the document calls valid."""
     body_schema = (
         op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
     )
-    bodies = st.one_of(schema_strategy(body_schema, doc), json_values) if body_schema else st.none()
+    bodies = (
+        st.one_of(schema_strategy(body_schema, doc), json_values, st.just(NO_BODY))
+        if body_schema
+        else st.just(NO_BODY)
+    )
     params = [p for p in op.get("parameters", []) if p.get("in") in ("path", "query")]
     param_values = st.fixed_dictionaries(
-        {p["name"]: schema_strategy(p.get("schema", {}), doc) for p in params}
+        {
+            p["name"]: (
+                st.sampled_from(known_ids[p["name"]]) | schema_strategy(p.get("schema", {}), doc)
+                if p["name"] in known_ids
+                else schema_strategy(p.get("schema", {}), doc)
+            )
+            for p in params
+        }
     )
-    sent = 0
+    sent = valid_sent = 0
 
     @settings(FUZZ, max_examples=25)
     @given(body=bodies, values=param_values)
     def check(body: Any, values: dict[str, Any]) -> None:
-        nonlocal sent
+        nonlocal sent, valid_sent
         url = path
-        query = {}
+        query: dict[str, str] = {}
+        typed_query: dict[str, Any] = {}
         for p in params:
             value = values[p["name"]]
+            if value is None:  # a query string has no null: the parameter is left out
+                continue
             text = value if isinstance(value, str) else json.dumps(value)
             if p["in"] == "path":
                 url = url.replace("{" + p["name"] + "}", quote(text or "x", safe=""))
             else:
                 query[p["name"]] = text
-        response = client.request(method, url, params=query, json=body if body_schema else None)
+                typed_query[p["name"]] = value
+        sent_body = body is not NO_BODY
+        response = client.request(method, url, params=query, json=body if sent_body else None)
         sent += 1
-        assert response.status_code < 500, (method, url, body, response.text)
+        assert response.status_code < 500 or response.status_code in (503, 504), (
+            method,
+            url,
+            body,
+            response.text,
+        )
         if response.status_code >= 400:
             error = response.json()["error"]
             assert error["code"], response.text
             assert error["message"], response.text
+        valid = request_is_valid(doc, op, body, sent_body, typed_query)
+        valid_sent += valid
+        routed = "%2F" not in url
+        check_against_document(doc, op, response, valid, (method, url, body), routed)
 
     with httpx.Client(base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20) as client:
         check()
-    return sent
+    return sent, valid_sent
 
 
-async def test_every_operation_in_our_openapi_document_survives_generated_requests(
+NO_BODY = object()
+
+
+async def test_every_operation_answers_generated_requests_as_its_openapi_document_promises(
     stack: Stack,
 ) -> None:
     doc = (await stack.api.get("/schema/openapi.json")).json()
     ops = operations(doc)
     assert len(ops) >= 25
+    conv = (await stack.api.post("/v1/conversations", json={})).json()
+    known_ids = {
+        "conversation_id": [conv["id"]],
+        "end_user_id": [conv["end_user_id"]],
+        "agent_id": [conv["assigned_agent_id"]],
+    }
     # Streaming holds the connection for the whole reply; its body is the sync turn's body.
     skipped = {("POST", "/v1/conversations/{conversation_id}/turns/stream")}
-    total = 0
+    total = valid = 0
     for method, path, op in ops:
         if (method, path) in skipped:
             continue
-        total += await asyncio.to_thread(fuzz_operation, stack.base_url, doc, method, path, op)
-    print(f"\n{total} generated requests over {len(ops) - len(skipped)} operations: no 5xx")
+        sent, ok = await asyncio.to_thread(
+            fuzz_operation, stack.base_url, doc, method, path, op, known_ids
+        )
+        total, valid = total + sent, valid + ok
+    print(
+        f"\n{total} generated requests ({valid} valid under the document) over "
+        f"{len(ops) - len(skipped)} operations: every status and body as documented"
+    )
+    assert valid > total // 4  # the generator does reach past validation
 
 
 async def test_generated_turn_bodies_leave_no_partial_state(stack: Stack) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from services.api.auth import sees_only_its_own
@@ -32,9 +32,30 @@ from shared.errors import (
     error_from_code,
 )
 from shared.identity import kind_for_channel, make_identifier
-from shared.models import ApiKey, Conversation, Delivery, IdentifierKind, Identity, Turn
+from shared.models import (
+    ApiKey,
+    Channel,
+    Conversation,
+    Delivery,
+    IdentifierKind,
+    Identity,
+    SessionType,
+    Status,
+    Turn,
+)
 
 Limit = Annotated[int, Parameter(ge=1, le=100)]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="A retry with the same key and body is the same request, answered once; the "
+        "same key with another body is 422 `idempotency_key_reused` (kept for 24 h).",
+    ),
+]
+_enc = msgspec.json.Encoder()
 REACHED_BY: dict[str, IdentifierKind] = {"sms": "phone", "email": "email"}
 
 
@@ -43,59 +64,37 @@ class ConversationController(Controller):
     opt = {"scope": "client"}
     tags = ["conversations"]
 
-    @post("/", status_code=201)
+    @post("/", status_code=201, opt={"errors": (404, 409)})
     async def create(
-        self, data: CreateConversation, gateway: Gateway, request: Request[Any, Any, Any]
+        self,
+        data: CreateConversation,
+        gateway: Gateway,
+        request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Conversation:
-        if data.end_user_id and data.identity:
-            raise InvalidRequest("give end_user_id or identity, not both")
-        reach = REACHED_BY.get(data.channel)  # SMS and email reach the person at an address
-        addresses: list[Identity] = []
-        if data.end_user_id:
-            end_user = await gateway.store.get_end_user(data.end_user_id)
-            end_user_id, addresses = end_user.id, list(end_user.identities)
-        elif data.identity:
-            ident = make_identifier(
-                kind_for_channel(data.identity.channel), data.identity.identifier
-            )
-            if reach is not None and ident.kind != reach:
-                raise AddressRequired(
-                    f"a {data.channel} conversation needs a {reach} identity",
-                    details={"channel": data.channel, "identity_kind": ident.kind},
-                )
-            end_user_id, _ = await gateway.store.resolve_identity(ident.kind, ident.normalized)
-            addresses = [Identity(kind=ident.kind, value=ident.normalized)]
-        else:
-            end_user_id = await gateway.store.create_anonymous_user()
-        user_address = None
-        if reach is not None:
-            user_address = next((i.value for i in addresses if i.kind == reach), None)
-            if user_address is None:
-                raise AddressRequired(
-                    f"a {data.channel} conversation needs the end user's {reach}: give identity",
-                    details={"channel": data.channel},
-                )
-        return await gateway.command(
-            "open_conversation",
-            OpenConversation(
-                channel=data.channel,
-                session_type=data.session_type,
-                agent_id=data.agent_id,
-                end_user_id=end_user_id,
-                context_variables=data.context_variables,
-                actor=request.state.api_key.id,
-                user_address=user_address,
-            ),
-        )
+        key_id = request.state.api_key.id
+        if idempotency_key is None:
+            return await _create_conversation(data, gateway, key_id)
+        scope, body = f"conversations:{key_id}", _enc.encode(data)
+        earlier = await gateway.store.claim_idempotency_key(scope, idempotency_key, body)
+        if earlier is not None:  # a retry: the conversation the first request opened
+            return await gateway.store.get_conversation(earlier)
+        try:
+            conv = await _create_conversation(data, gateway, key_id)
+        except BaseException:
+            await gateway.store.release_idempotency_key(scope, idempotency_key)
+            raise
+        await gateway.store.finish_idempotency_key(scope, idempotency_key, body, conv.id)
+        return conv
 
     @get("/")
     async def list_conversations(
         self,
         gateway: Gateway,
         request: Request[Any, Any, Any],
-        channel: str | None = None,
-        status: str | None = None,
-        session_type: str | None = None,
+        channel: Channel | None = None,
+        status: Status | None = None,
+        session_type: SessionType | None = None,
         end_user_id: str | None = None,
         cursor: str | None = None,
         limit: Limit = 50,
@@ -122,7 +121,7 @@ class ConversationController(Controller):
     ) -> Conversation:
         return await visible_conversation(gateway, conversation_id, request)
 
-    @post("/{conversation_id:str}/close", status_code=200)
+    @post("/{conversation_id:str}/close", status_code=200, opt={"errors": (409,)})
     async def close(
         self,
         conversation_id: str,
@@ -142,7 +141,7 @@ class ConversationController(Controller):
     @post(
         "/{conversation_id:str}/turns",
         status_code=200,
-        opt={"limits_with_conversation": True},
+        opt={"limits_with_conversation": True, "errors": (409, 504)},
         responses={
             202: ResponseSpec(
                 data_container=QueuedTurn,
@@ -156,12 +155,13 @@ class ConversationController(Controller):
         data: PostTurn,
         gateway: Gateway,
         request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[TurnResult | QueuedTurn]:
-        conv = await _open_conversation(gateway, conversation_id, request)
+        conv = await _open_conversation(gateway, conversation_id, request, data, idempotency_key)
         reply = await gateway.post_turn(
             conv,
             data.user_message,
-            idempotency_key=request.headers.get("idempotency-key"),
+            idempotency_key=idempotency_key,
             metadata=data.metadata,
         )
         body, status = _turn_body(reply, data.include_evidence)
@@ -170,7 +170,7 @@ class ConversationController(Controller):
     @post(
         "/{conversation_id:str}/turns/stream",
         status_code=200,
-        opt={"limits_with_conversation": True},
+        opt={"limits_with_conversation": True, "errors": (409,)},
     )
     async def stream_turn(
         self,
@@ -178,16 +178,17 @@ class ConversationController(Controller):
         data: PostTurn,
         gateway: Gateway,
         request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> ServerSentEvent:
         """Server-sent events: `delta` frames with pieces of the reply, then `complete` with the
         same body as the sync endpoint (or the queued body), or `error` with the error shape."""
-        conv = await _open_conversation(gateway, conversation_id, request)
+        conv = await _open_conversation(gateway, conversation_id, request, data, idempotency_key)
         feed = gateway.turn_feed(
             conv,
             data.user_message,
             stream=True,
             metadata=data.metadata,
-            idempotency_key=request.headers.get("idempotency-key"),
+            idempotency_key=idempotency_key,
         )
 
         async def frames() -> AsyncGenerator[ServerSentEventMessage, None]:
@@ -247,16 +248,12 @@ class ConversationController(Controller):
         conversation_id: str,
         gateway: Gateway,
         request: Request[Any, Any, Any],
-        cursor: str | None = None,
+        cursor: Annotated[int, Parameter(ge=0)] = 0,
         limit: Limit = 50,
     ) -> ItemList[Turn]:
         """The transcript in seq order; `cursor` is the last seq already seen."""
         conv = await visible_conversation(gateway, conversation_id, request)
-        try:
-            after = int(cursor) if cursor else 0
-        except ValueError as exc:
-            raise InvalidRequest("cursor must be a seq number", details={"cursor": cursor}) from exc
-        turns = await gateway.store.turns_after(conv.id, after, limit)
+        turns = await gateway.store.turns_after(conv.id, cursor, limit)
         more = bool(turns) and turns[-1].seq < conv.last_seq
         return ItemList(items=turns, next_cursor=str(turns[-1].seq) if more else None)
 
@@ -267,6 +264,49 @@ class ConversationController(Controller):
         """How each outbound message fared with its provider: status, provider ids, errors."""
         conv = await visible_conversation(gateway, conversation_id, request)
         return ItemList(items=await gateway.store.list_deliveries(conv.id))
+
+
+async def _create_conversation(
+    data: CreateConversation, gateway: Gateway, key_id: str
+) -> Conversation:
+    if data.end_user_id is not None and data.identity is not None:
+        raise InvalidRequest("give end_user_id or identity, not both")
+    reach = REACHED_BY.get(data.channel)  # SMS and email reach the person at an address
+    addresses: list[Identity] = []
+    if data.end_user_id:
+        end_user = await gateway.store.get_end_user(data.end_user_id)
+        end_user_id, addresses = end_user.id, list(end_user.identities)
+    elif data.identity:
+        ident = make_identifier(kind_for_channel(data.identity.channel), data.identity.identifier)
+        if reach is not None and ident.kind != reach:
+            raise AddressRequired(
+                f"a {data.channel} conversation needs a {reach} identity",
+                details={"channel": data.channel, "identity_kind": ident.kind},
+            )
+        end_user_id, _ = await gateway.store.resolve_identity(ident.kind, ident.normalized)
+        addresses = [Identity(kind=ident.kind, value=ident.normalized)]
+    else:
+        end_user_id = await gateway.store.create_anonymous_user()
+    user_address = None
+    if reach is not None:
+        user_address = next((i.value for i in addresses if i.kind == reach), None)
+        if user_address is None:
+            raise AddressRequired(
+                f"a {data.channel} conversation needs the end user's {reach}: give identity",
+                details={"channel": data.channel},
+            )
+    return await gateway.command(
+        "open_conversation",
+        OpenConversation(
+            channel=data.channel,
+            session_type=data.session_type,
+            agent_id=data.agent_id,
+            end_user_id=end_user_id,
+            context_variables=data.context_variables,
+            actor=key_id,
+            user_address=user_address,
+        ),
+    )
 
 
 def _turn_body(reply: TurnReply, include_evidence: bool) -> tuple[TurnResult | QueuedTurn, int]:
@@ -301,15 +341,24 @@ def _json(value: object) -> str:
 
 
 async def _open_conversation(
-    gateway: Gateway, conversation_id: str, request: Request[Any, Any, Any]
+    gateway: Gateway,
+    conversation_id: str,
+    request: Request[Any, Any, Any],
+    data: PostTurn,
+    idempotency_key: str | None,
 ) -> Conversation:
     """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when the key
-    or the conversation's end user is over its limit."""
+    or the conversation's end user is over its limit, 422 when `idempotency_key` came before with
+    another body (the same body is a retry: the envelope id derived from the key replays it)."""
     key = request.state.api_key
     conv = await gateway.conversation_for_turn(conversation_id, key.id)
     _check_visible(key, conv)
     if conv.status == "closed":
         raise error_from_code("conversation_closed", "conversation is closed", {"status": "closed"})
+    if idempotency_key is not None:
+        await gateway.store.remember_idempotency_key(
+            f"turns:{conv.id}", idempotency_key, _enc.encode(data)
+        )
     return conv
 
 

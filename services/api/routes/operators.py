@@ -22,7 +22,7 @@ class OperatorController(Controller):
     opt = {"scope": "operator"}
     tags = ["operators"]
 
-    @post("/handoff", status_code=200)
+    @post("/handoff", status_code=200, opt={"errors": (409,)})
     async def handoff(
         self,
         conversation_id: str,
@@ -39,7 +39,7 @@ class OperatorController(Controller):
             ),
         )
 
-    @post("/human-turns", status_code=200)
+    @post("/human-turns", status_code=200, opt={"errors": (409,)})
     async def human_turn(
         self,
         conversation_id: str,
@@ -60,7 +60,7 @@ class OperatorController(Controller):
             ),
         )
 
-    @post("/approvals/{approval_id:str}/resolve", status_code=200)
+    @post("/approvals/{approval_id:str}/resolve", status_code=200, opt={"errors": (409,)})
     async def resolve(
         self,
         conversation_id: str,

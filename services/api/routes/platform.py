@@ -73,7 +73,7 @@ class SimulationController(Controller):
     path = "/v1"
     tags = ["simulations"]
 
-    @post("/simulations", status_code=201, opt={"scope": "client"})
+    @post("/simulations", status_code=201, opt={"scope": "client", "errors": (404,)})
     async def simulate(
         self, data: CreateSimulation, gateway: Gateway, request: Request[Any, Any, Any]
     ) -> SimulationResult:
