@@ -53,6 +53,7 @@ from redis import exceptions as redis_errors
 
 from shared.envelopes import DeadLetter, DeadLetterReplay
 from shared.errors import Unavailable
+from shared.errors import Undeliverable as Undeliverable  # re-exported: consumers raise it
 from shared.ids import new_id
 from shared.models import utcnow
 from shared.subjects import Subjects
@@ -65,14 +66,6 @@ log = logging.getLogger("switchboard.bus")
 DAY = 24 * 3600.0
 _dead_letter = msgspec.json.Decoder(DeadLetter)
 _replay = msgspec.json.Decoder(DeadLetterReplay)
-
-
-class Undeliverable(Exception):
-    """A message that no retry will fix (undecodable, unknown schema version): dead-letter it now."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class ProviderUnavailable(Exception):

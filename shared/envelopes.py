@@ -74,6 +74,9 @@ class _Inbound(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
 
 class InboundMessage(_Inbound, frozen=True, kw_only=True, tag="message"):
     text: str
+    # Email: the whole message when `text` is only its new part (quotes and signature trimmed);
+    # core keeps it beside the turn for audit.
+    original_text: str | None = None
     attachments: tuple[Attachment, ...] = ()
     # A client waits on gw.stream.<conversation_id> for token deltas of the reply.
     stream: bool = False
@@ -134,6 +137,28 @@ class OutboundEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     attachments: tuple[Attachment, ...] = ()
     author_kind: str = "agent"
     created_at: datetime
+
+
+# Every event type the gateway emits (producers are typed against this list). `Event.type` stays a
+# string on the wire and when decoding, so a consumer running an older build does not reject an
+# event type added later.
+EventType = Literal[
+    "turn.created",
+    "conversation.created",
+    "conversation.status_changed",
+    "handoff.started",
+    "approval.requested",
+    "approval.resolved",
+    "agent.failed",
+    "voice.transfer_unavailable",
+    "end_user.opted_out",
+    "end_user.opted_in",
+    "end_user.help_requested",
+    "message.status",
+    "delivery.failed",
+    "email.bounced",
+    "email.auto_reply_dropped",
+]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,7 +276,6 @@ class ResolveApproval(msgspec.Struct, frozen=True, kw_only=True, tag="resolve_ap
     approval_id: str
     decision: Literal["approve", "reject"]
     reviewer: str
-    reviewer_scopes: tuple[str, ...] = ()
     note: str | None = None
 
 

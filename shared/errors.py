@@ -115,6 +115,16 @@ class TurnTimeout(SwitchboardError):
     status = 504
 
 
+class Undeliverable(Exception):
+    """A bus message that no retry will fix (undecodable, unknown schema version, a permanent
+    domain error): its consumer dead-letters it now with `reason`. Not a SwitchboardError: it never
+    reaches a caller, only the DEAD stream."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _codes(root: type[SwitchboardError]) -> dict[str, type[SwitchboardError]]:
     table = {root.code: root}
     for sub in root.__subclasses__():

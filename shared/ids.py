@@ -40,3 +40,9 @@ def ulid() -> str:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{ulid()}"
+
+
+def reply_key(envelope_id: str | None) -> str:
+    """The dedupe key of the reply to an inbound envelope: core appends the agent's answer under
+    it (so a redelivery answers once), and waiting edges look the answer up by it."""
+    return f"{envelope_id}:reply"

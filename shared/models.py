@@ -19,6 +19,9 @@ Role = Literal["user", "assistant", "system"]
 Scope = Literal["admin", "operator", "client"]
 IdentifierKind = Literal["phone", "email", "external"]
 Visibility = Literal["own", "all"]
+# What became of a tool call: `allow` (it ran), `approved` (a person approved it, then it ran),
+# `deny` (a policy forbids it) or `require_approval` (it waits for a person and did not run).
+Decision = Literal["allow", "approved", "deny", "require_approval"]
 
 
 def utcnow() -> datetime:
@@ -29,8 +32,7 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     arguments: dict[str, Any] = {}
     result: Any = None
-    # allow | deny | require_approval, as the revision's policies decided.
-    decision: str = "allow"
+    decision: Decision = "allow"
 
 
 class Evidence(msgspec.Struct, frozen=True, kw_only=True):

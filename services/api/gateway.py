@@ -15,7 +15,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from shared.bus import Bus
 from shared.envelopes import Command, CommandResult, InboundMessage, StreamDelta, TurnReply
 from shared.errors import TurnTimeout, Unavailable, error_from_code
-from shared.ids import new_id
+from shared.ids import new_id, reply_key
 from shared.models import Conversation, utcnow
 from shared.ratelimit import Limit, RateLimiter
 from shared.settings import ApiSettings
@@ -177,7 +177,7 @@ class Gateway:
         user_seq = await self.store.seen_seq(cid, envelope_id)
         if user_seq is None:
             return None
-        answer_seq = await self.store.seen_seq(cid, f"{envelope_id}:reply")
+        answer_seq = await self.store.seen_seq(cid, reply_key(envelope_id))
         answer = await self.store.get_turn(cid, answer_seq) if answer_seq else None
         if answer is not None:
             return TurnReply(

@@ -15,7 +15,7 @@ from services.core import approvals, erasure, first_contact, operators, replies,
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from shared.bus import Delivery, Undeliverable, decode_or_dead
+from shared.bus import Delivery, decode_or_dead
 from shared.envelopes import (
     SCHEMA_VERSION,
     ApprovalDecided,
@@ -36,7 +36,7 @@ from shared.envelopes import (
     Simulate,
     StartHandoff,
 )
-from shared.errors import SwitchboardError
+from shared.errors import SwitchboardError, Undeliverable
 from shared.models import Author
 from shared.service import Service
 from shared.settings import CoreSettings

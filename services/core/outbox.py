@@ -19,6 +19,7 @@ import msgspec
 from shared.bus import Bus
 from shared.envelopes import (
     Event,
+    EventType,
     InboundMessage,
     OutboundEnvelope,
     Resume,
@@ -150,7 +151,7 @@ class Outbox:
 
     async def emit(
         self,
-        event_type: str,
+        event_type: EventType,
         conv: Conversation | None,
         actor: str,
         data: dict[str, Any],

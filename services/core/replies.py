@@ -31,6 +31,7 @@ from services.core.context import build_context
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from shared.envelopes import StreamDelta, ThreadHints
+from shared.ids import reply_key
 from shared.models import Approval, Author, Conversation, Status, ToolCall, Turn, utcnow
 
 _enc = msgspec.json.Encoder()
@@ -87,7 +88,7 @@ async def produce(
                 subject, _enc.encode(StreamDelta(envelope_id=envelope_id, text=piece))
             )
 
-    key = turn_key or f"{user_turn.envelope_id}:reply"
+    key = turn_key or reply_key(user_turn.envelope_id)
     answer = await run_steps(
         runtime,
         msgspec.structs.replace(context, tool_results=steps),
@@ -126,7 +127,7 @@ async def respond(
     """Run the agent on one user turn and deliver its reply; returns the status after it."""
     reply = await produce(c, conv, user_turn, stream=stream)
     return await answer(
-        c, conv, user_turn, reply, f"{user_turn.envelope_id}:reply", thread=thread, stream=stream
+        c, conv, user_turn, reply, reply_key(user_turn.envelope_id), thread=thread, stream=stream
     )
 
 
@@ -275,7 +276,7 @@ async def finish_answered(
 ) -> bool:
     """A redelivered user turn that was answered before a crash or a lost ack: finish what that
     run left undone and re-publish (deduplicated by id). False if it was never answered."""
-    seq = await c.store.seen_seq(conv.id, f"{user_turn.envelope_id}:reply")
+    seq = await c.store.seen_seq(conv.id, reply_key(user_turn.envelope_id))
     turn = await c.store.get_turn(conv.id, seq) if seq is not None else None
     if turn is None:
         return False

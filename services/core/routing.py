@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 
 from services.core.conversations import Conversations
-from shared.bus import Undeliverable
 from shared.envelopes import InboundEnvelope, ThreadHints
-from shared.errors import NotFound
+from shared.errors import NotFound, Undeliverable
 from shared.models import Conversation
 
 

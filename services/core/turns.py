@@ -10,12 +10,11 @@ import msgspec
 from services.core import replies, routing
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from shared.bus import Undeliverable
-from shared.envelopes import ChannelKeyword, InboundMessage, TurnReply
-from shared.errors import ConversationClosed, NotFound
+from shared.envelopes import ChannelKeyword, EventType, InboundMessage, TurnReply
+from shared.errors import ConversationClosed, NotFound, Undeliverable
 from shared.models import Author, Conversation, Turn, utcnow
 
-_KEYWORD_EVENTS = {
+_KEYWORD_EVENTS: dict[str, EventType] = {
     "stop": "end_user.opted_out",
     "start": "end_user.opted_in",
     "help": "end_user.help_requested",
@@ -54,8 +53,8 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
     user_turn = msgspec.structs.replace(user_turn, seq=appended.seq)
     if not appended.duplicate:
         await c.outbox.record_turn(conv, user_turn)
-        if "full_text" in env.metadata:  # email: the turn is the new text; keep the whole
-            await c.store.put_original(conv.id, appended.seq, str(env.metadata["full_text"]))
+        if env.original_text is not None:  # email: the turn is the new text; keep the whole
+            await c.store.put_original(conv.id, appended.seq, env.original_text)
     status = appended.status
     if status == "active" and not appended.duplicate and appended.pending:
         # Messages queued while a human or an approval had the conversation come first.

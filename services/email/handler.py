@@ -13,7 +13,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from services.email.parsing import ParsedMail, fallback_message_id, parse
 from services.email.quotes import new_text
 from shared.bus import Bus
-from shared.envelopes import Attachment, Event, InboundMessage, ThreadHints
+from shared.envelopes import Attachment, Event, EventType, InboundMessage, ThreadHints
 from shared.errors import InvalidRequest
 from shared.identity import make_identifier, redact
 from shared.models import utcnow
@@ -136,7 +136,8 @@ class InboundMail:
                 Attachment(name=name, content_type=ctype, size=size)
                 for name, ctype, size in mail.attachments
             ),
-            metadata={"full_text": mail.text[:100_000], "size": len(raw)},
+            original_text=mail.text[:100_000],
+            metadata={"size": len(raw)},
         )
 
     async def bounce(self, mail: ParsedMail) -> None:
@@ -163,7 +164,7 @@ class InboundMail:
 
     async def event(
         self,
-        event_type: str,
+        event_type: EventType,
         mail: ParsedMail,
         data: dict[str, Any],
         conversation_id: str | None = None,

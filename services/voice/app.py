@@ -31,6 +31,7 @@ from shared.envelopes import (
 from shared.errors import InvalidRequest
 from shared.http import probe_handlers, provider_webhook_error, serve_until
 from shared.identity import make_identifier, normalize_phone
+from shared.ids import reply_key
 from shared.models import Turn, utcnow
 from shared.service import Service
 from shared.settings import VoiceSettings
@@ -140,7 +141,7 @@ def create_app(settings: VoiceSettings) -> Litestar:
         if cid is None:
             return twiml(speech.sorry())
         key = hashlib.sha256(f"{form['CallSid']}|{turn or said}".encode()).hexdigest()[:32]
-        answered_before = await store.seen_seq(cid, f"env_voice_{key}:reply")
+        answered_before = await store.seen_seq(cid, reply_key(f"env_voice_{key}"))
         earlier = await store.get_turn(cid, answered_before) if answered_before else None
         if earlier is not None:  # Twilio retried a request we answered: say the same again
             return twiml(await speak(earlier) or speech.reply("Is there anything else?"))
@@ -173,7 +174,7 @@ def create_app(settings: VoiceSettings) -> Litestar:
         """After a hold: speak the reply if it has arrived (and nobody spoke it yet)."""
         form = await signed_form(request)
         cid = await store.conversation_by_call(form["CallSid"])
-        seq = await store.seen_seq(cid, f"{envelope}:reply") if cid else None
+        seq = await store.seen_seq(cid, reply_key(envelope)) if cid else None
         answer = await store.get_turn(cid, seq) if cid and seq else None
         if answer is not None:
             spoken = await speak(answer)

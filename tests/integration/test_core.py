@@ -11,6 +11,7 @@ from shared.envelopes import (
     OutboundEnvelope,
 )
 from shared.identity import make_identifier
+from shared.ids import reply_key
 from shared.models import Conversation, utcnow
 from tests.conftest import Stack, eventually
 
@@ -240,7 +241,7 @@ async def test_a_redelivery_finishes_an_approval_a_crash_left_half_done(stack: S
                     ),
                 ),
             ),
-            f"{env.id}:reply",
+            reply_key(env.id),
         ),
     ):
         await store.append_turn(turn, allowed=("active",), dedupe_key=key, dedupe_ttl=60)

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from shared.models import Channel, Evidence, Identity, Role, SessionType
+from shared.models import Channel, Decision, Evidence, Identity, Role, SessionType
 
 
 class ConversationInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,7 +66,7 @@ class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     name: str
     arguments: dict[str, Any] = {}
-    decision: str
+    decision: Decision
     result: Any = None
 
 
