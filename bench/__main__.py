@@ -36,6 +36,7 @@ TARGETS = {
     "bytes_per_turn": ("<=", 1024),
 }
 ALL = ("ceiling", "api_turns", "sms", "email", "history", "memory")
+OPT_IN = ("soak",)  # long by nature: only with --scenarios
 
 
 def say(message: str) -> None:
@@ -234,6 +235,20 @@ def measure(args: argparse.Namespace, gateway: Gateway, ceiling_url: str) -> dic
             },
             limit + args.memory_conversations,
         )
+    if "soak" in chosen:
+        results["soak"] = run_scenario(
+            "soak",
+            {
+                **base,
+                "nats_url": f"nats://127.0.0.1:{gateway.ports['NATS_PORT']}",
+                "redis_url": f"redis://127.0.0.1:{gateway.ports['REDIS_PORT']}/0",
+                "gateway_pid": gateway.pid,
+                "duration": args.soak_seconds,
+                "concurrency": 64,
+                "conversations": args.conversations,
+            },
+            args.soak_seconds + 120,
+        )
     return results
 
 
@@ -385,6 +400,20 @@ def table(results: dict[str, Any], ratios: dict[str, float]) -> str:
                 f"{m['bytes_per_turn']} B/turn — {verdict(ratios, 'bytes_per_turn')}",
             )
         )
+    if "soak" in results:
+        k = results["soak"]
+        stored, rss = k["jetstream_stored_bytes"], k["nats_rss_mb"]
+        rows.append(
+            (
+                f"soak, {k['seconds']:g} s of API turns",
+                f"{k['turns']} turns",
+                "",
+                "",
+                f"JetStream stored bytes start/max/end {stored['start']}/{stored['max']}/"
+                f"{stored['end']}; nats-server RSS {rss['start']}/{rss['max']}/{rss['end']} MB; "
+                f"Valkey {k['valkey_bytes_per_turn']} B/turn",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = []
     for index, row in enumerate(rows):
@@ -417,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emails", type=int, default=1000, help="messages sent over SMTP")
     parser.add_argument("--history-turns", type=int, default=1000, help="turns in one conversation")
     parser.add_argument("--memory-conversations", type=int, default=200)
-    parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--soak-seconds", type=float, default=300, help="length of the soak")
+    parser.add_argument(
+        "--scenarios",
+        help=f"comma-separated subset of {','.join(ALL)} (default: all), or {','.join(OPT_IN)}",
+    )
     parser.add_argument("--out", type=Path, help="JSON report (default: .switchboard/bench/…)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the bench runs")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bench import api, mail, sms
+from bench import api, mail, sms, soak
 from bench.client import Config
 
 SCENARIOS: dict[str, Callable[[Config], Coroutine[Any, Any, Config]]] = {
@@ -26,6 +26,7 @@ SCENARIOS: dict[str, Callable[[Config], Coroutine[Any, Any, Config]]] = {
     "email": mail.email,
     "history": api.history,
     "memory": api.memory,
+    "soak": soak.soak,
 }
 
 

@@ -40,11 +40,9 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     PubAck,
-    StorageType,
     StreamConfig,
 )
 from nats.js.errors import (
-    BadRequestError,
     NoStreamResponseError,
     NotFoundError,
     ServiceUnavailableError,
@@ -56,6 +54,7 @@ from shared.errors import Unavailable
 from shared.errors import Undeliverable as Undeliverable  # re-exported: consumers raise it
 from shared.ids import new_id
 from shared.models import utcnow
+from shared.streams import StreamLimits, ensure_streams, stream_configs
 from shared.subjects import Subjects
 from shared.telemetry import Metrics
 
@@ -132,27 +131,6 @@ def short_backoff(attempt: int) -> float:
     return float(min(0.2 * 2 ** (attempt - 1), 10.0))
 
 
-def stream_configs(subjects: Subjects, replicas: int) -> list[StreamConfig]:
-    # The duplicate window is how long JetStream itself drops a re-published Nats-Msg-Id; longer
-    # provider retry windows are covered by the store's envelope-id dedupe.
-    def config(name: str, subject: str, max_age: float) -> StreamConfig:
-        return StreamConfig(
-            name=name,
-            subjects=[subject],
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            max_age=max_age,
-            duplicate_window=30 * 60.0,
-        )
-
-    return [
-        config(subjects.inbound_stream, subjects.inbound_all, 7 * DAY),
-        config(subjects.outbound_stream, subjects.outbound_all, 7 * DAY),
-        config(subjects.events_stream, subjects.events_all, 30 * DAY),
-        config(subjects.dead_stream, subjects.dead_all, 30 * DAY),
-    ]
-
-
 # A JetStream publish that failed this way stored nothing.
 NOT_STORED = (
     NatsTimeout,
@@ -179,12 +157,14 @@ class Bus:
         name: str,
         metrics: Metrics | None = None,
         replicas: int = 1,
+        limits: StreamLimits | None = None,
     ) -> None:
         self.url = url
         self.subjects = subjects
         self.name = name
         self.metrics = metrics
         self.replicas = replicas
+        self.limits = limits or StreamLimits()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._consumers: list[asyncio.Task[None]] = []
@@ -234,13 +214,12 @@ class Bus:
     def ready(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
+    def stream_configs(self) -> list[StreamConfig]:
+        return stream_configs(self.subjects, self.replicas, self.limits)
+
     async def ensure_streams(self) -> None:
         """Create or update the four streams. Safe to run from every service at every start."""
-        for config in stream_configs(self.subjects, self.replicas):
-            try:
-                await self.js.add_stream(config)
-            except BadRequestError:
-                await self.js.update_stream(config)
+        await ensure_streams(self.js, self.stream_configs())
 
     async def close(self, grace: float = 30.0) -> None:
         """Stop consumers after their in-flight message, then drain the connection."""

@@ -20,6 +20,7 @@ from shared.bus import Bus
 from shared.http import HttpServer, probe_app
 from shared.settings import CommonSettings
 from shared.store import Store
+from shared.streams import StreamLimits
 from shared.subjects import Subjects
 from shared.telemetry import Metrics
 
@@ -41,6 +42,7 @@ class Service:
             self.subjects,
             name=f"switchboard-{name}",
             replicas=settings.stream_replicas,
+            limits=StreamLimits.of(settings),
             metrics=self.metrics,
         )
         self.store = Store(settings.redis_url, settings.namespace)

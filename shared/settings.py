@@ -30,6 +30,12 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     partitions: int = 16
     # JetStream stream replicas: 1 on a laptop, 3 on a production NATS cluster.
     stream_replicas: int = 1
+    # Bytes each JetStream stream may hold, per replica (shared/streams.py: the sizing rule). A
+    # full stream refuses new work (ingress 503 / SMTP 451); nothing acknowledged is dropped.
+    inbound_max_bytes: int = 256 * 1024 * 1024
+    outbound_max_bytes: int = 256 * 1024 * 1024
+    events_max_bytes: int = 256 * 1024 * 1024
+    dead_max_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "json"
     default_agent: str = DEMO_AGENT_ID

@@ -99,6 +99,12 @@ def settings_env(servers: Servers, namespace: str) -> dict[str, Any]:
         "namespace": namespace,
         "partitions": 4,
         "log_format": "text",
+        # JetStream reserves each stream's byte limit on the server when the stream is created,
+        # and every test's namespace has its own streams: keep the reservations small.
+        "inbound_max_bytes": 16 * 1024 * 1024,
+        "outbound_max_bytes": 16 * 1024 * 1024,
+        "events_max_bytes": 16 * 1024 * 1024,
+        "dead_max_bytes": 4 * 1024 * 1024,
     }
 
 

@@ -86,6 +86,10 @@ class Outbox:
     ) -> None:
         if conv.session_type == "simulation":
             return  # read-only: nothing leaves for a real channel
+        if conv.channel == "api":
+            # Nothing delivers API messages: the client has the answer in its response, and reads
+            # everything else (operators' turns, late answers) from the transcript or its stream.
+            return
         outbound = OutboundEnvelope(
             id=f"out_{turn.id}",
             channel=conv.channel,

@@ -326,6 +326,41 @@ def watch(m: Managed, restart_base: float) -> None:
     say(f"{time.strftime('%H:%M:%S')} ✓ {m.name} restarted (pid {m.child.proc.pid})")
 
 
+def migrate_streams() -> int:
+    """`switchboard streams migrate` against NATS_URL: see shared/streams.py, "Upgrades"."""
+    import asyncio
+
+    from shared.bus import Bus
+    from shared.settings import CommonSettings, load_settings
+    from shared.streams import NotDrained, StreamLimits
+    from shared.streams import migrate_streams as migrate
+    from shared.subjects import Subjects
+
+    settings = load_settings(CommonSettings)
+    bus = Bus(
+        settings.nats_url,
+        Subjects(settings.namespace, settings.partitions),
+        name="switchboard-streams",
+        replicas=settings.stream_replicas,
+        limits=StreamLimits.of(settings),
+    )
+
+    async def run() -> list[str]:
+        await bus.connect()
+        try:
+            return await migrate(bus.js, bus.stream_configs())
+        finally:
+            await bus.close()
+
+    try:
+        migrated = asyncio.run(run())
+    except NotDrained as exc:
+        say(f"error: {exc}")
+        return 1
+    say(f"migrated: {', '.join(migrated)}" if migrated else "every stream is up to date")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="switchboard",
@@ -341,7 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for spec in (*SERVICES, TWILIO_FAKE):
         commands.add_parser(spec.name, help=f"run the {spec.what} alone")
-    commands.add_parser("streams", help="print the JetStream stream names and subjects")
+    streams_parser = commands.add_parser(
+        "streams", help="print the JetStream stream names and subjects (or migrate them)"
+    )
+    streams_parser.add_argument(
+        "action",
+        nargs="?",
+        choices=["migrate"],
+        help="recreate streams an earlier version made with another retention, once drained",
+    )
     dead = commands.add_parser("dead", help="list or replay what is in the DEAD stream")
     dead_actions = dead.add_subparsers(dest="dead_action", required=True, metavar="ACTION")
     dead_list = dead_actions.add_parser("list", help="every dead letter, its reason and state")
@@ -365,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         return up(args.external)
     if args.command == "streams":
-        from shared.bus import stream_configs
+        if args.action == "migrate":
+            return migrate_streams()
+        from shared.streams import stream_configs
         from shared.subjects import Subjects
 
         configs = stream_configs(Subjects(os.environ.get("SWITCHBOARD_NAMESPACE", "")), 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any
@@ -61,8 +62,10 @@ async def transcript(stack: Stack, cid: str) -> list[tuple[str, str]]:
 
 
 async def inbound_count(stack: Stack) -> int:
+    """Envelopes ever stored in this test's INBOUND (a work queue: consumed ones are deleted, but
+    the sequence keeps counting)."""
     info = await stack.core.bus.js.stream_info(stack.core.subjects.inbound_stream)
-    return int(info.state.messages)
+    return int(info.state.last_seq)
 
 
 async def test_a_signed_text_gets_the_agents_reply_by_sms(stack: Stack) -> None:
@@ -203,13 +206,23 @@ async def test_mms_media_become_attachments(stack: Stack) -> None:
         MediaUrl1="https://api.twilio.com/media/ME2",
         MediaContentType1="image/png",
     )
-    assert (await post_signed(stack, "/twilio/sms", form)).status_code == 200
-    msg = await stack.core.bus.js.get_msg(stack.core.subjects.inbound_stream, 1)
     import msgspec
 
     from shared.envelopes import InboundMessage
 
-    env = msgspec.json.decode(msg.data or b"", type=InboundMessage)
+    # Core consumes (and the work queue deletes) the envelope at once: watch it on the wire.
+    published: list[bytes] = []
+
+    async def keep(msg: Any) -> None:
+        published.append(msg.data)
+
+    nc = stack.core.bus.nc
+    sub = await nc.subscribe(stack.core.subjects.inbound_all, cb=keep)
+    await nc.flush()
+    assert (await post_signed(stack, "/twilio/sms", form)).status_code == 200
+    await eventually(lambda: asyncio.sleep(0, bool(published)), what="the envelope")
+    await sub.unsubscribe()
+    env = msgspec.json.decode(published[0], type=InboundMessage)
     assert [(a.url, a.content_type) for a in env.attachments] == [
         ("https://api.twilio.com/media/ME1", "image/jpeg"),
         ("https://api.twilio.com/media/ME2", "image/png"),
