@@ -11,7 +11,8 @@ Two kinds of outage are not the message's fault and never spend its deliveries:
   consumer's `max_deliver` is unlimited, so nothing is spent) until it is `Hold.horizon` seconds
   old, counted from when JetStream stored it (durable: no state of ours). Past the horizon it is
   dead-lettered like any other failure. `max_ack_pending=1` consumers keep their order: a nak'd
-  message stays pending, so nothing behind it overtakes it.
+  message stays pending, so nothing behind it overtakes it. Other failures of a held message are
+  counted by this process against `max_deliver` (JetStream's count includes the outage).
 
 Before any dead letter, the consumer's `on_dead` hook runs (egress marks the delivery `failed`
 and raises `delivery.failed`). Dead letters can be listed and replayed (`dead_letters`, `replay`).
@@ -170,6 +171,9 @@ class Bus:
         self._consumers: list[asyncio.Task[None]] = []
         self._pull_subs: list[JetStreamContext.PullSubscription] = []
         self._idle: set[asyncio.Task[Any]] = set()  # consumer loops waiting in fetch, no message
+        # Holding consumers: unexpected failures per message (stream sequence), counted here
+        # because JetStream's delivery count also counts an outage's redeliveries.
+        self._failures: dict[tuple[str, str, int], int] = {}
         self._stopping = asyncio.Event()
 
     # Life cycle -------------------------------------------------------------------------------
@@ -538,22 +542,31 @@ class Bus:
         except Exception as exc:
             await self._failed(msg, delivery, exc, policy)
         else:
+            self._failures.pop(_message_key(msg), None)
             with contextlib.suppress(Exception):  # a lost ack means a redelivery, which dedupes
                 await msg.ack()
 
     async def _failed(self, msg: Msg, delivery: Delivery, exc: Exception, policy: _Policy) -> None:
-        """A failure that may be the message's own: retried with backoff, up to `max_deliver`."""
-        if delivery.attempt >= policy.max_deliver:
+        """A failure that may be the message's own: retried with backoff, up to `max_deliver`.
+
+        On a holding consumer the failures are counted by this process (a restart or another
+        replica starts again from zero: more tries, never fewer), so that the redeliveries of an
+        earlier outage do not count against the message."""
+        failures = delivery.attempt
+        if policy.hold is not None:
+            key = _message_key(msg)
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+        if failures >= policy.max_deliver:
             reason = f"max_deliver: {type(exc).__name__}: {exc}"
             await self._dead_letter_and_ack(msg, delivery, reason, policy)
             return
         log.warning(
             "handler failed, will redeliver",
             exc_info=True,
-            extra={"subject": msg.subject, "attempt": delivery.attempt},
+            extra={"subject": msg.subject, "attempt": delivery.attempt, "failures": failures},
         )
         with contextlib.suppress(Exception):
-            await msg.nak(delay=policy.backoff(delivery.attempt))
+            await msg.nak(delay=policy.backoff(failures))
 
     async def _run_through_outages(self, msg: Msg, handler: Handler, delivery: Delivery) -> None:
         """Run the handler; while a dependency is down, hold the message and try again.
@@ -588,6 +601,7 @@ class Bus:
         if policy.on_dead is not None:
             await policy.on_dead(delivery, reason)
         await self.dead_letter(msg.subject, msg.data, reason, delivery.attempt)
+        self._failures.pop(_message_key(msg), None)
         await msg.ack()
 
     # Core NATS request/reply ------------------------------------------------------------------
@@ -624,6 +638,11 @@ class Bus:
     async def publish_core(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget core NATS publish: for replies and token streams, never for state."""
         await self.nc.publish(subject, payload)
+
+
+def _message_key(msg: Msg) -> tuple[str, str, int]:
+    meta = msg.metadata
+    return (meta.stream, meta.consumer or "", meta.sequence.stream)
 
 
 def decode_or_dead(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:

@@ -141,3 +141,27 @@ async def test_a_durable_made_before_holding_existed_is_updated_to_unlimited_del
         await bus.close()
         # The server must not stop redelivering a held message after 7 deliveries.
         assert info.config.max_deliver == (7 if hold is None else -1)
+
+
+async def test_an_outage_before_a_real_failure_does_not_use_up_its_attempts(bus: Bus) -> None:
+    failures: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.attempt <= 5:  # a long outage first: five refusals
+            raise ProviderUnavailable("relay", "connection refused")
+        failures.append(delivery.attempt)
+        raise RuntimeError("a bug")  # then a failure of the message itself, every time
+
+    await bus.publish(bus.subjects.outbound("email", "x@y.test"), b"mail", msg_id="m1")
+    await bus.consume(
+        stream=bus.subjects.outbound_stream,
+        durable="outage-then-bug",
+        filter_subject=bus.subjects.outbound_all,
+        handler=handler,
+        max_deliver=3,
+        backoff=lambda attempt: 0.01,
+        hold=Hold(horizon=60, base_delay=0.01, max_delay=0.05),
+    )
+    entries = await eventually(bus.dead_letters, what="the dead letter")
+    assert failures == [6, 7, 8]  # three tries of its own, as max_deliver says, not zero
+    assert entries[0].letter.reason == "max_deliver: RuntimeError: a bug"
