@@ -122,7 +122,6 @@ class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
     description: str = ""
     parameters: dict[str, Any] = {}
     url: str | None = None
-    secret: str = ""  # write-only: signs calls to `url`, never returned by the API
     timeout_seconds: float = 10.0
 
 
@@ -147,10 +146,10 @@ RuntimeKind = Literal["builtin", "http", "openai"]
 
 
 class HttpRuntimeConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """A customer's bot: core POSTs each turn's context to `url`, signed with `secret`."""
+    """A customer's bot: core POSTs each turn's context to `url`. Its signing secret is stored
+    apart from the revision (write-only), so no read of a revision returns it."""
 
     url: str
-    secret: str = ""  # write-only: never returned by the API
     timeout_seconds: float = 10.0
 
 

@@ -17,7 +17,6 @@ from shared.models import (
     SessionType,
     Status,
     ToolCall,
-    ToolSpec,
     Turn,
     Visibility,
 )
@@ -86,10 +85,48 @@ class ResolvedIdentity(msgspec.Struct, kw_only=True):
     created: bool
 
 
+Url = Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=2000)]
+Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=200)]
+
+
+class HttpRuntimeSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    url: Url
+    secret: Secret | None = None  # write-only: signs every request; never returned
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+
+
+class OpenAIRuntimeSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    base_url: Url = "https://api.openai.com/v1"
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    # The NAME of the environment variable holding the key (never the key); null: no key.
+    api_key_env: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = (
+        "OPENAI_API_KEY"
+    )
+    system_prompt: Annotated[str, msgspec.Meta(max_length=20_000)] = (
+        "You are a helpful customer support agent. Answer briefly."
+    )
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    max_history_turns: Annotated[int, msgspec.Meta(ge=0, le=200)] = 20
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 30.0
+
+
+class ToolDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A tool the agent may call: with a `url`, core POSTs the arguments there."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+    parameters: dict[str, Any] = {}  # a JSON schema, or the short form {"order_id": "string"}
+    url: Url | None = None
+    secret: Secret | None = None  # write-only: signs calls to `url`; never returned
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+
+
 class RevisionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    runtime: Literal["builtin"] = "builtin"
+    runtime: Literal["builtin", "http", "openai"] = "builtin"
+    http: HttpRuntimeSpec | None = None
+    openai: OpenAIRuntimeSpec | None = None
     knowledge_base: KnowledgeBase | None = None
-    tools: list[ToolSpec] = []
+    tools: list[ToolDefinition] = []
     policies: list[Policy] = []
     greeting: str | None = None
     fallback: str | None = None

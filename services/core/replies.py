@@ -68,7 +68,7 @@ async def produce(
     revision's policies. A runtime that fails leaves the fallback text and an `agent.failed`
     event, never silence."""
     revision = await c.revision(conv.pinned_revision_id)
-    runtime = c.runtimes.for_revision(revision)
+    runtime = await c.runtimes.for_revision(revision, lambda: c.store.revision_secrets(revision.id))
     context = await build_context(
         c.store,
         c.runtimes,
@@ -99,6 +99,7 @@ async def produce(
         simulate=conv.session_type == "simulation",
         on_delta=on_delta,
         approvals=approvals,
+        secrets=c.runtimes.secrets_of(revision.id),
     )
     if answer.failure is not None:
         await c.outbox.emit(
@@ -146,6 +147,7 @@ async def resume_after_approval(c: Conversations, conv: Conversation, approval: 
         key=tool_key(approval.id, name, arguments),
         conversation_id=conv.id,
         simulate=conv.session_type == "simulation",
+        secrets=await c.store.revision_secrets(revision.id) if revision.tools else {},
     )
     approved = ToolOutcome(
         id=str(approval.payload.get("call_id") or "call_approved"),

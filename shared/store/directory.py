@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -87,8 +87,14 @@ class Directory(Aggregate):
     async def next_revision_number(self, agent_id: str) -> int:
         return int(await self._r.incr(self._k.revision_counter(agent_id)))
 
-    async def put_revision(self, revision: Revision) -> None:
+    async def put_revision(
+        self, revision: Revision, secrets: Mapping[str, str] | None = None
+    ) -> None:
+        """Store a revision and its write-only secrets (bot and tool signing keys) together."""
         pipe = self._r.pipeline(transaction=True)
+        if secrets:
+            fields: dict[Any, Any] = dict(secrets)
+            pipe.hset(self._k.revision_secrets(revision.id), mapping=fields)
         pipe.set(self._k.revision(revision.id), encode(revision))
         pipe.zadd(self._k.revisions(revision.agent_id), {revision.id: revision.number})
         await pipe.execute()
@@ -97,6 +103,10 @@ class Directory(Aggregate):
         if (revision := await self._decoded(self._k.revision(revision_id), _revision)) is None:
             raise not_found("revision", revision_id)
         return revision
+
+    async def revision_secrets(self, revision_id: str) -> dict[str, str]:
+        raw = await self._r.hgetall(self._k.revision_secrets(revision_id))
+        return {text(k): text(v) for k, v in raw.items()}
 
     async def list_revisions(self, agent_id: str) -> list[Revision]:
         return await self._all_in(self._k.revisions(agent_id), self._k.revision, _revision)

@@ -133,6 +133,11 @@ class Keys:
     def agents(self) -> str:
         return f"{self.ns}agents"
 
+    def revision_secrets(self, revision_id: str) -> str:
+        """Hash: `http` → the bot's signing secret, `tool:<name>` → a tool's. Kept apart from the
+        revision so no read of a revision can return one."""
+        return f"{self.ns}revision-secrets:{revision_id}"
+
     def revision_counter(self, agent_id: str) -> str:
         return f"{self.ns}agent-revisions:{agent_id}"
 

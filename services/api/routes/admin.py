@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Controller, Request, delete, get, post
 
 from services.api.auth import KeyRing
@@ -24,7 +25,15 @@ from shared.envelopes import EraseEndUser
 from shared.errors import InvalidRequest, NotFound
 from shared.identity import kind_for_channel, make_identifier
 from shared.ids import new_id
-from shared.models import Agent, EndUser, Revision, utcnow
+from shared.models import (
+    Agent,
+    EndUser,
+    HttpRuntimeConfig,
+    OpenAIRuntimeConfig,
+    Revision,
+    ToolSpec,
+    utcnow,
+)
 
 
 class IdentityController(Controller):
@@ -103,7 +112,33 @@ class AgentController(Controller):
         return await _activate(gateway, agent, revision.id)
 
 
+def _runtime_settings(
+    spec: RevisionSpec,
+) -> tuple[HttpRuntimeConfig | None, OpenAIRuntimeConfig | None, dict[str, str]]:
+    """The runtime's settings as stored, and the write-only secrets kept apart from them."""
+    if spec.runtime in ("http", "openai") and getattr(spec, spec.runtime) is None:
+        raise InvalidRequest(
+            f"runtime {spec.runtime} needs its settings in `{spec.runtime}`",
+            details={"field": spec.runtime, "reason": "missing_runtime_settings"},
+        )
+    names = [tool.name for tool in spec.tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequest(
+            "tool names must be unique", details={"field": "tools", "reason": "duplicate_tool"}
+        )
+    secrets = {f"tool:{t.name}": t.secret for t in spec.tools if t.secret}
+    http = openai = None
+    if spec.runtime == "http" and spec.http is not None:
+        http = HttpRuntimeConfig(url=spec.http.url, timeout_seconds=spec.http.timeout_seconds)
+        if spec.http.secret:
+            secrets["http"] = spec.http.secret
+    if spec.runtime == "openai" and spec.openai is not None:
+        openai = msgspec.convert(msgspec.to_builtins(spec.openai), OpenAIRuntimeConfig)
+    return http, openai, secrets
+
+
 async def _add_revision(gateway: Gateway, agent: Agent, spec: RevisionSpec) -> Revision:
+    http, openai, secrets = _runtime_settings(spec)
     number = await gateway.store.next_revision_number(agent.id)
     defaults = Revision(id="", agent_id=agent.id, number=number, created_at=utcnow())
     revision = Revision(
@@ -111,14 +146,25 @@ async def _add_revision(gateway: Gateway, agent: Agent, spec: RevisionSpec) -> R
         agent_id=agent.id,
         number=number,
         runtime=spec.runtime,
+        http=http,
+        openai=openai,
         created_at=utcnow(),
         knowledge_base=spec.knowledge_base,
-        tools=tuple(spec.tools),
+        tools=tuple(
+            ToolSpec(
+                name=t.name,
+                description=t.description,
+                parameters=t.parameters,
+                url=t.url,
+                timeout_seconds=t.timeout_seconds,
+            )
+            for t in spec.tools
+        ),
         policies=tuple(spec.policies),
         greeting=spec.greeting or defaults.greeting,
         fallback=spec.fallback or defaults.fallback,
     )
-    await gateway.store.put_revision(revision)
+    await gateway.store.put_revision(revision, secrets)
     return revision
 
 

@@ -17,9 +17,6 @@ pieces to clients it is never retried (they would see the text twice): it fails 
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from typing import Any
 
 import httpx
@@ -28,15 +25,14 @@ import msgspec
 from services.core.agent.context import AgentContext
 from services.core.agent.runtime import (
     AgentReply,
+    AttemptFailed,
     Budget,
     DeltaSink,
     ProposedToolCall,
-    RuntimeFailed,
+    retry_within_budget,
 )
 from shared.models import HttpRuntimeConfig
 from shared.signing import signature_headers
-
-log = logging.getLogger("switchboard.core.agent.http")
 
 
 class BotToolCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,54 +56,33 @@ _delta = msgspec.json.Decoder(BotDelta)
 _enc = msgspec.json.Encoder()
 
 
-class _Retryable(Exception):
-    pass
-
-
-class _Final(Exception):
-    pass
-
-
 class HttpRuntime:
     wants_history = True
 
-    def __init__(self, config: HttpRuntimeConfig, http: httpx.AsyncClient, budget: Budget) -> None:
+    def __init__(
+        self, config: HttpRuntimeConfig, secret: str, http: httpx.AsyncClient, budget: Budget
+    ) -> None:
         self.config = config
+        self.secret = secret
         self.http = http
         self.budget = budget
 
     async def reply(self, context: AgentContext, on_delta: DeltaSink | None = None) -> AgentReply:
         body = _enc.encode(context)
         turn = f"{context.conversation.id}:{context.message.seq}:{len(context.tool_results)}"
-        deadline = time.monotonic() + self.budget.turn_seconds
-        attempts = 0
-        backoff = self.budget.retry_backoff_seconds
-        while True:
-            attempts += 1
-            remaining = deadline - time.monotonic()
-            sent: list[str] = []
+
+        async def attempt(sent: list[str]) -> AgentReply:
             try:
-                answer = await asyncio.wait_for(
-                    self._attempt(body, turn, on_delta, sent),
-                    timeout=min(self.config.timeout_seconds, remaining),
-                )
-                return answer
-            except _Final as exc:
-                raise RuntimeFailed(str(exc), attempts) from exc
-            except (_Retryable, TimeoutError, httpx.HTTPError) as exc:
-                reason = str(exc) if isinstance(exc, _Retryable) else type(exc).__name__
-                if isinstance(exc, TimeoutError):
-                    reason = "timeout"
-                log.info(
-                    "bot attempt failed",
-                    extra={"conversation_id": context.conversation.id, "error": reason},
-                )
-                if sent:
-                    raise RuntimeFailed(f"stream broken: {reason}", attempts) from exc
-                if deadline - time.monotonic() <= backoff:
-                    raise RuntimeFailed(reason, attempts) from exc
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+                return await self._attempt(body, turn, on_delta, sent)
+            except httpx.HTTPError as exc:
+                raise AttemptFailed(type(exc).__name__) from exc
+
+        return await retry_within_budget(
+            self.budget,
+            self.config.timeout_seconds,
+            attempt,
+            conversation_id=context.conversation.id,
+        )
 
     async def _attempt(
         self, body: bytes, turn: str, on_delta: DeltaSink | None, sent: list[str]
@@ -118,16 +93,16 @@ class HttpRuntime:
             "user-agent": "Switchboard-Agent/1",
             "x-switchboard-turn": turn,
         }
-        if self.config.secret:
-            headers.update(signature_headers(self.config.secret, body))
+        if self.secret:
+            headers.update(signature_headers(self.secret, body))
         async with self.http.stream(
             "POST", self.config.url, content=body, headers=headers, timeout=None
         ) as response:
             status = response.status_code
             if status >= 500:
-                raise _Retryable(f"http_{status}")
+                raise AttemptFailed(f"http_{status}")
             if status >= 400:
-                raise _Final(f"http_{status}")
+                raise AttemptFailed(f"http_{status}", retryable=False)
             kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind == "text/event-stream":
                 return await self._read_stream(response, on_delta, sent)
@@ -135,7 +110,7 @@ class HttpRuntime:
         try:
             answer = _answer.decode(raw)
         except msgspec.DecodeError as exc:
-            raise _Retryable(f"invalid_answer: {exc}") from exc
+            raise AttemptFailed(f"invalid_answer: {exc}") from exc
         return _reply(answer, answer.text or "", streamed=False)
 
     async def _read_stream(
@@ -167,7 +142,7 @@ class HttpRuntime:
                         if on_delta is not None:
                             await on_delta(piece)
                 except msgspec.DecodeError as exc:
-                    raise _Retryable(f"invalid_event: {exc}") from exc
+                    raise AttemptFailed(f"invalid_event: {exc}") from exc
             event, data = "message", []
         text = done.text if done is not None and done.text is not None else "".join(sent)
         return _reply(done or BotAnswer(), text, streamed=bool(sent))

@@ -11,11 +11,8 @@ time, and never stored. Failures are retried within the turn's budget like the `
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import os
-import time
 from typing import Any, cast
 
 import openai
@@ -25,14 +22,14 @@ from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolPara
 from services.core.agent.context import AgentContext
 from services.core.agent.runtime import (
     AgentReply,
+    AttemptFailed,
     Budget,
     DeltaSink,
     ProposedToolCall,
     RuntimeFailed,
+    retry_within_budget,
 )
 from shared.models import OpenAIRuntimeConfig
-
-log = logging.getLogger("switchboard.core.agent.openai")
 
 
 def messages_for(config: OpenAIRuntimeConfig, context: AgentContext) -> list[dict[str, Any]]:
@@ -125,33 +122,23 @@ class OpenAIRuntime:
 
     async def reply(self, context: AgentContext, on_delta: DeltaSink | None = None) -> AgentReply:
         client = self.client()
-        deadline = time.monotonic() + self.budget.turn_seconds
-        backoff = self.budget.retry_backoff_seconds
-        attempts = 0
-        while True:
-            attempts += 1
-            sent: list[str] = []
+
+        async def attempt(sent: list[str]) -> AgentReply:
             try:
-                return await asyncio.wait_for(
-                    self._attempt(client, context, on_delta, sent),
-                    timeout=min(self.config.timeout_seconds, deadline - time.monotonic()),
-                )
+                return await self._attempt(client, context, on_delta, sent)
             except openai.APIStatusError as exc:
-                reason = f"http_{exc.status_code}"
-                if exc.status_code < 500 and exc.status_code != 429:
-                    raise RuntimeFailed(reason, attempts) from exc
-            except (openai.OpenAIError, ValueError, KeyError, TimeoutError) as exc:
-                reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-            log.info(
-                "model attempt failed",
-                extra={"conversation_id": context.conversation.id, "error": reason},
-            )
-            if sent:
-                raise RuntimeFailed(f"stream broken: {reason}", attempts)
-            if deadline - time.monotonic() <= backoff:
-                raise RuntimeFailed(reason, attempts)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+                code = exc.status_code
+                retryable = code >= 500 or code == 429
+                raise AttemptFailed(f"http_{code}", retryable=retryable) from exc
+            except (openai.OpenAIError, ValueError, KeyError) as exc:
+                raise AttemptFailed(type(exc).__name__) from exc
+
+        return await retry_within_budget(
+            self.budget,
+            self.config.timeout_seconds,
+            attempt,
+            conversation_id=context.conversation.id,
+        )
 
     async def _attempt(
         self,

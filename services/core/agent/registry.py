@@ -1,10 +1,13 @@
 """Compiled runtimes, one per revision, and the HTTP client they and the tools share.
 
 Revisions are immutable, so a runtime (and the revision's knowledge index) is built once per
-revision id and kept. Core owns one `Runtimes` and closes it on shutdown.
+revision id and kept, with the revision's write-only secrets (the bot's and each tool's signing
+key), read from the store once by core. Core owns one `Runtimes` and closes it on shutdown.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -37,14 +40,22 @@ class Runtimes:
         self.http = httpx.AsyncClient(timeout=30.0)
         self.tools = ToolRunner(self.http, self.budget.retry_backoff_seconds)
         self._runtimes: dict[str, Runtime] = {}
+        self._secrets: dict[str, dict[str, str]] = {}
         self._openai: list[OpenAIRuntime] = []
         self._indexes: dict[str, KnowledgeIndex | None] = {}
 
-    def for_revision(self, revision: Revision) -> Runtime:
+    async def for_revision(
+        self, revision: Revision, secrets: Callable[[], Awaitable[dict[str, str]]]
+    ) -> Runtime:
         runtime = self._runtimes.get(revision.id)
         if runtime is None:
+            needs_secrets = revision.runtime == "http" or any(t.url for t in revision.tools)
+            self._secrets[revision.id] = await secrets() if needs_secrets else {}
             runtime = self._runtimes[revision.id] = self._build(revision)
         return runtime
+
+    def secrets_of(self, revision_id: str) -> dict[str, str]:
+        return self._secrets.get(revision_id, {})
 
     def _build(self, revision: Revision) -> Runtime:
         match revision.runtime:
@@ -53,7 +64,8 @@ class Runtimes:
             case "http":
                 if revision.http is None:
                     return Misconfigured("revision has no http settings")
-                return HttpRuntime(revision.http, self.http, self.budget)
+                secret = self._secrets.get(revision.id, {}).get("http", "")
+                return HttpRuntime(revision.http, secret, self.http, self.budget)
             case "openai":
                 if revision.openai is None:
                     return Misconfigured("revision has no openai settings")

@@ -9,6 +9,9 @@ raises `RuntimeFailed`; core then sends the revision's fallback text and records
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,6 +20,8 @@ import msgspec
 
 from services.core.agent.context import AgentContext
 from shared.models import Evidence
+
+log = logging.getLogger("switchboard.core.agent")
 
 # Receives pieces of the reply's text as the runtime produces them (for SSE clients).
 DeltaSink = Callable[[str], Awaitable[None]]
@@ -61,3 +66,54 @@ class Budget:
 
     turn_seconds: float = 20.0
     retry_backoff_seconds: float = 0.25
+
+
+class AttemptFailed(Exception):
+    """One attempt at a bot or a model failed; `retryable` unless the other side said no (4xx)."""
+
+    def __init__(self, reason: str, *, retryable: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+async def retry_within_budget(
+    budget: Budget,
+    attempt_timeout: float,
+    attempt: Callable[[list[str]], Awaitable[AgentReply]],
+    *,
+    conversation_id: str,
+) -> AgentReply:
+    """Run `attempt` until it answers, retrying with backoff while the turn's budget lasts.
+
+    `attempt` appends every piece it streamed to clients to the list it is given: once pieces
+    went out, a failure is final (a retry would show them twice). An attempt the budget cut
+    short that then timed out does not hide the reason the earlier attempts failed.
+    """
+    deadline = time.monotonic() + budget.turn_seconds
+    backoff = budget.retry_backoff_seconds
+    attempts, reason = 0, ""
+    while True:
+        attempts += 1
+        remaining = deadline - time.monotonic()
+        sent: list[str] = []
+        try:
+            return await asyncio.wait_for(attempt(sent), timeout=min(attempt_timeout, remaining))
+        except AttemptFailed as exc:
+            failure = exc
+        except TimeoutError:
+            failure = AttemptFailed("timeout")
+        if not (failure.reason == "timeout" and remaining < attempt_timeout and reason):
+            reason = failure.reason
+        log.info(
+            "agent attempt failed",
+            extra={"conversation_id": conversation_id, "error": failure.reason},
+        )
+        if not failure.retryable:
+            raise RuntimeFailed(reason, attempts)
+        if sent:
+            raise RuntimeFailed(f"stream broken: {reason}", attempts)
+        if deadline - time.monotonic() <= backoff:
+            raise RuntimeFailed(reason, attempts)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 2.0)

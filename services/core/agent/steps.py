@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,6 +81,7 @@ async def run_tool_once(
     key: str,
     conversation_id: str,
     simulate: bool,
+    secrets: Mapping[str, str] | None = None,
 ) -> Any:
     found, result = await ledger.recall(key)
     if found:
@@ -92,6 +94,7 @@ async def run_tool_once(
         idempotency_key=key,
         conversation_id=conversation_id,
         simulate=simulate,
+        secret=(secrets or {}).get(f"tool:{name}", ""),
     )
     await ledger.record(key, result)
     return result
@@ -108,6 +111,7 @@ async def run_steps(
     simulate: bool = False,
     on_delta: DeltaSink | None = None,
     approvals: bool = True,
+    secrets: Mapping[str, str] | None = None,
 ) -> Answer:
     """Run the agent to an answer. `context.tool_results` holds steps taken before (a resumed
     turn); the answer's `tool_calls` are the calls decided in this run."""
@@ -201,6 +205,7 @@ async def run_steps(
                     key=tool_key(turn_key, call.name, call.arguments),
                     conversation_id=context.conversation.id,
                     simulate=simulate,
+                    secrets=secrets,
                 )
                 outcome = ToolOutcome(
                     id=call_id,

@@ -96,12 +96,13 @@ class ToolRunner:
         idempotency_key: str,
         conversation_id: str,
         simulate: bool,
+        secret: str = "",
     ) -> Any:
         if spec is not None and spec.url:
             if simulate:
                 return {"simulated": True, **arguments}
             return await self._call_http(
-                spec, spec.url, arguments, idempotency_key, conversation_id
+                spec, spec.url, arguments, idempotency_key, conversation_id, secret
             )
         builtin = TOOLS.get(name)
         if builtin is None:
@@ -120,6 +121,7 @@ class ToolRunner:
         arguments: dict[str, Any],
         key: str,
         conversation_id: str,
+        secret: str,
     ) -> Any:
         body = msgspec.json.encode(
             {"name": spec.name, "arguments": arguments, "conversation_id": conversation_id}
@@ -131,8 +133,8 @@ class ToolRunner:
         }
         error = ""
         for attempt in range(1, TOOL_ATTEMPTS + 1):
-            if spec.secret:
-                headers.update(signature_headers(spec.secret, body))
+            if secret:
+                headers.update(signature_headers(secret, body))
             try:
                 response = await self.http.post(
                     url, content=body, headers=headers, timeout=spec.timeout_seconds
