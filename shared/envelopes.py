@@ -62,10 +62,15 @@ class _Inbound(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     thread: ThreadHints | None = None
     provider_id: str | None = None
     metadata: dict[str, Any] = {}
+    # Internal envelopes about a conversation (resume, approval decided) carry its routing key,
+    # so core orders them with the conversation's own messages.
+    order_key: str | None = None
 
     @property
     def routing_key(self) -> str:
         """What orders this envelope against others: its conversation, or who sent it to whom."""
+        if self.order_key:
+            return self.order_key
         if self.conversation_id:
             return self.conversation_id
         who = self.sender.normalized if self.sender else self.id

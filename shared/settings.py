@@ -65,7 +65,17 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
     core_health_port: int = 8090
     # Deliveries of one inbound envelope before it goes to the DEAD stream with its reason.
     max_deliver: int = 5
-    ack_wait_seconds: float = 30.0
+    # JetStream's ack wait for inbound messages; core sends in_progress every third of it for the
+    # messages it holds, so a long agent call is never redelivered. After a kill -9 its messages
+    # come back to the next owner this long after its last in_progress.
+    ack_wait_seconds: float = 10.0
+    # Messages of one partition in flight at once (one per conversation at a time).
+    in_flight_per_partition: int = 64
+    # A core replica owns a partition through a Valkey lease of this length, renewed every third
+    # of it: a kill -9'd replica's partitions are taken over within about this long.
+    partition_lease_seconds: float = 10.0
+    # On shutdown or hand-back, how long messages being applied get to finish before cancelling.
+    shutdown_grace_seconds: float = 30.0
     # Envelope-id dedupe keys live this long: far beyond Twilio's and SMTP senders' retry windows.
     dedupe_ttl_seconds: int = 7 * 24 * 3600
     # Where `transfer_call` dials on voice; without one, the caller hears an apology instead.

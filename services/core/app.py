@@ -1,5 +1,5 @@
-"""Core's wiring: the bus, the store, one ordered consumer per inbound partition, the command
-server, and the probes on a side port."""
+"""Core's wiring: the bus, the store, the partitions this replica owns (each consumed in order per
+conversation, see `partitions`), the command server, and the probes on a side port."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 
 import msgspec
 from nats.aio.msg import Msg
@@ -15,9 +16,9 @@ from services.core import approvals, erasure, first_contact, operators, replies,
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from shared.bus import Delivery, decode_or_dead
+from services.core.ownership import PartitionOwner
+from services.core.partitions import PartitionConsumer
 from shared.envelopes import (
-    SCHEMA_VERSION,
     ApprovalDecided,
     CallEnded,
     CallStarted,
@@ -40,10 +41,10 @@ from shared.errors import SwitchboardError, Undeliverable
 from shared.models import Author
 from shared.service import Service
 from shared.settings import CoreSettings
+from shared.store.leases import Leases
 
 log = logging.getLogger("switchboard.core")
 
-_inbound = msgspec.json.Decoder(InboundEnvelope)
 _command = msgspec.json.Decoder(Command)
 _enc = msgspec.json.Encoder()
 
@@ -60,6 +61,17 @@ class Core:
         self._retention: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self.replica = f"core-{uuid.uuid4().hex[:12]}"
+        self.leases = Leases(
+            self.store.connection,
+            "core",
+            self.replica,
+            settings.partitions,
+            settings.partition_lease_seconds,
+        )
+        self.owner = PartitionOwner(
+            self.leases, self.consumer_for, grace=settings.shutdown_grace_seconds
+        )
 
     async def start(self) -> None:
         # Pushed first, so closed last: after the bus has drained the turns in flight.
@@ -68,21 +80,31 @@ class Core:
         if await seed_demo_agent(self.store, self.settings.default_agent):
             log.info("seeded the demo agent", extra={"agent_id": self.settings.default_agent})
         await self.bus.serve(self.subjects.commands_all, "core", self.on_command)
-        for partition in range(self.settings.partitions):
-            await self.bus.consume(
-                stream=self.subjects.inbound_stream,
-                durable=f"core-p{partition}",
-                filter_subject=self.subjects.inbound_partition(partition),
-                handler=self.on_inbound,
-                max_deliver=self.settings.max_deliver,
-                ack_wait=self.settings.ack_wait_seconds,
-            )
+        # Pushed last, so closed first: partitions drain (and give their leases back) while the
+        # bus and the store are still open.
+        self._opened.push_async_callback(self.owner.stop)
+        await self.owner.start()
         self._timer = asyncio.create_task(self.approval_timer(), name="approval-timer")
         if self.settings.retention_days > 0:
             self._retention = asyncio.create_task(self.retention_timer(), name="retention")
         log.info(
             "core ready",
-            extra={"partitions": self.settings.partitions, "health_port": self.service.probes_port},
+            extra={
+                "replica": self.replica,
+                "partitions": sorted(self.owner.consumers),
+                "health_port": self.service.probes_port,
+            },
+        )
+
+    def consumer_for(self, partition: int) -> PartitionConsumer:
+        return PartitionConsumer(
+            self.bus,
+            partition,
+            self.on_inbound,
+            in_flight=self.settings.in_flight_per_partition,
+            max_deliver=self.settings.max_deliver,
+            ack_wait=self.settings.ack_wait_seconds,
+            lease_remaining=lambda: self.leases.remaining(partition),
         )
 
     async def stop(self) -> None:
@@ -123,11 +145,8 @@ class Core:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), period)
 
-    async def on_inbound(self, delivery: Delivery) -> None:
+    async def on_inbound(self, env: InboundEnvelope) -> None:
         started = time.perf_counter()
-        env = decode_or_dead(_inbound, delivery.data)
-        if env.v > SCHEMA_VERSION:
-            raise Undeliverable(f"unknown_version: v={env.v}")
         try:
             await self.apply(env)
         except Undeliverable:

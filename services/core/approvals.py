@@ -61,6 +61,8 @@ async def publish_decided(c: Conversations, approval_id: str, conv: Conversation
         received_at=utcnow(),
         approval_id=approval_id,
         session_type=conv.session_type,
+        conversation_id=conv.id,
+        order_key=conv.partition_key,
     )
     await c.bus.publish(
         c.subjects.inbound(conv.channel, conv.partition_key), _enc.encode(env), msg_id=env.id

@@ -148,6 +148,7 @@ class Outbox:
             received_at=utcnow(),
             session_type=conv.session_type,
             conversation_id=conv.id,
+            order_key=conv.partition_key,
         )
         await self.bus.publish(
             self.subjects.inbound(conv.channel, conv.partition_key), _enc.encode(env), msg_id=env.id

@@ -13,6 +13,7 @@ entities (indexes) happen in an order that a crash between steps cannot make inc
     idempotency.py    clients' Idempotency-Keys with a hash of the body they came with
     collection.py     the shared base: typed decoders, the cursor pager, the not-found mapping
     connection.py     the one Valkey connection per process (the rate limiter shares it)
+    leases.py         partition leases: which replica of a group owns which partition
 """
 
 from __future__ import annotations

@@ -168,3 +168,12 @@ class Keys:
 
     def webhook_log(self, wid: str) -> str:
         return f"{self.ns}webhook-log:{wid}"
+
+    # Partition leases (one hash tag per group, so its scripts run on one Cluster slot) --------
+    def lease(self, group: str, partition: int) -> str:
+        """String: the replica owning the partition, with the lease's time-to-live."""
+        return f"{self.ns}lease:{{{group}-leases}}:{partition}"
+
+    def lease_members(self, group: str) -> str:
+        """Sorted set: live replicas of the group → when their membership expires (ms)."""
+        return f"{self.ns}lease-members:{{{group}-leases}}"

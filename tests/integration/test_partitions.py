@@ -1,0 +1,228 @@
+"""Core's partition consumer and leases against a real nats-server and valkey-server: order within
+a conversation, none across conversations, long calls kept, take-over after a crash in order, and
+replicas splitting partitions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+import pytest
+
+from services.core.partitions import PartitionConsumer
+from shared.bus import Bus
+from shared.envelopes import InboundEnvelope, InboundMessage
+from shared.models import utcnow
+from shared.store import Store
+from shared.store.leases import Leases
+from shared.subjects import Subjects
+from tests.conftest import Servers, eventually
+
+FOREVER = 1e9
+
+
+@pytest.fixture
+async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
+    bus = Bus(servers.nats_url, Subjects(namespace, partitions=1), name="test-core")
+    await bus.connect()
+    await bus.ensure_streams()
+    yield bus
+    await bus.close()
+
+
+async def send(bus: Bus, conversation: str, text: str) -> None:
+    env = InboundMessage(
+        id=f"env_{conversation}_{text}",
+        channel="api",
+        received_at=utcnow(),
+        conversation_id=conversation,
+        text=text,
+    )
+    await bus.publish(
+        bus.subjects.inbound("api", conversation), msgspec.json.encode(env), msg_id=env.id
+    )
+
+
+def consumer(
+    bus: Bus,
+    apply: Callable[[InboundEnvelope], Awaitable[None]],
+    *,
+    ack_wait: float = 5.0,
+    in_flight: int = 16,
+) -> PartitionConsumer:
+    return PartitionConsumer(
+        bus,
+        0,
+        apply,
+        in_flight=in_flight,
+        max_deliver=5,
+        ack_wait=ack_wait,
+        lease_remaining=lambda: FOREVER,
+        fetch_timeout=0.5,
+    )
+
+
+def text_of(env: InboundEnvelope) -> str:
+    assert isinstance(env, InboundMessage)
+    return env.text
+
+
+async def test_a_blocked_conversation_does_not_delay_another_on_the_same_partition(
+    bus: Bus,
+) -> None:
+    applied: list[str] = []
+    release_a = asyncio.Event()
+
+    async def apply(env: InboundEnvelope) -> None:
+        applied.append(text_of(env))
+        if text_of(env) == "a1":
+            await release_a.wait()  # conversation A's agent call, held by the test
+
+    worker = consumer(bus, apply)
+    await worker.start()
+    for conversation, text in [("conv_a", "a1"), ("conv_b", "b1"), ("conv_a", "a2")]:
+        await send(bus, conversation, text)
+    await send(bus, "conv_b", "b2")
+
+    async def b_answered() -> bool:
+        return "b2" in applied
+
+    await eventually(b_answered, what="conversation B applied while A's call is blocked")
+    assert applied.index("b1") < applied.index("b2")
+    assert "a2" not in applied, "A's second message must wait for its first"
+    release_a.set()
+
+    async def a_done() -> bool:
+        return "a2" in applied
+
+    await eventually(a_done, what="A's second message after its first")
+    assert [t for t in applied if t.startswith("a")] == ["a1", "a2"]
+    await worker.stop(grace=5)
+
+
+async def test_one_conversation_applies_in_order_with_many_in_flight(bus: Bus) -> None:
+    applied: dict[str, list[int]] = {}
+
+    async def apply(env: InboundEnvelope) -> None:
+        conversation, n = env.conversation_id or "", int(text_of(env))
+        await asyncio.sleep(0.001 * (n % 3))  # uneven work, so interleaving would show
+        applied.setdefault(conversation, []).append(n)
+
+    worker = consumer(bus, apply, in_flight=32)
+    await worker.start()
+    for n in range(20):
+        for c in range(5):
+            await send(bus, f"conv_{c}", str(n))
+
+    async def all_applied() -> bool:
+        return sum(len(v) for v in applied.values()) == 100
+
+    await eventually(all_applied, what="every message applied")
+    assert applied == {f"conv_{c}": list(range(20)) for c in range(5)}
+    await worker.stop(grace=5)
+
+
+async def test_a_call_longer_than_ack_wait_is_applied_once(bus: Bus) -> None:
+    calls: list[str] = []
+    finished = asyncio.Event()
+
+    async def apply(env: InboundEnvelope) -> None:
+        calls.append(text_of(env))
+        await asyncio.sleep(2.5)  # the slow agent itself: 2.5 ack waits
+        finished.set()
+
+    worker = consumer(bus, apply, ack_wait=1.0)
+    await worker.start()
+    await send(bus, "conv_slow", "only")
+    await asyncio.wait_for(finished.wait(), 10)
+
+    async def acked() -> bool:
+        info = await bus.js.consumer_info(bus.subjects.inbound_stream, "core-p0")
+        return info.num_ack_pending == 0
+
+    await eventually(acked, what="the slow message acked")
+    info = await bus.js.consumer_info(bus.subjects.inbound_stream, "core-p0")
+    assert calls == ["only"]
+    assert info.num_redelivered == 0
+    await worker.stop(grace=5)
+
+
+async def test_take_over_after_a_crash_keeps_each_conversation_in_order(
+    servers: Servers, bus: Bus
+) -> None:
+    """The crashed owner held A's message 1 (running) and 2 (queued behind it); message 3 arrives
+    after the crash. The next owner must apply 1, 2, 3, not 3 first (it is the only message
+    JetStream can hand out before the crashed owner's ack wait runs out)."""
+    doomed_bus = Bus(servers.nats_url, bus.subjects, name="doomed-core")
+    await doomed_bus.connect()
+    started: list[str] = []
+    never = asyncio.Event()
+
+    async def hang(env: InboundEnvelope) -> None:
+        started.append(text_of(env))
+        await never.wait()
+
+    doomed = consumer(doomed_bus, hang, ack_wait=1.0)
+    await doomed.start()
+    await send(bus, "conv_a", "1")
+    await send(bus, "conv_a", "2")
+    await send(bus, "conv_b", "1")
+
+    async def holding() -> bool:
+        return len(doomed.held) == 3 and started == ["1", "1"]
+
+    await eventually(holding, what="the doomed owner holding A1 (running), A2 and B1")
+    # kill -9: the connection goes without a nak or an ack, and its tasks stop mid-step.
+    await doomed_bus.nc.close()
+    for task in [*doomed.workers.values(), doomed._task]:
+        assert task is not None
+        task.cancel()
+    await send(bus, "conv_a", "3")
+
+    applied: list[str] = []
+
+    async def record(env: InboundEnvelope) -> None:
+        applied.append(f"{env.conversation_id}:{text_of(env)}")
+
+    heir = consumer(bus, record, ack_wait=1.0)
+    await heir.start()
+
+    async def all_applied() -> bool:
+        return len(applied) == 4
+
+    await eventually(all_applied, timeout=20, what="the heir applying all four")
+    assert [a for a in applied if a.startswith("conv_a")] == ["conv_a:1", "conv_a:2", "conv_a:3"]
+    await heir.stop(grace=5)
+    never.set()
+
+
+async def test_replicas_split_the_partitions_and_take_over_a_silent_one(
+    servers: Servers, namespace: str
+) -> None:
+    store = Store(servers.redis_url, namespace)
+    first = Leases(store.connection, "core", "core-first", 16, ttl=0.6)
+    second = Leases(store.connection, "core", "core-second", 16, ttl=0.6)
+    try:
+        owned_first, _ = await first.renew()
+        assert owned_first == set(range(16))  # alone: it owns every partition
+
+        async def split() -> bool:
+            a, hand_back = await first.renew()
+            for partition in hand_back:  # what a draining consumer does once it is done
+                await first.release(partition)
+            b, _ = await second.renew()
+            a = first.owned()
+            return bool(a) and bool(b) and not a & b and a | b == set(range(16))
+
+        await eventually(split, what="two replicas splitting 16 partitions")
+        # `second` goes silent (kill -9): its leases and membership run out.
+
+        async def all_first() -> bool:
+            owned, _ = await first.renew()
+            return owned == set(range(16))
+
+        await eventually(all_first, what="the survivor owning every partition")
+        assert second.owned() == set()  # its own clock tells the silent one it owns nothing
+    finally:
+        await store.close()
