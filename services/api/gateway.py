@@ -13,7 +13,14 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from shared.bus import Bus
-from shared.envelopes import Command, CommandResult, InboundMessage, StreamDelta, TurnReply
+from shared.envelopes import (
+    Command,
+    CommandResult,
+    Event,
+    InboundMessage,
+    StreamDelta,
+    TurnReply,
+)
 from shared.errors import TurnTimeout, Unavailable, error_from_code
 from shared.ids import new_id, reply_key
 from shared.models import Conversation, utcnow
@@ -88,6 +95,20 @@ class Gateway:
                 result.error_details,
             )
         return result
+
+    async def audit(self, event_type: str, key: str, actor: str, data: dict[str, Any]) -> None:
+        """Publish an audit event that belongs to no conversation (webhooks get it: `live`).
+        `key` makes its id, so a retried request's event is stored once (JetStream dedupe)."""
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        event = Event(
+            id=f"evt_{event_type}_{digest}",
+            type=event_type,
+            occurred_at=utcnow(),
+            session_type="live",
+            actor=actor,
+            data=data,
+        )
+        await self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id)
 
     async def command(self, verb: str, command: Command) -> Conversation:
         result = await self.run(verb, command)

@@ -80,6 +80,14 @@ class ResolveIdentity(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     identifier: Annotated[str, msgspec.Meta(min_length=1, max_length=320)]
 
 
+class LinkIdentity(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Link an identity (a channel's identifier) to an existing end user."""
+
+    end_user_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    channel: Channel
+    identifier: Annotated[str, msgspec.Meta(min_length=1, max_length=320)]
+
+
 class ResolvedIdentity(msgspec.Struct, kw_only=True):
     end_user_id: str
     created: bool

@@ -9,7 +9,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
+import redis.asyncio as redis
 
+from shared.errors import IdentityConflict
 from shared.ids import new_id
 from shared.models import (
     Agent,
@@ -57,6 +59,47 @@ class Directory(Aggregate):
         await self._r.delete(self._k.end_user(user.id))
         winner = await self._r.get(ident)
         return text(winner), False
+
+    async def link_identity(
+        self, end_user_id: str, kind: IdentifierKind, value: str
+    ) -> tuple[EndUser, bool]:
+        """Make the identifier resolve to the end user and list it among their identities, both or
+        neither (WATCH on the identifier and the record). Returns the end user and whether this
+        call linked it (False: it already was). An identifier that resolves to another end user is
+        an IdentityConflict naming both: two people are never merged behind anyone's back."""
+        ident, record = self._k.identity(kind, value), self._k.end_user(end_user_id)
+        identity = Identity(kind=kind, value=value)
+        async with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(ident, record)
+                    raw = await pipe.get(record)
+                    if not raw:
+                        raise not_found("end user", end_user_id, "end_user_id")
+                    user = _end_user.decode(raw)
+                    owner = await pipe.get(ident)
+                    if owner and text(owner) != user.id:
+                        raise IdentityConflict(
+                            f"this {kind} already belongs to end user {text(owner)}",
+                            details={
+                                "end_user_id": user.id,
+                                "linked_to_end_user_id": text(owner),
+                                "kind": kind,
+                            },
+                        )
+                    if owner and identity in user.identities:
+                        return user, False
+                    linked = msgspec.structs.replace(
+                        user,
+                        identities=(*(i for i in user.identities if i != identity), identity),
+                    )
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(ident, user.id)
+                    pipe.set(record, encode(linked))
+                    await pipe.execute()
+                    return linked, True
+                except redis.WatchError:
+                    continue
 
     async def create_anonymous_user(self) -> str:
         user = EndUser(id=new_id("usr"), created_at=utcnow())

@@ -16,6 +16,7 @@ from services.api.schemas import (
     CreatedApiKey,
     ErasedEndUser,
     ItemList,
+    LinkIdentity,
     ResolvedIdentity,
     ResolveIdentity,
     RevisionSpec,
@@ -46,6 +47,23 @@ class IdentityController(Controller):
         ident = make_identifier(kind_for_channel(data.channel), data.identifier)
         user_id, created = await gateway.store.resolve_identity(ident.kind, ident.normalized)
         return ResolvedIdentity(end_user_id=user_id, created=created)
+
+    @post("/identity/link", status_code=200, opt={"scope": "operator", "errors": (404, 409)})
+    async def link(
+        self, data: LinkIdentity, gateway: Gateway, request: Request[Any, Any, Any]
+    ) -> EndUser:
+        """Link an identity to an existing end user, so the same person is known on that channel
+        too (audited as `end_user.identity_linked`). An identifier that already belongs to another
+        end user is 409 `identity_conflict` naming both, never a merge; linking twice is a no-op."""
+        ident = make_identifier(kind_for_channel(data.channel), data.identifier)
+        user, _ = await gateway.store.link_identity(data.end_user_id, ident.kind, ident.normalized)
+        await gateway.audit(
+            "end_user.identity_linked",
+            f"{user.id}|{ident.kind}|{ident.normalized}",
+            request.state.api_key.id,
+            {"end_user_id": user.id, "identity": {"kind": ident.kind, "value": ident.normalized}},
+        )
+        return user
 
     @get("/end-users/{end_user_id:str}")
     async def end_user(self, end_user_id: str, gateway: Gateway) -> EndUser:
