@@ -86,12 +86,26 @@ class Conversations(Aggregate):
         pipe.zadd(self._k.conversations(), {conv.id: 0})
         # The end user's conversations on every channel, for the agent's cross-channel history.
         pipe.zadd(self._k.end_user_conversations(conv.end_user_id), {conv.id: 0})
+        if conv.created_by and conv.created_by.startswith("key_"):  # opened through the API
+            # What a client key with `own` visibility lists, without scanning everyone's.
+            pipe.zadd(self._k.key_conversations(conv.created_by), {conv.id: 0})
         await pipe.execute()
 
     async def end_user_conversation_ids(self, end_user_id: str, limit: int) -> list[str]:
         """The end user's newest `limit` conversation ids (ids sort by creation time)."""
         key = self._k.end_user_conversations(end_user_id)
         return [text(i) for i in await self._r.zrevrangebylex(key, b"+", b"-", start=0, num=limit)]
+
+    async def key_opened_conversation_with(self, key_id: str, end_user_id: str) -> bool:
+        """Whether the API key opened any conversation with this end user."""
+        ids = [
+            text(i)
+            for i in await self._r.zrange(self._k.end_user_conversations(end_user_id), 0, -1)
+        ]
+        if not ids:
+            return False
+        scores = await self._r.zmscore(self._k.key_conversations(key_id), ids)
+        return any(score is not None for score in scores)
 
     async def get_conversation(self, cid: str) -> Conversation:
         raw = await self._r.hgetall(self._k.conversation(cid))
@@ -126,11 +140,19 @@ class Conversations(Aggregate):
         return [conversation_from_hash(raw) for raw in raws]
 
     async def list_conversations(
-        self, *, cursor: str | None, limit: int, filters: dict[str, str]
+        self,
+        *,
+        cursor: str | None,
+        limit: int,
+        filters: dict[str, str],
+        created_by: str | None = None,
     ) -> Page[Conversation]:
-        """Newest first; `cursor` is the last id of the previous page. Filters apply per page scan."""
+        """Newest first; `cursor` is the last id of the previous page. Filters apply per page scan.
+        With `created_by`, only the conversations that API key opened (its own index)."""
+        if created_by is not None:
+            filters = {**filters, "created_by": created_by}
         return await self._page_newest_first(
-            self._k.conversations(),
+            self._k.key_conversations(created_by) if created_by else self._k.conversations(),
             cursor=cursor,
             limit=limit,
             load=self.get_conversations,

@@ -123,6 +123,8 @@ class Erasure(Conversations, Turns, ChannelState):
         pipe.delete(self._k.conversation(cid))
         pipe.zrem(self._k.conversations(), cid)
         pipe.zrem(self._k.end_user_conversations(conv.end_user_id), cid)
+        if conv.created_by:
+            pipe.zrem(self._k.key_conversations(conv.created_by), cid)
         await pipe.execute()
         return len(turns)
 

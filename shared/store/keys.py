@@ -66,6 +66,10 @@ class Keys:
         """Sorted set (all scores 0): the end user's conversation ids on every channel."""
         return f"{self.ns}user-convs:{{{end_user_id}}}"
 
+    def key_conversations(self, key_id: str) -> str:
+        """Sorted set (all scores 0): the conversations an API key opened (`own` visibility)."""
+        return f"{self.ns}key-convs:{key_id}"
+
     def open_conversation(self, end_user_id: str, channel: str, address: str) -> str:
         return f"{self.ns}open:{{{end_user_id}}}:{channel}:{address}"
 

@@ -138,8 +138,11 @@ async def test_a_client_key_sees_only_the_conversations_it_created(stack: Stack)
     alice, bob = await new_key(stack), await new_key(stack)
     everything = await new_key(stack, visibility="all")
     async with stack.client(alice["key"]) as a, stack.client(bob["key"]) as b:
-        mine = (await a.post("/v1/conversations", json={})).json()["id"]
+        opened = (await a.post("/v1/conversations", json={})).json()
+        mine, user = opened["id"], opened["end_user_id"]
         theirs = (await b.post("/v1/conversations", json={})).json()["id"]
+        assert (await a.get(f"/v1/end-users/{user}")).status_code == 200
+        assert (await b.get(f"/v1/end-users/{user}")).status_code == 404
         assert (
             await a.post(f"/v1/conversations/{mine}/turns", json={"user_message": "hi"})
         ).status_code == 200

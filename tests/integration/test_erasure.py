@@ -8,9 +8,11 @@ import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import msgspec
 import pytest
 from nats.js.errors import NotFoundError
 
+from shared.envelopes import Identifier, InboundMessage
 from shared.http import HttpServer
 from shared.models import utcnow
 from tests.conftest import Stack, eventually
@@ -21,7 +23,7 @@ from tests.integration.test_streaming_webhooks_sessions import Receiver
 ERIN = "erin.private@example.com"
 SAM = "+14155550177"
 ERIN_TEXTS = ["mail words kumquat 5531", "quoted history pomelo 7710", "api words quince 8812"]
-SAM_TEXTS = ["sms words tamarind 4471"]
+SAM_TEXTS = ["sms words tamarind 4471", "dead letter words soursop 6262"]
 BYSTANDER = "bystander words rambutan 9090"
 
 
@@ -106,6 +108,21 @@ async def test_erasing_an_end_user_leaves_nothing_of_them_in_the_store_or_the_st
     assert (
         await post_signed(stack, "/twilio/sms", sms_form(SAM_TEXTS[0], sender=SAM))
     ).status_code == 200
+    # A message about Sam that could not be processed waits in the DEAD stream.
+    unreadable = InboundMessage(
+        id="env_from_the_future",
+        v=99,
+        channel="sms",
+        received_at=utcnow(),
+        sender=Identifier(kind="phone", raw=SAM, normalized=SAM),
+        recipient=OUR_NUMBER,
+        text=SAM_TEXTS[1],
+    )
+    await stack.core.bus.publish(
+        stack.core.subjects.inbound("sms", unreadable.routing_key),
+        msgspec.json.encode(unreadable),
+        msg_id=unreadable.id,
+    )
     other = (await stack.api.post("/v1/conversations", json={})).json()
     await stack.api.post(f"/v1/conversations/{other['id']}/turns", json={"user_message": BYSTANDER})
 
@@ -113,7 +130,8 @@ async def test_erasing_an_end_user_leaves_nothing_of_them_in_the_store_or_the_st
         sms_sent = any(r.form.get("To") == SAM for r in stack.twilio.requests)
         mails = len(stack.relay.messages) >= 2  # the email reply and the API turn's answer
         hooks = sum(b"rambutan" in body for _, body in hook.accepted) >= 1
-        return sms_sent and mails and hooks
+        dead = await stack.core.bus.js.stream_info(stack.core.subjects.dead_stream)
+        return sms_sent and mails and hooks and dead.state.messages >= 1
 
     await eventually(all_delivered, timeout=20, what="replies sent and webhooks delivered")
     sam = (
@@ -130,8 +148,8 @@ async def test_erasing_an_end_user_leaves_nothing_of_them_in_the_store_or_the_st
         sam["end_user_id"],
     ]
     store_before, streams_before = await store_dump(stack), await streams_dump(stack)
-    assert set(found(store_before, needles)) >= {*ERIN_TEXTS, *SAM_TEXTS, ERIN, SAM}
-    assert set(found(streams_before, needles)) >= {ERIN_TEXTS[0], ERIN_TEXTS[2], SAM_TEXTS[0]}
+    assert set(found(store_before, needles)) >= {*ERIN_TEXTS, SAM_TEXTS[0], ERIN, SAM}
+    assert set(found(streams_before, needles)) >= {ERIN_TEXTS[0], ERIN_TEXTS[2], *SAM_TEXTS}
 
     erased = await stack.api.delete(f"/v1/end-users/{erin}")
     assert erased.status_code == 200, erased.text

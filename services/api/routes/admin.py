@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, delete, get, post
 
-from services.api.auth import KeyRing
+from services.api.auth import KeyRing, sees_only_its_own
 from services.api.gateway import Gateway
 from services.api.schemas import (
     ApiKeyInfo,
@@ -66,7 +66,17 @@ class IdentityController(Controller):
         return user
 
     @get("/end-users/{end_user_id:str}")
-    async def end_user(self, end_user_id: str, gateway: Gateway) -> EndUser:
+    async def end_user(
+        self, end_user_id: str, gateway: Gateway, request: Request[Any, Any, Any]
+    ) -> EndUser:
+        """A client key with `own` visibility sees only end users it opened a conversation with."""
+        key = request.state.api_key
+        if sees_only_its_own(key) and not await gateway.store.key_opened_conversation_with(
+            key.id, end_user_id
+        ):
+            raise NotFound(
+                f"end user {end_user_id} not found", details={"end_user_id": end_user_id}
+            )
         return await gateway.store.get_end_user(end_user_id)
 
     @delete("/end-users/{end_user_id:str}", status_code=200, opt={"scope": "admin"})

@@ -110,9 +110,12 @@ class ConversationController(Controller):
             if v
         }
         key = request.state.api_key
-        if sees_only_its_own(key):
-            filters["created_by"] = key.id
-        page = await gateway.store.list_conversations(cursor=cursor, limit=limit, filters=filters)
+        page = await gateway.store.list_conversations(
+            cursor=cursor,
+            limit=limit,
+            filters=filters,
+            created_by=key.id if sees_only_its_own(key) else None,
+        )
         return ItemList(items=page.items, next_cursor=page.next_cursor)
 
     @get("/{conversation_id:str}")
