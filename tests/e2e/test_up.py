@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import time
+from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
+from aiosmtpd.controller import Controller
 from twilio.request_validator import RequestValidator
 
 from services.supervisor.embedded import free_port
@@ -80,6 +84,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         "VOICE",
         "TWILIO_FAKE",
         "SMTP",
+        "SMTP_RELAY",  # nothing listens there until the test starts a relay
         "EMAIL_HEALTH",
         "NATS",
         "REDIS",
@@ -91,6 +96,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         "SWITCHBOARD_BOOTSTRAP_API_KEY": "sk_e2e",
         "PYTHONUNBUFFERED": "1",
         "SWITCHBOARD_RESTART_BACKOFF_SECONDS": "0.5",
+        "SWITCHBOARD_EGRESS_RETRY_MAX_DELAY_SECONDS": "1",
         **{f"SWITCHBOARD_{name}_PORT": str(port) for name, port in ports.items()},
     }
     env.pop("NATS_URL", None)
@@ -184,6 +190,34 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
             )
             assert again.status_code == 200, again.text
         assert proc.poll() is None  # the rest of the stack never went down
+
+        # An email reply while the relay is unreachable: one console line when the outage
+        # begins, one when the relay is back, and the reply is delivered then.
+        mail = EmailMessage()
+        mail["From"], mail["To"] = "ann@example.com", "support@switchboard.localhost"
+        mail["Subject"], mail["Message-ID"] = "Hours", "<e2e-outage@example.com>"
+        mail.set_content("what are your hours?")
+        with smtplib.SMTP("127.0.0.1", ports["SMTP"], timeout=20) as smtp:
+            smtp.send_message(mail)
+        console.wait_for("provider outage begins: SMTP relay", timeout=60)
+        relayed: list[bytes] = []
+
+        class Relay:
+            async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+                relayed.append(envelope.content)
+                return "250 OK"
+
+        relay = Controller(Relay(), hostname="127.0.0.1", port=ports["SMTP_RELAY"])
+        relay.start()
+        try:
+            console.wait_for("provider outage ends: SMTP relay", timeout=60)
+            deadline = time.monotonic() + 20
+            while not relayed and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(relayed) == 1
+            assert b"In-Reply-To: <e2e-outage@example.com>" in relayed[0]
+        finally:
+            relay.stop()
         children = psutil.Process(proc.pid).children(recursive=True)
 
         proc.send_signal(signal.SIGINT)
