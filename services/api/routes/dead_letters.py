@@ -63,7 +63,7 @@ class DeadLetterController(Controller):
     async def get_dead_letter(self, dead_letter_id: str, gateway: Gateway) -> DeadLetterView:
         return _view(await _find(gateway, dead_letter_id))
 
-    @post("/{dead_letter_id:str}/replay", status_code=200)
+    @post("/{dead_letter_id:str}/replay", status_code=200, opt={"errors": (409,)})
     async def replay(self, dead_letter_id: str, gateway: Gateway) -> DeadLetterReplayed:
         entry = await _find(gateway, dead_letter_id)
         if entry.replay is not None:
