@@ -1,7 +1,7 @@
-"""A provider outage is not a poison message: with the SMTP relay gone and Twilio answering 503
-for far longer than the old retry budget (six quick redeliveries, ~6 s), users keep writing; once
-the providers return, every reply is delivered exactly once, each recipient's in order, and
-nothing was dead-lettered. `pytest -s` prints the counts (docs/reliability.md keeps them)."""
+"""A provider outage is not a poison message: with the SMTP relay gone, Twilio answering 503 and a
+customer's webhook endpoint answering 503 for far longer than the old retry budget (six quick
+redeliveries, ~6 s), users keep writing; once the providers return, every reply and every webhook
+event is delivered exactly once, each recipient's replies in order, and nothing was dead-lettered. `pytest -s` prints the counts (docs/reliability.md keeps them)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
+
 from shared.bus import Bus
+from shared.http import HttpServer
 from shared.store import Store
 from shared.subjects import Subjects
-from tests.conftest import Servers, eventually
+from tests.conftest import ADMIN_KEY, Servers, eventually
 from tests.faults.conftest import launch_fleet
 from tests.faults.traffic import Traffic
+from tests.integration.test_streaming_webhooks_sessions import Receiver
 
 OUTAGE_SECONDS = 25.0  # ~4× the old budget; the held messages retry every ≤ 3 s meanwhile
 
@@ -35,7 +39,19 @@ async def test_replies_outlast_a_relay_and_twilio_outage_and_arrive_once_in_orde
         bus = Bus(servers.nats_url, Subjects(namespace, 4), name="test-outage")
         await bus.connect()
         store = Store(servers.redis_url, namespace)
+        receiver = Receiver(fail_first=10**9)  # the customer's endpoint answers 503 meanwhile
+        endpoint = HttpServer(receiver.app(), "127.0.0.1", 0)
+        await endpoint.start()
         try:
+            async with httpx.AsyncClient(headers={"x-api-key": ADMIN_KEY}) as api:
+                hook = await api.post(
+                    fleet.url("api") + "/v1/webhooks",
+                    json={
+                        "url": f"http://127.0.0.1:{endpoint.port}/hook",
+                        "events": ["turn.created"],
+                    },
+                )
+                assert hook.status_code == 201, hook.text
             began = time.monotonic()
             await fleet.relay.stop()  # the relay goes away (and hangs up on egress)
             fleet.fake.outage = (503, 20500)  # Twilio answers every request with 503
@@ -53,8 +69,11 @@ async def test_replies_outlast_a_relay_and_twilio_outage_and_arrive_once_in_orde
             assert fleet.relay.messages == []
             assert await bus.dead_letters() == []  # held, not dead-lettered
             outage = time.monotonic() - began
+            refused_events = len(receiver.received)
+            assert receiver.accepted == []
             fleet.fake.outage = None
             await fleet.relay.start()  # back, on the same port
+            receiver.fail_first = len(receiver.received)  # and the endpoint answers 200 again
             returned = time.monotonic()
 
             report = await eventually(
@@ -68,12 +87,27 @@ async def test_replies_outlast_a_relay_and_twilio_outage_and_arrive_once_in_orde
                 return (sms, mail) if done else None
 
             sms, mail = await eventually(all_delivered, timeout=60, what="every reply delivered")
+            events = {
+                f"evt_turn.created_{turn.id}"
+                for conv in (
+                    await store.list_conversations(cursor=None, limit=1000, filters={})
+                ).items
+                for turn in await store.turns_after(conv.id, 0, 10_000)
+            }
+
+            async def all_events() -> bool:
+                return {h["x-switchboard-event-id"] for h, _ in receiver.accepted} >= events
+
+            await eventually(all_events, timeout=60, what="every turn.created webhook")
             drained = time.monotonic() - returned
             await asyncio.sleep(1.0)  # a duplicate would be a late extra send: give it a moment
             sms, mail = _delivered(fleet)
             wanted = {t for turns in expected.values() for t in turns}
             assert {t: n for t, n in (sms + mail).items() if n != 1} == {}
             assert set(sms + mail) == wanted
+            accepted = Counter(h["x-switchboard-event-id"] for h, _ in receiver.accepted)
+            assert {e: n for e, n in accepted.items() if n != 1} == {}
+            assert set(accepted) == events
             assert _out_of_order(fleet, expected) == []
             assert await bus.dead_letters() == []
             for cid, turns in expected.items():
@@ -86,6 +120,7 @@ async def test_replies_outlast_a_relay_and_twilio_outage_and_arrive_once_in_orde
                 assert f"provider outage begins: {provider}" in log
                 assert f"provider outage ends: {provider}" in log
         finally:
+            await endpoint.stop()
             await store.close()
             await bus.close()
     print(
@@ -93,7 +128,8 @@ async def test_replies_outlast_a_relay_and_twilio_outage_and_arrive_once_in_orde
         f"{len(traffic.senders)} users wrote {traffic.accepted} messages; {report.line()}; "
         f"{refused} Twilio sends refused during the outage, 0 dead letters; after the providers "
         f"returned, {sum(sms.values())} SMS + {sum(mail.values())} emails delivered in "
-        f"{drained:.1f}s, each exactly once, every recipient's in order"
+        f"{drained:.1f}s, each exactly once, every recipient's in order; the webhook endpoint "
+        f"refused {refused_events} attempts, then got all {len(events)} turn.created events once"
     )
 
 
