@@ -50,6 +50,7 @@ from nats.js.errors import (
 )
 from redis import exceptions as redis_errors
 
+from shared import tracing
 from shared.envelopes import DeadLetter, DeadLetterReplay
 from shared.errors import Unavailable
 from shared.errors import Undeliverable as Undeliverable  # re-exported: consumers raise it
@@ -264,7 +265,8 @@ class Bus:
         timeout: float = 5.0,
     ) -> PubAck:
         """Publish durably; returns once JetStream has stored it. `msg_id` makes re-publishing a no-op."""
-        all_headers = {"Nats-Msg-Id": msg_id}
+        # The trace of the message being handled (or received) rides along: W3C traceparent.
+        all_headers = {"Nats-Msg-Id": msg_id, **tracing.headers()}
         if headers:
             all_headers.update(headers)
         try:
@@ -510,6 +512,10 @@ class Bus:
         return False
 
     async def _handle(self, msg: Msg, handler: Handler, policy: _Policy) -> None:
+        with tracing.traced(f"consume {msg.subject}", msg.headers or {}):
+            await self._handle_traced(msg, handler, policy)
+
+    async def _handle_traced(self, msg: Msg, handler: Handler, policy: _Policy) -> None:
         attempt = msg.metadata.num_delivered or 1
         stamp = msg.metadata.timestamp
         delivery = Delivery(
@@ -609,10 +615,16 @@ class Bus:
     async def serve(
         self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]
     ) -> None:
-        await self.nc.subscribe(subject, queue=queue, cb=handler)
+        async def traced_handler(msg: Msg) -> None:
+            with tracing.traced(f"serve {msg.subject}", msg.headers or {}):
+                await handler(msg)
+
+        await self.nc.subscribe(subject, queue=queue, cb=traced_handler)
 
     async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
-        reply = await self.nc.request(subject, payload, timeout=timeout)
+        reply = await self.nc.request(
+            subject, payload, timeout=timeout, headers=tracing.headers() or None
+        )
         return reply.data
 
     @contextlib.asynccontextmanager
@@ -637,7 +649,7 @@ class Bus:
 
     async def publish_core(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget core NATS publish: for replies and token streams, never for state."""
-        await self.nc.publish(subject, payload)
+        await self.nc.publish(subject, payload, headers=tracing.headers() or None)
 
 
 def _message_key(msg: Msg) -> tuple[str, str, int]:

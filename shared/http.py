@@ -11,9 +11,12 @@ from typing import Any
 
 import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
+from litestar.types import ASGIApp, Receive, Scope, Send
 
+from shared import tracing
 from shared.errors import RateLimited, SwitchboardError, error_body
 from shared.telemetry import Metrics
 
@@ -40,6 +43,24 @@ def probe_handlers(ready: ReadyCheck, metrics: Metrics) -> list[HTTPRouteHandler
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return [healthz, readyz, prometheus]
+
+
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def trace_requests(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: each request (but probes) runs in a trace — the caller's `traceparent`
+    continued, or a new one — so everything it publishes and logs carries the same trace id."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["path"] in _UNTRACED:
+            await app(scope, receive, send)
+            return
+        parent = next((v.decode() for k, v in scope["headers"] if k == b"traceparent"), None)
+        with tracing.traced(f"{scope.get('method', 'HTTP')} {scope['path']}", parent):
+            await app(scope, receive, send)
+
+    return middleware
 
 
 def probe_app(ready: ReadyCheck, metrics: Metrics) -> Litestar:

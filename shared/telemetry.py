@@ -9,6 +9,8 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from shared import tracing
+
 _encoder = msgspec.json.Encoder()
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -49,6 +51,8 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s %(message)s")
         )
+    tracing.install_log_records()  # records made inside a trace carry `trace_id`
+    tracing.set_service(service)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -6,6 +6,7 @@ Each test gets its own namespace (subjects, streams and keys), never its own ser
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -59,12 +60,16 @@ async def valkey(servers: Servers) -> AsyncIterator[redis.Redis]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T | None]], timeout: float = 10.0, what: str = "condition"
+    check: Callable[[], Awaitable[T | None] | T | None],
+    timeout: float = 10.0,
+    what: str = "condition",
 ) -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+    """Poll `check` (a plain condition or a coroutine function) until it returns something truthy;
+    fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        result = await check()
+        outcome = check()
+        result = await outcome if inspect.isawaitable(outcome) else outcome
         if result:
             return result
         if time.monotonic() > deadline:

@@ -25,7 +25,7 @@ from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
 from shared.bus import TRANSIENT
 from shared.errors import ErrorResponse, RateLimited, SwitchboardError, error_body
-from shared.http import probe_handlers, serve_until
+from shared.http import probe_handlers, serve_until, trace_requests
 from shared.service import Service
 from shared.settings import ApiSettings
 
@@ -180,6 +180,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             swagger_assets(),
         ],
         lifespan=[lifespan],
+        middleware=[trace_requests],
         guards=[require_scope],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
         state=State({"gateway": gateway, "keyring": keyring, "metrics": metrics}),

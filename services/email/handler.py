@@ -12,6 +12,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from services.email.parsing import ParsedMail, fallback_message_id, parse
 from services.email.quotes import new_text
+from shared import tracing
 from shared.bus import Bus
 from shared.envelopes import Attachment, Event, EventType, InboundMessage, ThreadHints
 from shared.errors import InvalidRequest
@@ -68,6 +69,10 @@ class InboundMail:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with tracing.traced("smtp DATA"):  # one trace per message, from here to the reply
+            return await self.accept(envelope)
+
+    async def accept(self, envelope: Envelope) -> str:
         raw = (
             envelope.content
             if isinstance(envelope.content, bytes)

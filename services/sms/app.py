@@ -20,7 +20,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from services.sms.messages import envelope_from_form
 from shared.envelopes import ChannelKeyword, Event
 from shared.errors import InvalidRequest
-from shared.http import probe_handlers, provider_webhook_error, serve_until
+from shared.http import probe_handlers, provider_webhook_error, serve_until, trace_requests
 from shared.identity import redact
 from shared.models import DELIVERY_RANK, utcnow
 from shared.ratelimit import Limit, RateLimiter
@@ -125,6 +125,7 @@ def create_app(settings: SmsSettings) -> Litestar:
     return Litestar(
         route_handlers=[inbound, status, *probe_handlers(service.ready, metrics)],
         lifespan=[lifespan],
+        middleware=[trace_requests],
         exception_handlers={Exception: provider_webhook_error},
         state=State({"bus": bus, "store": store}),
         request_max_body_size=MAX_BODY,

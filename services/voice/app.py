@@ -29,7 +29,7 @@ from shared.envelopes import (
     TurnReply,
 )
 from shared.errors import InvalidRequest
-from shared.http import probe_handlers, provider_webhook_error, serve_until
+from shared.http import probe_handlers, provider_webhook_error, serve_until, trace_requests
 from shared.identity import make_identifier, normalize_phone
 from shared.ids import reply_key
 from shared.models import Turn, utcnow
@@ -205,6 +205,7 @@ def create_app(settings: VoiceSettings) -> Litestar:
             *probe_handlers(service.ready, metrics),
         ],
         lifespan=[lifespan],
+        middleware=[trace_requests],
         exception_handlers={Exception: provider_webhook_error},
         request_max_body_size=64 * 1024,
         openapi_config=None,

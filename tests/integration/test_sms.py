@@ -35,11 +35,15 @@ async def post_signed(
     form: dict[str, str],
     token: str = TWILIO_TOKEN,
     signature: str | None = None,
+    traceparent: str | None = None,
 ) -> httpx.Response:
     """POST as Twilio does: the signature covers the public URL Twilio was configured with."""
     signature = signature or RequestValidator(token).compute_signature(SMS_PUBLIC_URL + path, form)
+    headers = {"X-Twilio-Signature": signature}
+    if traceparent:
+        headers["traceparent"] = traceparent
     async with httpx.AsyncClient(base_url=stack.sms_url, timeout=10) as client:
-        return await client.post(path, data=form, headers={"X-Twilio-Signature": signature})
+        return await client.post(path, data=form, headers=headers)
 
 
 def sent_messages(stack: Stack, to: str = ALICE) -> list[dict[str, str]]:
