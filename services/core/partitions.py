@@ -46,6 +46,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from shared import tracing
 from shared.bus import TRANSIENT, Bus, Undeliverable, short_backoff
 from shared.envelopes import SCHEMA_VERSION, InboundEnvelope
 
@@ -283,6 +284,11 @@ class PartitionConsumer:
             self.workers.pop(key, None)
 
     async def _apply_one(self, held: Held) -> None:
+        # The message's trace (from its headers) is current while it is applied and answered.
+        with tracing.traced(f"apply {held.msg.subject}", held.msg.headers or {}):
+            await self._apply_one_traced(held)
+
+    async def _apply_one_traced(self, held: Held) -> None:
         try:
             await self._apply_until_settled(held)
         except Exception as exc:
