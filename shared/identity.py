@@ -10,7 +10,7 @@ import phonenumbers
 
 from shared.envelopes import Identifier
 from shared.errors import InvalidRequest
-from shared.models import IdentifierKind
+from shared.models import IdentifierKind, RouteKind
 
 # Numbers written without a country code are read as this region's (NANP, as Twilio's US numbers).
 DEFAULT_REGION = "US"
@@ -51,6 +51,20 @@ def make_identifier(kind: IdentifierKind, raw: str) -> Identifier:
                 "identifier must be 1-256 characters", details={"field": "identifier"}
             )
     return Identifier(kind=kind, raw=raw, normalized=normalized)
+
+
+def route_address(raw: str) -> tuple[RouteKind, str]:
+    """One of our addresses as the routing table keys it: an E.164 number, a case-folded email
+    address, or `@domain` for every address of an email domain (`@example.com` or `example.com`)."""
+    address = raw.strip()
+    if address.startswith("@") or ("@" not in address and "." in address):
+        domain = address.lstrip("@").casefold()
+        if not domain or "@" in domain or " " in domain or "." not in domain:
+            raise InvalidRequest("not an email domain", details={"field": "address"})
+        return "domain", f"@{domain}"
+    if "@" in address:
+        return "email", normalize_email(address)
+    return "phone", normalize_phone(address)
 
 
 def redact(value: str | None) -> str:

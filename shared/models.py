@@ -179,6 +179,24 @@ class Revision(msgspec.Struct, frozen=True, kw_only=True):
     policies: tuple[Policy, ...] = ()
     greeting: str = "Hi! How can I help you today?"
     fallback: str = "I'm not sure about that one. I can help with orders, refunds, shipping and our hours, or connect you with a person."
+    # What the channels say on this agent's behalf; None falls back to the gateway's settings
+    # (SWITCHBOARD_VOICE_GREETING, SWITCHBOARD_SMS_HELP_TEXT, SWITCHBOARD_HUMAN_QUEUE_NUMBER).
+    voice_greeting: str | None = None
+    sms_help_text: str | None = None
+    human_queue_number: str | None = None
+
+
+RouteKind = Literal["phone", "email", "domain"]
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """Which agent answers channel traffic to one of our addresses: a phone number (SMS and
+    voice), an email address, or a whole email domain (`@example.com`)."""
+
+    address: str
+    kind: RouteKind
+    agent_id: str
+    updated_at: datetime
 
 
 class Agent(msgspec.Struct, frozen=True, kw_only=True):

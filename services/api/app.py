@@ -23,6 +23,7 @@ from services.api.routes.conversations import ConversationController
 from services.api.routes.dead_letters import DeadLetterController
 from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
+from services.api.routes.routing import RouteController
 from shared.bus import TRANSIENT
 from shared.errors import ErrorResponse, RateLimited, SwitchboardError, error_body
 from shared.http import probe_handlers, serve_until, trace_requests
@@ -176,6 +177,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             WebhookController,
             SimulationController,
             DeadLetterController,
+            RouteController,
             *probe_handlers(service.ready, metrics),
             swagger_assets(),
         ],

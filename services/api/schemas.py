@@ -138,7 +138,15 @@ class RevisionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     policies: list[Policy] = []
     greeting: str | None = None
     fallback: str | None = None
+    # Said by the channels for this agent; unset: the gateway's settings.
+    voice_greeting: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)] | None = None
+    sms_help_text: Annotated[str, msgspec.Meta(min_length=1, max_length=1600)] | None = None
+    human_queue_number: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
     activate: bool = True
+
+
+class PutRoute(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    agent_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class CreateAgent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -208,7 +208,7 @@ async def answer(
     stream: bool = False,
 ) -> Status:
     """Record the agent's reply and deliver it, unless a human took over meanwhile."""
-    if reply.handoff and conv.channel == "voice" and not c.settings.human_queue_number:
+    if reply.handoff and conv.channel == "voice" and not await _queue_number(c, conv):
         # Nobody to dial: the caller stays with the agent, and the gap is on record.
         await c.outbox.emit("voice.transfer_unavailable", conv, "agent", {}, key=reply_key)
         reply = Answer(
@@ -346,3 +346,9 @@ async def request_approval(
         },
         key=approval.id,
     )
+
+
+async def _queue_number(c: Conversations, conv: Conversation) -> str | None:
+    """Where a transfer dials: the conversation's revision says, else the gateway's setting."""
+    revision = await c.revision(conv.pinned_revision_id)
+    return revision.human_queue_number or c.settings.human_queue_number

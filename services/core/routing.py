@@ -1,6 +1,7 @@
 """How an inbound message finds its conversation.
 
-The API names its conversation; channel traffic is threaded here. SMS finds the end user's open
+The API names its conversation; channel traffic is threaded here, and a new channel conversation
+is answered by the agent the routing table names for our number or address (else the default). SMS finds the end user's open
 conversation on our number (opening one if there is none or it is closed), a call is one
 conversation per CallSid, and mail threads by its headers. Every decision is remembered against
 the envelope id, so a redelivered envelope lands in the same conversation even if another one was
@@ -110,7 +111,8 @@ async def open_for_sender(
     return await c.open(
         channel=env.channel,
         end_user_id=user_id,
-        agent_id=None,
+        # The routing table names the agent for our number or address; unrouted: the default.
+        agent_id=await c.store.routed_agent(env.recipient),
         session_type=env.session_type,
         our_address=env.recipient,
         user_address=address,

@@ -80,7 +80,9 @@ def create_app(settings: SmsSettings) -> Litestar:
         log.info("sms accepted", extra={"envelope_id": env.id, "from": redact(sender)})
         twiml = MessagingResponse()
         if isinstance(env, ChannelKeyword) and env.keyword == "help":
-            twiml.message(settings.sms_help_text)
+            # The agent routed for our number answers HELP in its own words (else the settings').
+            revision = await store.answering_revision(env.recipient, settings.default_agent)
+            twiml.message((revision.sms_help_text if revision else None) or settings.sms_help_text)
         return Response(str(twiml), media_type=TWIML)
 
     @post("/twilio/sms/status", status_code=200, media_type=TWIML)

@@ -97,28 +97,31 @@ def create_app(settings: VoiceSettings) -> Litestar:
         holder = await store.claim_or_holder(f"voice:{reply.id}", "webhook")
         if holder not in (None, "webhook"):
             return None
-        if (
-            any(
-                c.name == "transfer_call" and (c.result or {}).get("transferred")
-                for c in reply.tool_calls
-            )
-            and settings.human_queue_number
-        ):
-            return speech.transfer(reply.content, settings.human_queue_number)
+        if any(
+            c.name == "transfer_call" and (c.result or {}).get("transferred")
+            for c in reply.tool_calls
+        ) and (number := await queue_number(reply.conversation_id)):
+            return speech.transfer(reply.content, number)
         return speech.reply(reply.content)
+
+    async def queue_number(cid: str) -> str | None:
+        """Where a transfer dials: the conversation's revision says, else the settings do."""
+        conv = await store.get_conversation(cid)
+        revision = await store.get_revision(conv.pinned_revision_id)
+        return revision.human_queue_number or settings.human_queue_number
 
     @post("/twilio/voice", status_code=200, media_type=TWIML)
     async def call_started(request: Request[Any, Any, Any]) -> Response[str]:
         form = await signed_form(request)
-        env = CallStarted(
-            id=f"env_call_{form['CallSid']}",
-            greeting=settings.voice_greeting,
-            **call_thread(form),
-        )
+        thread = call_thread(form)
+        # The agent routed for the number called greets in its own words (else the settings').
+        revision = await store.answering_revision(thread["recipient"], settings.default_agent)
+        greeting = (revision.voice_greeting if revision else None) or settings.voice_greeting
+        env = CallStarted(id=f"env_call_{form['CallSid']}", greeting=greeting, **thread)
         await bus.publish(
             subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
         )
-        return twiml(speech.greet())
+        return twiml(speech.greet(greeting))
 
     @post("/twilio/voice/gather", status_code=200, media_type=TWIML)
     async def gathered(

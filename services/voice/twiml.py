@@ -41,9 +41,9 @@ class Speech:
             self.url("/twilio/voice/gather", turn=ulid(), attempt=str(attempt)), method="POST"
         )
 
-    def greet(self) -> str:
+    def greet(self, greeting: str) -> str:
         response = VoiceResponse()
-        self.gather(response, self.settings.voice_greeting)
+        self.gather(response, greeting)
         return str(response)
 
     def reply(self, text: str) -> str:

@@ -11,6 +11,7 @@ entities (indexes) happen in an order that a crash between steps cannot make inc
     directory.py      end users and identities, agents and revisions, API keys, webhooks
     erasure.py        what one conversation or end user leaves behind, found and deleted
     idempotency.py    clients' Idempotency-Keys with a hash of the body they came with
+    routing.py        the routing table: which agent answers at each of our addresses
     collection.py     the shared base: typed decoders, the cursor pager, the not-found mapping
     connection.py     the one Valkey connection per process (the rate limiter shares it)
     leases.py         partition leases: which replica of a group owns which partition
@@ -26,12 +27,15 @@ from shared.store.conversations import Conversations
 from shared.store.directory import Directory, hash_api_key
 from shared.store.erasure import Erasure
 from shared.store.idempotency import IdempotencyKeys
+from shared.store.routing import Routes
 from shared.store.turns import Appended, Turns
 
 __all__ = ["Appended", "Connection", "Page", "Store", "hash_api_key"]
 
 
-class Store(Erasure, Conversations, Turns, Approvals, ChannelState, Directory, IdempotencyKeys):
+class Store(
+    Erasure, Conversations, Turns, Approvals, ChannelState, Directory, IdempotencyKeys, Routes
+):
     def __init__(self, url: str, namespace: str = "") -> None:
         super().__init__(Connection(url, namespace))
 

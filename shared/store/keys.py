@@ -167,6 +167,10 @@ class Keys:
         """Hash: API key id → when it was last used (written at most once a minute per key)."""
         return f"{self.ns}apikey-used"
 
+    def routes(self) -> str:
+        """Hash: one of our addresses (E.164, email, `@domain`) → its Route (the answering agent)."""
+        return f"{self.ns}routes"
+
     def webhooks(self) -> str:
         return f"{self.ns}webhooks"
 

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 from tests.conftest import Stack, eventually, make_key
+from tests.integration.test_email import mail, send
 from tests.integration.test_events_and_first_contact import hook, received, subscribe
+from tests.integration.test_sms import conversations, post_signed, sent_messages, sms_form
 from tests.integration.test_streaming_webhooks_sessions import Receiver
+from tests.integration.test_voice import OUR_NUMBER as VOICE_NUMBER
+from tests.integration.test_voice import Call, spoken, voice_conversation
 
 __all__ = ["hook"]  # the webhook receiver fixture
 
@@ -89,3 +93,133 @@ async def test_linking_needs_the_operator_scope_and_an_existing_end_user(stack: 
     assert (await stack.api.get(f"/v1/end-users/{alice}")).json()["identities"] == [
         {"kind": "phone", "value": ALICE_PHONE}
     ]
+
+
+# Which agent answers where -----------------------------------------------------------------------
+
+SALES_NUMBER, SUPPORT_NUMBER, UNROUTED_NUMBER = "+15550003333", "+15550004444", "+15550005555"
+
+
+async def make_agent(stack: Stack, name: str, **revision: object) -> str:
+    created = await stack.api.post(
+        "/v1/agents",
+        json={
+            "name": name,
+            "revision": {"fallback": f"{name} here.", "tools": [{"name": "transfer_call"}]}
+            | revision,
+        },
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+async def route(stack: Stack, address: str, agent_id: str) -> dict[str, object]:
+    response = await stack.api.put(f"/v1/routes/{address}", json={"agent_id": agent_id})
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def test_two_numbers_routed_to_two_agents_answer_with_different_agents(
+    stack: Stack,
+) -> None:
+    sales, support = await make_agent(stack, "Sales"), await make_agent(stack, "Support")
+    await route(stack, SALES_NUMBER, sales)
+    await route(stack, "(555) 000-4444", support)  # stored as E.164, like the numbers we receive
+    listed = (await stack.api.get("/v1/routes")).json()["items"]
+    assert [(r["address"], r["kind"], r["agent_id"]) for r in listed] == [
+        (SALES_NUMBER, "phone", sales),
+        (SUPPORT_NUMBER, "phone", support),
+    ]
+    senders = {SALES_NUMBER: "+14155550201", SUPPORT_NUMBER: "+14155550202"}
+    senders[UNROUTED_NUMBER] = "+14155550203"
+    for ours, sender in senders.items():
+        form = sms_form("blorp", sender=sender, To=ours)
+        assert (await post_signed(stack, "/twilio/sms", form)).status_code == 200
+
+    async def replies() -> dict[str, str] | None:
+        found = {ours: sent_messages(stack, to=sender) for ours, sender in senders.items()}
+        if not all(found.values()):
+            return None
+        return {ours: messages[0]["Body"] for ours, messages in found.items()}
+
+    answered = await eventually(replies, what="a reply on each number")
+    assert answered[SALES_NUMBER] == "Sales here."
+    assert answered[SUPPORT_NUMBER] == "Support here."
+    default = (await stack.api.get("/v1/agents/agent_acme_support")).json()
+    default_revision = await stack.core.store.get_revision(default["active_revision_id"])
+    assert answered[UNROUTED_NUMBER] == default_revision.fallback
+    agents = {c.our_address: c.assigned_agent_id for c in await conversations(stack)}
+    assert agents == {
+        SALES_NUMBER: sales,
+        SUPPORT_NUMBER: support,
+        UNROUTED_NUMBER: "agent_acme_support",
+    }
+
+
+async def test_a_domain_route_answers_every_address_without_its_own(stack: Stack) -> None:
+    billing, help_desk = await make_agent(stack, "Billing"), await make_agent(stack, "Helpdesk")
+    await route(stack, "@Support.Acme.Test", help_desk)
+    await route(stack, "billing@acme.test", billing)
+    resolved = stack.core.store.routed_agent
+    assert await resolved("anyone@support.acme.test") == help_desk
+    assert await resolved("Billing@Acme.Test") == billing
+    assert await resolved("sales@acme.test") is None  # the default agent answers
+    await send(stack, mail("mail-route-1", to="hello@support.acme.test"))
+
+    async def opened() -> list[object] | None:
+        return await conversations(stack, "email") or None
+
+    [conv] = await eventually(opened, what="the email conversation")
+    assert conv.assigned_agent_id == help_desk  # type: ignore[attr-defined]
+    assert (await stack.api.delete("/v1/routes/support.acme.test")).status_code == 204
+    assert await resolved("anyone@support.acme.test") is None
+    assert (await stack.api.get("/v1/routes/@support.acme.test")).status_code == 404
+
+
+async def test_routes_need_the_admin_scope_an_agent_with_a_revision_and_a_real_address(
+    stack: Stack,
+) -> None:
+    agent = await make_agent(stack, "Sales")
+    operator = await make_key(stack, "operator")
+    async with stack.client(operator) as api:
+        assert (await api.get("/v1/routes")).status_code == 403
+        refused = await api.put(f"/v1/routes/{SALES_NUMBER}", json={"agent_id": agent})
+        assert refused.status_code == 403
+    unknown = await stack.api.put(f"/v1/routes/{SALES_NUMBER}", json={"agent_id": "agent_x"})
+    assert unknown.status_code == 404
+    bare = await stack.api.post("/v1/agents", json={"name": "No revision"})
+    no_revision = await stack.api.put(
+        f"/v1/routes/{SALES_NUMBER}", json={"agent_id": bare.json()["id"]}
+    )
+    assert no_revision.status_code == 422
+    not_an_address = await stack.api.put("/v1/routes/call-me", json={"agent_id": agent})
+    assert not_an_address.status_code == 422
+    assert (await stack.api.get("/v1/routes")).json()["items"] == []
+
+
+async def test_greeting_help_text_and_human_queue_come_from_the_routed_agents_revision(
+    stack: Stack,
+) -> None:
+    concierge = await make_agent(
+        stack,
+        "Concierge",
+        voice_greeting="Concierge desk, how may I help?",
+        sms_help_text="Concierge: text us any time. Reply STOP to opt out.",
+        human_queue_number="+1 (555) 000-7777",
+    )
+    await route(stack, VOICE_NUMBER, concierge)
+    await route(stack, SALES_NUMBER, concierge)
+    call = Call(stack)
+    greeting = await call.start()
+    assert spoken(greeting) == "Concierge desk, how may I help?"
+    transfer = await call.say(greeting, "I want to talk to a human")
+    dial = transfer.find("Dial")
+    assert dial is not None
+    assert dial.text == "+15550007777"  # the revision's number, not the gateway's HUMAN_QUEUE
+    conv = await voice_conversation(stack, call)
+    assert conv.assigned_agent_id == concierge
+    help_reply = await post_signed(stack, "/twilio/sms", sms_form("HELP", To=SALES_NUMBER))
+    assert "<Message>Concierge: text us any time." in help_reply.text
+    # An unrouted number keeps the gateway's settings.
+    default_help = await post_signed(stack, "/twilio/sms", sms_form("HELP", To=UNROUTED_NUMBER))
+    assert "<Message>Acme Support: reply to this number" in default_help.text

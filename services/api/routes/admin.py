@@ -24,7 +24,7 @@ from services.api.schemas import (
 )
 from shared.envelopes import EraseEndUser
 from shared.errors import InvalidRequest, NotFound
-from shared.identity import kind_for_channel, make_identifier
+from shared.identity import kind_for_channel, make_identifier, normalize_phone
 from shared.ids import new_id
 from shared.models import (
     Agent,
@@ -191,6 +191,11 @@ async def _add_revision(gateway: Gateway, agent: Agent, spec: RevisionSpec) -> R
         policies=tuple(spec.policies),
         greeting=spec.greeting or defaults.greeting,
         fallback=spec.fallback or defaults.fallback,
+        voice_greeting=spec.voice_greeting,
+        sms_help_text=spec.sms_help_text,
+        human_queue_number=(
+            normalize_phone(spec.human_queue_number) if spec.human_queue_number else None
+        ),
     )
     await gateway.store.put_revision(revision, secrets)
     return revision
