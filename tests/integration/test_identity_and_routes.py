@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from tests.agent_fakes import FakeServers
 from tests.conftest import Stack, eventually, make_key
 from tests.integration.test_email import mail, send
 from tests.integration.test_events_and_first_contact import hook, received, subscribe
+from tests.integration.test_runtimes import agents, fakes, http_revision
 from tests.integration.test_sms import conversations, post_signed, sent_messages, sms_form
 from tests.integration.test_streaming_webhooks_sessions import Receiver
 from tests.integration.test_voice import OUR_NUMBER as VOICE_NUMBER
 from tests.integration.test_voice import Call, spoken, voice_conversation
 
-__all__ = ["hook"]  # the webhook receiver fixture
+__all__ = ["agents", "fakes", "hook"]  # fixtures: the runtimes' bots, a webhook receiver
 
 ALICE_PHONE = "+14155550123"
 
@@ -100,7 +104,7 @@ async def test_linking_needs_the_operator_scope_and_an_existing_end_user(stack: 
 SALES_NUMBER, SUPPORT_NUMBER, UNROUTED_NUMBER = "+15550003333", "+15550004444", "+15550005555"
 
 
-async def make_agent(stack: Stack, name: str, **revision: object) -> str:
+async def make_agent(stack: Stack, name: str, **revision: Any) -> str:
     created = await stack.api.post(
         "/v1/agents",
         json={
@@ -223,3 +227,41 @@ async def test_greeting_help_text_and_human_queue_come_from_the_routed_agents_re
     # An unrouted number keeps the gateway's settings.
     default_help = await post_signed(stack, "/twilio/sms", sms_form("HELP", To=UNROUTED_NUMBER))
     assert "<Message>Acme Support: reply to this number" in default_help.text
+
+
+async def test_after_linking_the_agent_sees_one_persons_turns_from_sms_and_email(
+    agents: Stack, fakes: FakeServers
+) -> None:
+    """Issue 12: link SMS and email identities; the agent's context then holds both channels."""
+    bot = await make_agent(agents, "Bot", **http_revision(fakes.bot_url("/echo")))
+    await route(agents, SALES_NUMBER, bot)
+    await route(agents, "@acme.test", bot)
+    texter = "+14155550188"
+    sent = await post_signed(
+        agents, "/twilio/sms", sms_form("my parcel 12345 is late", sender=texter, To=SALES_NUMBER)
+    )
+    assert sent.status_code == 200
+
+    async def texted() -> list[object] | None:
+        return fakes.fakes.seen("/echo") or None
+
+    await eventually(texted, what="the bot answering the text")
+    person = await resolve(agents, "sms", texter)
+    linked = await agents.api.post(
+        "/v1/identity/link",
+        json={"end_user_id": person, "channel": "email", "identifier": "jane@example.com"},
+    )
+    assert linked.status_code == 200, linked.text
+    await send(agents, mail("any news on my parcel?", sender="jane@example.com"))
+
+    async def mailed() -> dict[str, Any] | None:
+        contexts = [r.json for r in fakes.fakes.seen("/echo")]
+        return next((c for c in contexts if c["conversation"]["channel"] == "email"), None)
+
+    context = await eventually(mailed, what="the bot answering the mail")
+    assert context["end_user"]["id"] == person
+    assert {"kind": "email", "value": "jane@example.com"} in context["end_user"]["identities"]
+    assert {"kind": "phone", "value": texter} in context["end_user"]["identities"]
+    history = [(t["channel"], t["role"], t["text"]) for t in context["history"]]
+    assert ("sms", "user", "my parcel 12345 is late") in history
+    assert context["message"]["channel"] == "email"
