@@ -80,6 +80,9 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
     dedupe_ttl_seconds: int = 7 * 24 * 3600
     # Where `transfer_call` dials on voice; without one, the caller hears an apology instead.
     human_queue_number: str | None = None
+    # How often core re-reads whether any webhook subscription exists (events go through the
+    # broker only then); the API also announces every change at once.
+    webhook_presence_seconds: float = 1.0
     # How often the durable approval timer looks for approvals past their deadline.
     approval_sweep_seconds: float = 0.5
     # Sent once per approval wait when the user writes while a tool call awaits approval.

@@ -86,6 +86,11 @@ class Subjects:
         return self._s(f"gw.cmd.{verb}")
 
     @property
+    def webhooks_changed(self) -> str:
+        """Core NATS: the API announces a webhook subscription created or deleted (no payload)."""
+        return self._s("gw.ctl.webhooks")
+
+    @property
     def commands_all(self) -> str:
         return self._s("gw.cmd.>")
 

@@ -193,6 +193,12 @@ class Gateway:
                     details={"envelope_id": env.id},
                 ) from exc
 
+    async def webhooks_changed(self) -> None:
+        """Tell core at once that webhook subscriptions changed (services/core/audience.py):
+        published before the request is answered, on the connection the client's next turn
+        will be published on, so core hears of it first."""
+        await self.bus.publish_core(self.subjects.webhooks_changed, b"")
+
     async def earlier_reply(self, cid: str, envelope_id: str) -> TurnReply | None:
         conv = await self.store.get_conversation(cid)
         user_seq = await self.store.seen_seq(cid, envelope_id)

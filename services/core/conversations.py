@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from services.core.agent import Budget, Runtimes
+from services.core.audience import WebhookAudience
 from services.core.lifecycle import transition
 from services.core.outbox import Outbox
 from shared.bus import Bus
@@ -50,7 +51,8 @@ class Conversations:
         self.bus = bus
         self.subjects = bus.subjects
         self.metrics = metrics
-        self.outbox = Outbox(store, bus, metrics)
+        self.audience = WebhookAudience(store, bus, settings.webhook_presence_seconds)
+        self.outbox = Outbox(store, bus, metrics, self.audience)
         self.runtimes = Runtimes(
             Budget(
                 turn_seconds=settings.agent_turn_budget_seconds,

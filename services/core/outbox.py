@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from services.core.audience import WebhookAudience
 from shared.bus import Bus
 from shared.envelopes import (
     Event,
@@ -40,11 +41,13 @@ _WORDS = re.compile(r"\S+\s*")
 
 
 class Outbox:
-    def __init__(self, store: Store, bus: Bus, metrics: Metrics) -> None:
+    def __init__(self, store: Store, bus: Bus, metrics: Metrics, audience: WebhookAudience) -> None:
         self.store = store
         self.bus = bus
         self.subjects = bus.subjects
         self.metrics = metrics
+        # Events go through the broker only while someone reads them there (audience.py).
+        self.audience = audience
 
     async def deliver(
         self,
@@ -115,10 +118,14 @@ class Outbox:
 
     async def record_turn(self, conv: Conversation, turn: Turn) -> None:
         """Publish the turn's `turn.created` event (the append already put it in the audit log)."""
-        event = turn_created_event(turn, conv.session_type, conv.channel)
-        work: list[Awaitable[Any]] = [
-            self.bus.publish(self.subjects.event(event.type), _enc.encode(event), msg_id=event.id)
-        ]
+        work: list[Awaitable[Any]] = []
+        if self.audience.wants(conv.session_type):
+            event = turn_created_event(turn, conv.session_type, conv.channel)
+            work.append(
+                self.bus.publish(
+                    self.subjects.event(event.type), _enc.encode(event), msg_id=event.id
+                )
+            )
         if conv.session_type == "live" and turn.role != "system":
             work.append(self.store.count_usage(conv.channel, turns=1))
         await asyncio.gather(*work)
@@ -176,9 +183,13 @@ class Outbox:
             actor=actor,
             data=data,
         )
-        work: list[Awaitable[Any]] = [
-            self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id)
-        ]
+        work: list[Awaitable[Any]] = []
+        if self.audience.wants(event.session_type):
+            work.append(
+                self.bus.publish(
+                    self.subjects.event(event_type), _enc.encode(event), msg_id=event.id
+                )
+            )
         if conv is not None:
             work.append(self.store.record_event(conv.id, event))
         await asyncio.gather(*work)

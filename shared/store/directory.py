@@ -230,6 +230,9 @@ class Directory(Aggregate):
         raw = await self._r.hgetall(self._k.webhooks())
         return sorted(_webhook.decode_present(raw.values()), key=lambda s: s.id)
 
+    async def webhooks_exist(self) -> bool:
+        return bool(await self._r.hlen(self._k.webhooks()))
+
     async def get_webhook(self, wid: str) -> WebhookSubscription:
         raw = await self._r.hget(self._k.webhooks(), wid)
         if not raw:

@@ -4,6 +4,7 @@ migrated only when nothing in them would be lost."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
@@ -33,6 +34,11 @@ async def stream_state(stack: Stack, stream: str) -> tuple[int, int]:
 
 async def test_the_broker_keeps_nothing_its_consumers_have_acknowledged(stack: Stack) -> None:
     subjects = stack.core.subjects
+    # A subscription, so that events go through the broker too (nothing here matches its filter).
+    hook = await stack.api.post(
+        "/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["handoff.started"]}
+    )
+    assert hook.status_code == 201, hook.text
     for n in range(3):
         conv = (await stack.api.post("/v1/conversations", json={})).json()
         for text in ("how long do refunds take?", "status of order 12345"):
@@ -171,3 +177,32 @@ async def test_a_stream_from_an_earlier_version_is_migrated_only_once_drained(bu
 
 async def _held(bus: Bus) -> bool:
     return (await bus.js.stream_info(bus.subjects.inbound_stream)).state.messages == 0
+
+
+async def test_events_go_through_the_broker_only_while_a_webhook_subscription_exists(
+    stack: Stack,
+) -> None:
+    events = stack.core.subjects.events_stream
+    conv = (await stack.api.post("/v1/conversations", json={})).json()
+    turns = f"/v1/conversations/{conv['id']}/turns"
+
+    async def turn_and_events_published() -> int:
+        answered = await stack.api.post(turns, json={"user_message": "what are your hours?"})
+        assert answered.status_code == 200, answered.text
+        # Core publishes a turn's events before its reply: the count is final once we have it.
+        return (await stream_state(stack, events))[1]
+
+    assert await turn_and_events_published() == 0  # nobody would read them
+    audit = (await stack.api.get(f"/v1/conversations/{conv['id']}/events")).json()["items"]
+    assert [e["type"] for e in audit].count("turn.created") == 2  # the record is in Valkey
+
+    hook = await stack.api.post(
+        "/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["handoff.started"]}
+    )
+    assert hook.status_code == 201, hook.text
+    assert await turn_and_events_published() == 2  # the turn right after: both turn.created
+
+    assert (await stack.api.delete(f"/v1/webhooks/{hook.json()['id']}")).status_code == 204
+    audience = stack.core.conversations.audience
+    await eventually(lambda: asyncio.sleep(0, not audience.present), what="core re-reading")
+    assert await turn_and_events_published() == 2

@@ -43,6 +43,7 @@ class WebhookController(Controller):
             created_at=utcnow(),
         )
         await gateway.store.put_webhook(sub)
+        await gateway.webhooks_changed()
         return CreatedWebhook(
             id=sub.id,
             url=sub.url,
@@ -67,6 +68,7 @@ class WebhookController(Controller):
     @delete("/{webhook_id:str}", status_code=204)
     async def remove(self, webhook_id: str, gateway: Gateway) -> None:
         await gateway.store.delete_webhook(webhook_id)
+        await gateway.webhooks_changed()
 
 
 class SimulationController(Controller):
