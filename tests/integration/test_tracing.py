@@ -22,6 +22,11 @@ async def test_one_sms_logs_one_trace_id_from_webhook_to_twilio_send(
     response = await post_signed(stack, "/twilio/sms", sms_form("do you ship abroad?", sender))
     assert response.status_code == 200
     await eventually(lambda: sent_messages(stack, to=sender), what="the reply SMS")
+    # egress logs the send once Twilio has answered and the delivery is recorded
+    await eventually(
+        lambda: any(r.getMessage() == "sms sent" for r in _records(caplog, "egress")),
+        what="egress's log line",
+    )
     accepted = [r for r in _records(caplog, "sms") if r.getMessage() == "sms accepted"]
     assert len(accepted) == 1
     trace_id = getattr(accepted[0], "trace_id", None)
