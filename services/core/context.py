@@ -2,11 +2,13 @@
 
 History spans the end user's channels: the newest few of their conversations are read (one
 pipeline of LRANGEs over each conversation's tail), merged by time, and cut to a window. Runtimes
-that ignore history (the builtin playbook) skip that read.
+that ignore history (the builtin playbook) skip that read and the end user's identities: a
+builtin turn costs no Valkey round trip here.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import msgspec
@@ -20,9 +22,8 @@ from services.core.agent.context import (
 )
 from services.core.agent.registry import Runtimes
 from services.core.agent.runtime import Runtime
-from services.core.agent.tools import offered_tools
 from shared.errors import NotFound
-from shared.models import Conversation, Revision, Turn
+from shared.models import Conversation, Identity, Revision, Turn
 from shared.store import Store
 
 # How many of the end user's conversations the history reads.
@@ -40,13 +41,14 @@ async def build_context(
     history_turns: int,
 ) -> AgentContext:
     index = runtimes.index_for(revision)
-    try:
-        identities = (await store.get_end_user(conv.end_user_id)).identities
-    except NotFound:  # an end user record lost to a partial write: the turn still gets answered
-        identities = ()
+    identities: tuple[Identity, ...] = ()
     history: tuple[HistoryTurn, ...] = ()
-    if runtime.wants_history and history_turns > 0:
-        history = await recent_history(store, conv, user_turn, history_turns)
+    if runtime.wants_history:
+        # An end user lost to a partial write (or erased): the turn is still answered.
+        with contextlib.suppress(NotFound):
+            identities = (await store.get_end_user(conv.end_user_id)).identities
+        if history_turns > 0:
+            history = await recent_history(store, conv, user_turn, history_turns)
     return AgentContext(
         conversation=ConversationInfo(
             id=conv.id,
@@ -65,7 +67,7 @@ async def build_context(
         history=history,
         context_variables=conv.context_variables,
         evidence=tuple(index.search(user_turn.content)) if index is not None else (),
-        tools=offered_tools(revision),
+        tools=runtimes.tools_of(revision),
     )
 
 

@@ -12,12 +12,12 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from services.core.agent.builtin import BuiltinRuntime
-from services.core.agent.context import AgentContext
+from services.core.agent.context import AgentContext, ToolInfo
 from services.core.agent.http_runtime import HttpRuntime
 from services.core.agent.knowledge import KnowledgeIndex
 from services.core.agent.openai_runtime import OpenAIRuntime
 from services.core.agent.runtime import AgentReply, Budget, DeltaSink, Runtime, RuntimeFailed
-from services.core.agent.tools import ToolRunner
+from services.core.agent.tools import ToolRunner, offered_tools
 from shared.models import Revision
 
 
@@ -43,6 +43,7 @@ class Runtimes:
         self._secrets: dict[str, dict[str, str]] = {}
         self._openai: list[OpenAIRuntime] = []
         self._indexes: dict[str, KnowledgeIndex | None] = {}
+        self._tools: dict[str, tuple[ToolInfo, ...]] = {}
 
     async def for_revision(
         self, revision: Revision, secrets: Callable[[], Awaitable[dict[str, str]]]
@@ -78,6 +79,13 @@ class Runtimes:
             kb = revision.knowledge_base
             self._indexes[revision.id] = KnowledgeIndex(kb) if kb else None
         return self._indexes[revision.id]
+
+    def tools_of(self, revision: Revision) -> tuple[ToolInfo, ...]:
+        """The revision's tools as offered to runtimes (parameters as JSON schemas)."""
+        tools = self._tools.get(revision.id)
+        if tools is None:
+            tools = self._tools[revision.id] = offered_tools(revision)
+        return tools
 
     async def aclose(self) -> None:
         for runtime in self._openai:

@@ -52,7 +52,7 @@ class RuntimeFailed(Exception):
 
 
 class Runtime(Protocol):
-    # False for runtimes that ignore history, so core skips reading it.
+    # False for runtimes that ignore history and identities, so core skips reading them.
     wants_history: bool
 
     async def reply(
