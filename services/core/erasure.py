@@ -9,25 +9,28 @@ deleted message's bytes. What stays is one `end_user.erased` event with counts a
 
 Retention (`SWITCHBOARD_RETENTION_DAYS`, off by default): a periodic sweep closes and erases
 conversations opened and last active more than N days ago, the same way, one
-`conversation.erased` event each. One core replica sweeps per period (a claim in Valkey). Stream
+`conversation.erased` event each. Those events are kept in the store's erasure log
+(`GET /v1/erasures`) as well as published. One core replica sweeps per period (a claim in Valkey). Stream
 messages are matched by conversation id only (the person may have newer conversations): an inbound
 channel envelope, which names the sender but not the conversation, leaves with the INBOUND
 stream's own 7-day age limit.
 
-Limits, stated: a stream scan reads every message the streams still hold (they keep 7 days
-inbound/outbound, 30 days events and dead letters), so erasure costs time in proportion to that;
-a message an ingress publishes for the end user while the erasure runs is not erased.
+Limits, stated: the scan reads every message the streams still hold — INBOUND, OUTBOUND and EVENTS
+are work queues, so only what is not yet processed (a reply held through a provider outage, a
+webhook job still retrying), and DEAD keeps 30 days — one direct get each, so erasure costs time in
+proportion to that; a message an ingress publishes for the end user while the erasure runs is not
+erased.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from datetime import timedelta
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from services.core.conversations import Conversations
 from shared.bus import Bus
@@ -36,7 +39,6 @@ from shared.ids import new_id
 from shared.models import utcnow
 
 log = logging.getLogger("switchboard.core.erasure")
-_BATCH = 256
 
 
 async def erase_end_user(c: Conversations, end_user_id: str, actor: str) -> dict[str, int]:
@@ -53,6 +55,7 @@ async def erase_end_user(c: Conversations, end_user_id: str, actor: str) -> dict
     turns = 0
     for conv in conversations:
         turns += await c.store.erase_conversation(conv)
+    await c.store.scrub_webhook_logs({conv.id for conv in conversations})
     await c.store.erase_end_user_record(user)
     counts = {"conversations": len(conversations), "turns": turns, "stream_messages": removed}
     await _audit(c, "end_user.erased", actor, {"end_user_id": user.id, **counts})
@@ -73,6 +76,7 @@ async def sweep_retention(c: Conversations, days: float, limit: int = 500) -> in
         # Its id only: the person's address may name their newer conversations too.
         needles.add(conv.id)
     removed = await scrub_streams(c.bus, needles)
+    await c.store.scrub_webhook_logs(needles)
     for conv in stale:
         turns = await c.store.erase_conversation(conv)
         await _audit(
@@ -87,12 +91,14 @@ async def sweep_retention(c: Conversations, days: float, limit: int = 500) -> in
 
 async def scrub_streams(bus: Bus, needles: set[str]) -> int:
     """Delete every stream message whose payload names one of `needles` (case-insensitively);
-    returns how many. Reads each stream once, up to the last message it held when the scan began."""
+    returns how many. Walks the messages each stream holds, oldest first, with direct gets by
+    sequence (no consumer: INBOUND, OUTBOUND and EVENTS are work queues, which refuse a second
+    consumer), up to the last message it held when the walk began."""
     wanted = [n.lower().encode() for n in needles if n]
     if not wanted:
         return 0
     s = bus.subjects
-    removed = 0
+    removed = examined = 0
     started = time.perf_counter()
     for stream, subject in (
         (s.inbound_stream, s.inbound_all),
@@ -103,41 +109,27 @@ async def scrub_streams(bus: Bus, needles: set[str]) -> int:
         info = await bus.js.stream_info(stream)
         if not info.state.messages:
             continue
-        last = info.state.last_seq
-        sub = await bus.js.pull_subscribe(
-            subject,
-            stream=stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.ALL,
-                inactive_threshold=60.0,
-                mem_storage=True,
-            ),
-        )
-        name = (await sub.consumer_info()).name
-        try:
-            done = False
-            while not done:
-                try:
-                    batch = await sub.fetch(_BATCH, timeout=1.0)
-                except NatsTimeout:
-                    break  # nothing more to read
-                for msg in batch:
-                    seq = msg.metadata.sequence.stream
-                    if seq > last:
-                        done = True
-                        break
-                    payload = msg.data.lower()
-                    if any(n in payload for n in wanted):
-                        await bus.js.delete_msg(stream, seq)
-                        removed += 1
-                    done = seq >= last
-        finally:
-            await sub.unsubscribe()
-            await bus.js.delete_consumer(stream, name)
+        seq, last = max(info.state.first_seq, 1), info.state.last_seq
+        while seq <= last:
+            try:
+                msg = await bus.js.get_msg(stream, seq, subject=subject, next=True)
+            except NotFoundError:
+                break  # nothing at or after seq
+            if msg.seq is None or msg.seq > last:
+                break
+            examined += 1
+            if any(n in (msg.data or b"").lower() for n in wanted):
+                with contextlib.suppress(NotFoundError):  # acked and gone meanwhile
+                    await bus.js.delete_msg(stream, msg.seq)
+                    removed += 1
+            seq = msg.seq + 1
     log.info(
         "streams scrubbed",
-        extra={"removed": removed, "seconds": round(time.perf_counter() - started, 3)},
+        extra={
+            "examined": examined,
+            "removed": removed,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
     )
     return removed
 
@@ -152,6 +144,7 @@ async def _audit(c: Conversations, event_type: str, actor: str, data: dict[str, 
         actor=actor,
         data=dict(data),
     )
+    await c.store.record_erasure(event)
     await c.bus.publish(
         c.bus.subjects.event(event_type), msgspec.json.encode(event), msg_id=event.id
     )

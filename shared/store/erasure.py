@@ -8,8 +8,9 @@ user turns, the approvals its replies asked for, the results of its tool calls, 
 the conversation indexes (all, the end user's) and the open-conversation index. An end user adds their record and the identifiers that point at it.
 
 Kept on purpose: SMS opt-outs (a suppression list must outlive erasure, or we would text a person
-who said STOP again), usage counters (aggregates) and webhook delivery logs (event ids and status codes
-only).
+who said STOP again) and usage counters (aggregates). Webhook delivery logs lose the entries of
+events about the erased conversations (their event ids name them); an attempt in flight during the
+erasure may still log its event id and status code afterwards.
 
 Order: the conversation hash goes last in its own step, so a crash part-way leaves a conversation
 that can be found and erased again; an end user's record goes after their conversations.
@@ -23,14 +24,16 @@ from typing import Any
 
 import msgspec
 
+from shared.envelopes import Event
 from shared.models import Conversation, EndUser
 from shared.store.channels import ChannelState
-from shared.store.collection import text
+from shared.store.collection import Codec, encode, text
 from shared.store.conversations import Conversations
 from shared.store.turns import Turns
 
 _doc = msgspec.json.Decoder(dict[str, Any])
 _SCAN = 500
+_event = Codec(Event)
 
 
 class Erasure(Conversations, Turns, ChannelState):
@@ -141,6 +144,28 @@ class Erasure(Conversations, Turns, ChannelState):
         await self._r.delete(*windows)
         await self._r.delete(self._k.end_user_conversations(user.id))
         await self._r.delete(self._k.end_user(user.id))
+
+    async def scrub_webhook_logs(self, conversation_ids: set[str]) -> None:
+        """Drop delivery-log entries of events about these conversations (event ids name them)."""
+        if not conversation_ids:
+            return
+        wanted = [cid.encode() for cid in conversation_ids]
+        for wid in await self._r.hkeys(self._k.webhooks()):
+            key = self._k.webhook_log(text(wid))
+            for entry in await self._r.lrange(key, 0, -1):
+                if any(cid in entry for cid in wanted):
+                    await self._r.lrem(key, 0, text(entry))
+
+    async def record_erasure(self, event: Event, keep: int = 100_000) -> None:
+        """Keep the audit record of an erasure (ids and counts, no personal data): the events
+        stream is a work queue, and the erased conversations' own audit logs are gone."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.lpush(self._k.erasure_log(), encode(event))
+        pipe.ltrim(self._k.erasure_log(), 0, keep - 1)
+        await pipe.execute()
+
+    async def erasures(self, limit: int) -> list[Event]:
+        return _event.decode_present(await self._r.lrange(self._k.erasure_log(), 0, limit - 1))
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

@@ -171,6 +171,10 @@ class Keys:
         """Hash: one of our addresses (E.164, email, `@domain`) → its Route (the answering agent)."""
         return f"{self.ns}routes"
 
+    def erasure_log(self) -> str:
+        """List, newest first: `end_user.erased` / `conversation.erased` events (ids and counts)."""
+        return f"{self.ns}erasure-log"
+
     def webhooks(self) -> str:
         return f"{self.ns}webhooks"
 

@@ -29,8 +29,9 @@ BYSTANDER = "bystander words rambutan 9090"
 
 @pytest.fixture
 async def hook(stack: Stack) -> AsyncIterator[Receiver]:
-    """Every event also becomes a webhook job on OUTBOUND: more places the data is kept."""
-    rec = Receiver()
+    """A customer endpoint that is down: every event's webhook job (the event, texts included)
+    stays in OUTBOUND while egress retries it, as it would through a real outage."""
+    rec = Receiver(fail_first=10**9)
     server = HttpServer(rec.app(), "127.0.0.1", 0)
     await server.start()
     rec.url = f"http://127.0.0.1:{server.port}/hook"
@@ -58,7 +59,7 @@ async def store_dump(stack: Stack) -> bytes:
             parts += list(await r.smembers(key))
         elif kind == "zset":
             parts += await r.zrange(key, 0, -1)
-        else:
+        elif kind != "none":  # "none": it expired between the scan and the read
             raise AssertionError(f"unexpected key type {kind} of {key!r}")
     return b"\n".join(parts).lower()
 
@@ -129,7 +130,7 @@ async def test_erasing_an_end_user_leaves_nothing_of_them_in_the_store_or_the_st
     async def all_delivered() -> bool:
         sms_sent = any(r.form.get("To") == SAM for r in stack.twilio.requests)
         mails = len(stack.relay.messages) >= 2  # the email reply and the API turn's answer
-        hooks = sum(b"rambutan" in body for _, body in hook.accepted) >= 1
+        hooks = sum(b"rambutan" in body or b"tamarind" in body for _, body in hook.received) >= 2
         dead = await stack.core.bus.js.stream_info(stack.core.subjects.dead_stream)
         return sms_sent and mails and hooks and dead.state.messages >= 1
 
@@ -161,16 +162,25 @@ async def test_erasing_an_end_user_leaves_nothing_of_them_in_the_store_or_the_st
     print(f"erasure counts: {counts}")
 
     store_after, streams_after = await store_dump(stack), await streams_dump(stack)
+    # The one trace left, in the store and the streams alike: the erasure's audit event, which
+    # names the (now meaningless) end user id and nothing else of theirs.
     leftovers = [line for line in store_after.split(b"\n") if found(line, needles)]
-    assert found(store_after, needles) == [], leftovers[:10]
-    # The one trace left: the audit event, which names the (now meaningless) end user id.
+    assert all(b"end_user.erased" in line for line in leftovers), leftovers[:10]
+    assert found(store_after, needles[:-2]) == []
+    print(f"held in the streams before: {len(streams_before.splitlines())} lines")
     naming = [m for m in streams_after.split(b"\n") if found(m, needles)]
     assert all(b"end_user.erased" in m for m in naming), naming[:5]
     assert found(streams_after, needles[:-2]) == []
     # What is not theirs is all still there, and the erasure itself is on record.
     assert BYSTANDER.encode() in store_after
     assert BYSTANDER.encode() in streams_after
-    assert streams_after.count(b'"type":"end_user.erased"') == 2
+    log = (await stack.api.get("/v1/erasures")).json()["items"]
+    assert [(e["type"], e["data"]["end_user_id"]) for e in log] == [
+        ("end_user.erased", sam["end_user_id"]),
+        ("end_user.erased", erin),
+    ]
+    assert log[1]["data"]["conversations"] == 2
+    assert found(json.dumps(log).lower().encode(), needles[:-2]) == []
     assert (await stack.api.get(f"/v1/end-users/{erin}")).status_code == 404
     assert (await stack.api.get(f"/v1/conversations/{erin_api['id']}")).status_code == 404
     assert (await stack.api.delete(f"/v1/end-users/{erin}")).status_code == 404
@@ -185,7 +195,9 @@ async def test_erasing_an_end_user_leaves_nothing_of_them_in_the_store_or_the_st
     assert OUR_NUMBER  # our own number is not personal data and may stay
 
 
-async def test_retention_closes_and_erases_conversations_idle_past_the_limit(stack: Stack) -> None:
+async def test_retention_closes_and_erases_conversations_idle_past_the_limit(
+    stack: Stack, hook: Receiver
+) -> None:
     old = (await stack.api.post("/v1/conversations", json={})).json()
     said = await stack.api.post(
         f"/v1/conversations/{old['id']}/turns", json={"user_message": "old words persimmon 3131"}
@@ -195,6 +207,12 @@ async def test_retention_closes_and_erases_conversations_idle_past_the_limit(sta
     await stack.api.post(
         f"/v1/conversations/{recent['id']}/turns", json={"user_message": "recent words lychee 4242"}
     )
+
+    async def held() -> bool:
+        dump = await streams_dump(stack)
+        return b"persimmon" in dump and b"lychee" in dump
+
+    await eventually(held, what="both conversations' webhook jobs held in OUTBOUND")
     # Age the first conversation by two days, as time would have.
     r = stack.core.store.connection.redis
     key = f"{stack.namespace}:conv:{{{old['id']}}}"
@@ -209,9 +227,16 @@ async def test_retention_closes_and_erases_conversations_idle_past_the_limit(sta
 
     await eventually(gone, what="the idle conversation erased")
     store_after, streams_after = await store_dump(stack), await streams_dump(stack)
-    assert found(store_after, ["persimmon", old["id"].lower()]) == []
+    assert found(store_after, ["persimmon"]) == []
+    naming = [line for line in store_after.split(b"\n") if old["id"].lower().encode() in line]
+    # The audit record; and a webhook attempt that was in flight during the sweep may still log
+    # its event id (which names the conversation) and status code afterwards.
+    assert all(b"conversation.erased" in line or b'"attempt":' in line for line in naming), naming
     assert found(streams_after, ["persimmon"]) == []
     assert b"lychee" in store_after
     assert b"lychee" in streams_after
     assert (await stack.api.get(f"/v1/conversations/{recent['id']}")).json()["status"] == "active"
-    assert b'"type":"conversation.erased"' in streams_after
+    log = (await stack.api.get("/v1/erasures")).json()["items"]
+    assert [(e["type"], e["data"]["conversation_id"]) for e in log] == [
+        ("conversation.erased", old["id"])
+    ]

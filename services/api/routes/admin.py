@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
+from litestar.params import Parameter
 
 from services.api.auth import KeyRing, sees_only_its_own
 from services.api.gateway import Gateway
@@ -22,7 +23,7 @@ from services.api.schemas import (
     RevisionSpec,
     WhoAmI,
 )
-from shared.envelopes import EraseEndUser
+from shared.envelopes import EraseEndUser, Event
 from shared.errors import InvalidRequest, NotFound
 from shared.identity import kind_for_channel, make_identifier, normalize_phone
 from shared.ids import new_id
@@ -92,6 +93,14 @@ class IdentityController(Controller):
             timeout=gateway.settings.erasure_timeout_seconds,
         )
         return ErasedEndUser(end_user_id=end_user_id, **result.counts)
+
+    @get("/erasures", opt={"scope": "admin"})
+    async def erasures(
+        self, gateway: Gateway, limit: Annotated[int, Parameter(ge=1, le=1000)] = 100
+    ) -> ItemList[Event]:
+        """The erasure log, newest first: `end_user.erased` and `conversation.erased` events with
+        ids and counts, never personal data."""
+        return ItemList(items=await gateway.store.erasures(limit))
 
 
 class AgentController(Controller):
