@@ -240,6 +240,7 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
             egress_health_port=0,
             webhook_backoff_seconds=0.05,
             webhook_max_attempts=4,
+            egress_retry_base_seconds=0.1,  # held replies (provider refusals) retry quickly
             smtp_relay_port=relay.port,
         )
     )
