@@ -95,6 +95,21 @@ async def test_swagger_ui_is_served_from_the_package_not_a_cdn(stack: Stack) -> 
     assert "SwaggerUIBundle" in (await stack.api.get("/schema/assets/swagger-ui-bundle.js")).text
 
 
+async def test_the_streaming_turn_is_documented_and_answered_as_server_sent_events(
+    stack: Stack,
+) -> None:
+    doc = (await stack.api.get("/schema/openapi.json")).json()
+    op = doc["paths"]["/v1/conversations/{conversation_id}/turns/stream"]["post"]
+    assert list(op["responses"]["200"]["content"]) == ["text/event-stream"]
+    conv = (await stack.api.post("/v1/conversations", json={})).json()
+    response = await stack.api.post(
+        f"/v1/conversations/{conv['id']}/turns/stream", json={"user_message": "hours?"}
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert "event: complete" in response.text
+
+
 # Idempotency-Key -------------------------------------------------------------------------------
 
 

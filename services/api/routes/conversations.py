@@ -174,6 +174,15 @@ class ConversationController(Controller):
         "/{conversation_id:str}/turns/stream",
         status_code=200,
         opt={"limits_with_conversation": True, "errors": (409,)},
+        responses={
+            200: ResponseSpec(
+                data_container=str,
+                media_type="text/event-stream",
+                generate_examples=False,
+                description='Server-sent events: `delta` frames (`{"text"}`), then `complete` '
+                "(the body of the sync turn, or the queued body) or `error` (the error body)",
+            )
+        },
     )
     async def stream_turn(
         self,
