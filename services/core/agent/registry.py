@@ -8,6 +8,7 @@ key), read from the store once by core. Core owns one `Runtimes` and closes it o
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -15,10 +16,12 @@ from services.core.agent.builtin import BuiltinRuntime
 from services.core.agent.context import AgentContext, ToolInfo
 from services.core.agent.http_runtime import HttpRuntime
 from services.core.agent.knowledge import KnowledgeIndex
-from services.core.agent.openai_runtime import OpenAIRuntime
 from services.core.agent.runtime import AgentReply, Budget, DeltaSink, Runtime, RuntimeFailed
 from services.core.agent.tools import ToolRunner, offered_tools
 from shared.models import Revision
+
+if TYPE_CHECKING:
+    from services.core.agent.openai_runtime import OpenAIRuntime
 
 
 class Misconfigured:
@@ -41,7 +44,7 @@ class Runtimes:
         self.tools = ToolRunner(self.http, self.budget.retry_backoff_seconds)
         self._runtimes: dict[str, Runtime] = {}
         self._secrets: dict[str, dict[str, str]] = {}
-        self._openai: list[OpenAIRuntime] = []
+        self._openai: list[OpenAIRuntime] = []  # to close their clients
         self._indexes: dict[str, KnowledgeIndex | None] = {}
         self._tools: dict[str, tuple[ToolInfo, ...]] = {}
 
@@ -70,6 +73,10 @@ class Runtimes:
             case "openai":
                 if revision.openai is None:
                     return Misconfigured("revision has no openai settings")
+                # Imported on first use: the SDK (pydantic and all) adds seconds to every core
+                # start on a busy host, and most deployments never run a model here.
+                from services.core.agent.openai_runtime import OpenAIRuntime
+
                 runtime = OpenAIRuntime(revision.openai, self.budget)
                 self._openai.append(runtime)
                 return runtime
