@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from shared import tracing
 
@@ -83,6 +83,19 @@ class Metrics:
             "switchboard_dead_letters_total",
             "Messages sent to the DEAD stream.",
             ["reason"],
+            registry=self.registry,
+        )
+
+        self.provider_down = Gauge(
+            "switchboard_provider_down",
+            "1 while a provider (SMTP relay, Twilio, a webhook endpoint) refuses deliveries.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.provider_refusals = Counter(
+            "switchboard_provider_refusals_total",
+            "Delivery attempts a provider refused for now (the message was held).",
+            ["provider"],
             registry=self.registry,
         )
 

@@ -31,7 +31,7 @@ class Egress:
         self.http_client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_seconds, follow_redirects=False
         )
-        self.outages = Outages()
+        self.outages = Outages(self.metrics)
         self.failed = FailedDeliveries(self.bus, self.store)
         self.webhooks = Webhooks(self.bus, self.store, self.http_client, self.outages)
         self.twilio, self.twilio_http = rest_client(settings)

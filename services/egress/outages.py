@@ -17,6 +17,7 @@ from shared.envelopes import Event, OutboundEnvelope
 from shared.models import Delivery as DeliveryRecord
 from shared.models import utcnow
 from shared.store import Store
+from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.egress.outages")
 _outbound = msgspec.json.Decoder(OutboundEnvelope)
@@ -26,10 +27,14 @@ _enc = msgspec.json.Encoder()
 class Outages:
     """Which providers are failing now, since when, and how many attempts they refused."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._down: dict[str, tuple[float, int]] = {}  # provider -> (since, failed attempts)
+        self.metrics = metrics
 
     def failed(self, provider: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.provider_refusals.labels(provider=provider).inc()
+            self.metrics.provider_down.labels(provider=provider).set(1)
         if provider in self._down:
             since, count = self._down[provider]
             self._down[provider] = (since, count + 1)
@@ -43,6 +48,8 @@ class Outages:
         if provider not in self._down:
             return
         since, count = self._down.pop(provider)
+        if self.metrics is not None:
+            self.metrics.provider_down.labels(provider=provider).set(0)
         lasted = time.monotonic() - since
         line = (
             f"provider outage ends: {provider} answers again after {lasted:.0f}s "
