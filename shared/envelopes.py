@@ -17,6 +17,7 @@ from shared.models import (
     Channel,
     Conversation,
     Evidence,
+    Handoff,
     SessionType,
     Status,
     ToolCall,
@@ -152,8 +153,12 @@ EventType = Literal[
     "conversation.created",
     "conversation.status_changed",
     "handoff.started",
+    "handoff.assigned",
+    "handoff.resolved",
+    "handoff.unclaimed",
     "approval.requested",
     "approval.resolved",
+    "approval.cancelled",
     "agent.failed",
     "voice.transfer_unavailable",
     "end_user.opted_out",
@@ -266,12 +271,15 @@ class StartHandoff(msgspec.Struct, frozen=True, kw_only=True, tag="handoff"):
     conversation_id: str
     reason: str = "operator_takeover"
     actor: str = "system"
+    # An operator taking over is the handoff's assignee at once.
+    actor_name: str | None = None
 
 
 class HumanTurn(msgspec.Struct, frozen=True, kw_only=True, tag="human_turn"):
     conversation_id: str
     content: str
     operator_id: str
+    operator_name: str | None = None
     hand_back: bool = False
     close: bool = False
 
@@ -281,12 +289,22 @@ class ResolveApproval(msgspec.Struct, frozen=True, kw_only=True, tag="resolve_ap
     approval_id: str
     decision: Literal["approve", "reject"]
     reviewer: str
+    reviewer_name: str | None = None
     note: str | None = None
 
 
 class EraseEndUser(msgspec.Struct, frozen=True, kw_only=True, tag="erase_end_user"):
     end_user_id: str
     actor: str = "system"
+
+
+class ClaimHandoff(msgspec.Struct, frozen=True, kw_only=True, tag="claim_handoff"):
+    """Assign a handoff to the calling operator; `force` (admins) takes it from its holder."""
+
+    handoff_id: str
+    operator_id: str
+    operator_name: str
+    force: bool = False
 
 
 class Simulate(msgspec.Struct, frozen=True, kw_only=True, tag="simulate"):
@@ -304,6 +322,7 @@ Command = (
     | ResolveApproval
     | Simulate
     | EraseEndUser
+    | ClaimHandoff
 )
 
 
@@ -322,6 +341,7 @@ class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
     ok: bool
     conversation: Conversation | None = None
     approval: Approval | None = None
+    handoff: Handoff | None = None
     turns: tuple[Turn, ...] = ()
     stopped: SimulationStop | None = None
     error_code: str | None = None

@@ -42,9 +42,11 @@ class Evidence(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
-class Author(msgspec.Struct, frozen=True, kw_only=True):
+class Author(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kind: Literal["end_user", "agent", "operator", "system"]
     id: str | None = None
+    # An operator's display name, from the calling API key (never from a request body).
+    name: str | None = None
 
 
 class Turn(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +88,8 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     routing_key: str | None = None
     # The approval the conversation waits for while `awaiting_approval`.
     approval_id: str | None = None
+    # The open handoff while `waiting_for_human` (see `Handoff`).
+    handoff_id: str | None = None
 
     @property
     def partition_key(self) -> str:
@@ -178,6 +182,18 @@ class Revision(msgspec.Struct, frozen=True, kw_only=True):
     tools: tuple[ToolSpec, ...] = ()
     policies: tuple[Policy, ...] = ()
     greeting: str = "Hi! How can I help you today?"
+    # Said once when the agent hands the conversation to a person.
+    holding_message: str = "Let me connect you with a member of our team."
+    # Said at most once per wait when the user writes while nobody has claimed the handoff yet.
+    waiting_message: str = (
+        "Thanks, your message is with our team. A person will reply here as soon as they can."
+    )
+    # What happens to a handoff nobody claims within the core's unclaimed-handoff time: `wait`
+    # (an event only) or `return_to_agent` (the apology, then the agent answers what queued).
+    on_unclaimed: Literal["wait", "return_to_agent"] = "wait"
+    unclaimed_message: str = (
+        "I'm sorry, nobody from our team is free right now. I'll keep helping you myself."
+    )
     fallback: str = "I'm not sure about that one. I can help with orders, refunds, shipping and our hours, or connect you with a person."
     # What the channels say on this agent's behalf; None falls back to the gateway's settings
     # (SWITCHBOARD_VOICE_GREETING, SWITCHBOARD_SMS_HELP_TEXT, SWITCHBOARD_HUMAN_QUEUE_NUMBER).
@@ -222,6 +238,12 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     # stored before this field existed read as `all`, as they behaved; operator and admin keys
     # always see everything.
     visibility: Visibility = "all"
+    # The operator's name as people see it (human turns, approvals, claimed handoffs).
+    display_name: str | None = None
+
+    @property
+    def operator_name(self) -> str:
+        return self.display_name or self.name
 
 
 DeliveryStatus = Literal[
@@ -268,7 +290,7 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
-ApprovalStatus = Literal["pending", "approved", "rejected", "timed_out"]
+ApprovalStatus = Literal["pending", "approved", "rejected", "timed_out", "cancelled"]
 
 
 class Approval(msgspec.Struct, frozen=True, kw_only=True):
@@ -286,9 +308,39 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True):
     timeout_at: datetime
     created_at: datetime
     status: ApprovalStatus = "pending"
-    reviewer: str | None = None
+    reviewer: str | None = None  # the deciding API key's id ("system" for a timeout)
+    reviewer_name: str | None = None  # that key's display name
     note: str | None = None
     resolved_at: datetime | None = None
+
+
+HandoffStatus = Literal["requested", "assigned", "resolved"]
+HANDOFF_STATUSES: tuple[HandoffStatus, ...] = ("requested", "assigned", "resolved")
+
+
+class Handoff(msgspec.Struct, frozen=True, kw_only=True):
+    """A conversation handed to people: `requested → assigned → resolved`.
+
+    Created whenever a conversation becomes `waiting_for_human`; assigned by an atomic claim;
+    resolved by hand-back, close, or (if the revision says so) by returning an unclaimed handoff
+    to the agent, with the `outcome`.
+    """
+
+    id: str
+    conversation_id: str
+    status: HandoffStatus = "requested"
+    reason: str
+    channel: Channel
+    end_user_id: str
+    requested_at: datetime
+    requested_by: str  # agent, operator key id, or channel
+    assignee: str | None = None  # the claiming API key's id
+    assignee_name: str | None = None
+    assigned_at: datetime | None = None
+    resolved_at: datetime | None = None
+    outcome: Literal["handed_back", "closed", "returned_to_agent"] | None = None
+    # Set once when nobody claimed it within the unclaimed-handoff time.
+    unclaimed_at: datetime | None = None
 
 
 class WebhookSubscription(msgspec.Struct, frozen=True, kw_only=True):

@@ -85,6 +85,9 @@ class CoreSettings(CommonSettings, kw_only=True, frozen=True):
     webhook_presence_seconds: float = 1.0
     # How often the durable approval timer looks for approvals past their deadline.
     approval_sweep_seconds: float = 0.5
+    # A handoff nobody claims within this time raises `handoff.unclaimed` and, if the revision
+    # says `on_unclaimed: return_to_agent`, goes back to the agent with an apology.
+    handoff_unclaimed_seconds: float = 600.0
     # Sent once per approval wait when the user writes while a tool call awaits approval.
     # Close and erase conversations idle for more than this many days (0: keep forever), checked
     # every `retention_sweep_seconds` by one core replica.

@@ -16,11 +16,13 @@ from litestar.exceptions import HTTPException, ValidationException
 from nats.aio.msg import Msg
 
 from services.api.auth import BOOTSTRAP_KEY_ID, KeyRing, require_scope
+from services.api.console import console_router
 from services.api.gateway import Gateway
 from services.api.openapi import complete_document, openapi_config, swagger_assets
 from services.api.routes.admin import AgentController, IdentityController, KeyController
 from services.api.routes.conversations import ConversationController
 from services.api.routes.dead_letters import DeadLetterController
+from services.api.routes.handoffs import EventStreamController, HandoffController, InboxController
 from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
 from services.api.routes.routing import RouteController
@@ -178,6 +180,10 @@ def create_app(settings: ApiSettings) -> Litestar:
             SimulationController,
             DeadLetterController,
             RouteController,
+            HandoffController,
+            InboxController,
+            EventStreamController,
+            console_router,
             *probe_handlers(service.ready, metrics),
             swagger_assets(),
         ],

@@ -49,6 +49,7 @@ class KeyRing:
         key_id: str | None = None,
         expires_at: datetime | None = None,
         visibility: Visibility = "all",
+        display_name: str | None = None,
     ) -> tuple[ApiKey, str]:
         secret = secret or new_secret()
         key = ApiKey(
@@ -59,6 +60,7 @@ class KeyRing:
             prefix=secret[:7],
             expires_at=expires_at,
             visibility=visibility,
+            display_name=display_name,
         )
         await self.store.put_api_key(key, hash_api_key(secret))
         return key, secret

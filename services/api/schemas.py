@@ -9,8 +9,10 @@ import msgspec
 
 from shared.envelopes import SimulationStop
 from shared.models import (
+    Approval,
     Channel,
     Evidence,
+    Handoff,
     KnowledgeBase,
     Policy,
     Scope,
@@ -142,6 +144,12 @@ class RevisionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     voice_greeting: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)] | None = None
     sms_help_text: Annotated[str, msgspec.Meta(min_length=1, max_length=1600)] | None = None
     human_queue_number: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
+    # Handoffs: the line said when the agent hands over, the one acknowledgement per wait, and
+    # what an unclaimed handoff does (see the README's "Handoffs and the console").
+    holding_message: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE)] | None = None
+    waiting_message: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE)] | None = None
+    on_unclaimed: Literal["wait", "return_to_agent"] = "wait"
+    unclaimed_message: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE)] | None = None
     activate: bool = True
 
 
@@ -162,6 +170,8 @@ class CreateApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Client keys: `own` (the default) sees only conversations the key created; `all` every one.
     # Operator and admin keys always see every conversation.
     visibility: Visibility | None = None
+    # The operator's name as end users' transcripts and colleagues see it (defaults to `name`).
+    display_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
 class CreatedApiKey(msgspec.Struct, kw_only=True):
@@ -172,6 +182,7 @@ class CreatedApiKey(msgspec.Struct, kw_only=True):
     expires_at: datetime | None
     visibility: Visibility
     key: str  # shown once; only its hash is stored
+    display_name: str | None = None
 
 
 class ApiKeyInfo(msgspec.Struct, kw_only=True):
@@ -184,6 +195,7 @@ class ApiKeyInfo(msgspec.Struct, kw_only=True):
     last_used_at: datetime | None
     expires_at: datetime | None
     visibility: Visibility
+    display_name: str | None = None
 
 
 class ErasedEndUser(msgspec.Struct, kw_only=True):
@@ -198,6 +210,7 @@ class WhoAmI(msgspec.Struct, kw_only=True):
     name: str
     scopes: list[Scope]
     visibility: Visibility = "all"
+    display_name: str | None = None
 
 
 class HandoffRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -213,7 +226,36 @@ class HumanTurnRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 class ResolveApprovalRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     decision: Literal["approve", "reject"]
     note: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
+    # Deprecated and ignored: the reviewer is always the calling API key. Still accepted so
+    # older clients do not break.
     reviewer: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+
+class ClaimRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # Admins only: take the handoff from the operator who holds it.
+    reassign: bool = False
+
+
+class InboxHandoff(msgspec.Struct, kw_only=True):
+    handoff: Handoff
+    user_address: str | None
+    last_message: str | None
+    last_message_at: datetime | None
+
+
+class InboxApproval(msgspec.Struct, kw_only=True):
+    approval: Approval
+    channel: Channel
+    end_user_id: str
+    user_address: str | None
+    last_message: str | None
+
+
+class Inbox(msgspec.Struct, kw_only=True):
+    """What waits for people: handoffs (requested and assigned) and pending approvals."""
+
+    handoffs: list[InboxHandoff]
+    approvals: list[InboxApproval]
 
 
 class Messages(msgspec.Struct, kw_only=True):

@@ -12,7 +12,16 @@ import uuid
 import msgspec
 from nats.aio.msg import Msg
 
-from services.core import approvals, erasure, first_contact, operators, replies, routing, turns
+from services.core import (
+    approvals,
+    erasure,
+    first_contact,
+    handoffs,
+    operators,
+    replies,
+    routing,
+    turns,
+)
 from services.core.agent.demo import seed_demo_agent
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
@@ -23,6 +32,7 @@ from shared.envelopes import (
     CallEnded,
     CallStarted,
     ChannelKeyword,
+    ClaimHandoff,
     CloseConversation,
     Command,
     CommandResult,
@@ -130,6 +140,10 @@ class Core:
                 await approvals.sweep(self.conversations)
             except Exception:
                 log.exception("approval sweep failed; retrying")
+            try:
+                await handoffs.sweep_unclaimed(self.conversations)
+            except Exception:
+                log.exception("unclaimed-handoff sweep failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.approval_sweep_seconds)
 
@@ -229,9 +243,7 @@ class Core:
             case CloseConversation():
                 conv = await c.close(command.conversation_id, command.reason, command.actor)
             case StartHandoff():
-                conv = await operators.start_handoff(
-                    c, command.conversation_id, command.reason, command.actor
-                )
+                conv = await operators.start_handoff(c, command)
             case HumanTurn():
                 conv = await operators.human_turn(c, command)
             case ResolveApproval():
@@ -242,8 +254,11 @@ class Core:
                     command.decision,
                     command.reviewer,
                     command.note,
+                    command.reviewer_name,
                 )
                 return CommandResult(ok=True, approval=approval)
+            case ClaimHandoff():
+                return CommandResult(ok=True, handoff=await handoffs.claim(c, command))
             case Simulate():
                 conv, turns, stopped = await operators.simulate(c, command)
                 return CommandResult(

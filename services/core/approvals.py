@@ -32,12 +32,13 @@ async def resolve(
     decision: str,
     reviewer: str,
     note: str | None,
+    reviewer_name: str | None = None,
 ) -> Approval:
     approval = await c.store.get_approval(approval_id)
     if approval.conversation_id != conversation_id:
         raise NotFound(f"approval {approval_id} not found in conversation {conversation_id}")
     status = "approved" if decision == "approve" else "rejected"
-    approval = await c.store.resolve_approval(approval_id, status, reviewer, note)
+    approval = await c.store.resolve_approval(approval_id, status, reviewer, note, reviewer_name)
     await _decided(c, approval)
     return approval
 
@@ -48,7 +49,12 @@ async def _decided(c: Conversations, approval: Approval) -> None:
         "approval.resolved",
         conv,
         approval.reviewer or "system",
-        {"approval_id": approval.id, "status": approval.status, "note": approval.note},
+        {
+            "approval_id": approval.id,
+            "status": approval.status,
+            "note": approval.note,
+            "reviewer_name": approval.reviewer_name,
+        },
         key=approval.id,
     )
     await publish_decided(c, approval.id, conv)

@@ -24,7 +24,7 @@ from services.core.audience import WebhookAudience
 from services.core.lifecycle import transition
 from services.core.outbox import Outbox
 from shared.bus import Bus
-from shared.errors import InvalidRequest
+from shared.errors import Conflict, InvalidRequest
 from shared.ids import new_id
 from shared.models import (
     Author,
@@ -136,6 +136,36 @@ class Conversations:
             actor,
             {"from": previous, "to": to, "reason": reason},
         )
+        if to == "closed":
+            await self.settle_on_close(conv.id, actor)
+
+    async def settle_on_close(self, cid: str, actor: str) -> None:
+        """A closed conversation leaves nothing waiting: its open handoff is resolved and its
+        pending approval cancelled (never left for someone to approve or for the timer)."""
+        current = await self.store.get_conversation(cid)
+        if current.handoff_id and await self.store.resolve_handoff(current.handoff_id, "closed"):
+            await self.outbox.emit(
+                "handoff.resolved",
+                current,
+                actor,
+                {"handoff_id": current.handoff_id, "outcome": "closed"},
+                key=current.handoff_id,
+            )
+        if current.approval_id:
+            try:
+                approval = await self.store.resolve_approval(
+                    current.approval_id, "cancelled", actor, "the conversation was closed"
+                )
+            except Conflict:
+                return  # decided already
+            await self.store.mark_applied(approval.id)
+            await self.outbox.emit(
+                "approval.cancelled",
+                current,
+                actor,
+                {"approval_id": approval.id, "reason": "conversation_closed"},
+                key=approval.id,
+            )
 
     async def close(self, cid: str, reason: str, actor: str) -> Conversation:
         conv = await self.store.get_conversation(cid)
@@ -143,7 +173,16 @@ class Conversations:
         return await self.store.get_conversation(cid)
 
     async def handoff(self, conv: Conversation, reason: str, actor: str) -> None:
+        """To `waiting_for_human`, with the handoff record people claim (see `handoffs`)."""
         await self.change_status(conv, "waiting_for_human", reason, actor)
+        record = await self.store.create_handoff(
+            conversation_id=conv.id,
+            reason=reason,
+            channel=conv.channel,
+            end_user_id=conv.end_user_id,
+            requested_by=actor,
+            unclaimed_after=self.settings.handoff_unclaimed_seconds,
+        )
         note = Turn(
             id=new_id("turn"),
             conversation_id=conv.id,
@@ -156,7 +195,10 @@ class Conversations:
         appended = await self.store.append_turn(note, allowed=("waiting_for_human",))
         await self.outbox.record_turn(conv, msgspec.structs.replace(note, seq=appended.seq))
         await self.outbox.emit(
-            "handoff.started", conv, actor, {"reason": reason, "seq": appended.seq}
+            "handoff.started",
+            conv,
+            actor,
+            {"reason": reason, "seq": appended.seq, "handoff_id": record.id},
         )
 
     async def say(

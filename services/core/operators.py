@@ -4,17 +4,37 @@ from __future__ import annotations
 
 from services.core import turns
 from services.core.conversations import Conversations
+from services.core.handoffs import claim, hand_back, require_assignee
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from shared.envelopes import HumanTurn, InboundMessage, Simulate, SimulationStop
+from shared.envelopes import (
+    ClaimHandoff,
+    HumanTurn,
+    InboundMessage,
+    Simulate,
+    SimulationStop,
+    StartHandoff,
+)
 from shared.errors import ConversationClosed, IllegalTransition, InvalidRequest
 from shared.ids import ulid
 from shared.models import Author, Conversation, Turn, utcnow
 
 
-async def start_handoff(c: Conversations, cid: str, reason: str, actor: str) -> Conversation:
-    conv = await c.store.get_conversation(cid)
-    await c.handoff(conv, reason, actor)
-    return await c.store.get_conversation(cid)
+async def start_handoff(c: Conversations, cmd: StartHandoff) -> Conversation:
+    """An operator takes over: the handoff is theirs from the start."""
+    conv = await c.store.get_conversation(cmd.conversation_id)
+    await c.handoff(conv, cmd.reason, cmd.actor)
+    current = await c.store.get_conversation(conv.id)
+    if cmd.actor_name is not None and current.handoff_id:
+        await claim(
+            c,
+            ClaimHandoff(
+                handoff_id=current.handoff_id,
+                operator_id=cmd.actor,
+                operator_name=cmd.actor_name,
+            ),
+        )
+        current = await c.store.get_conversation(conv.id)
+    return current
 
 
 async def human_turn(c: Conversations, cmd: HumanTurn) -> Conversation:
@@ -27,15 +47,17 @@ async def human_turn(c: Conversations, cmd: HumanTurn) -> Conversation:
             f"conversation is {conv.status}; only a handed-off conversation can be handed back",
             details={"status": conv.status},
         )
+    # Only the handoff's assignee speaks for us; an unclaimed handoff is claimed by who replies.
+    await require_assignee(c, conv, cmd.operator_id, cmd.operator_name or cmd.operator_id)
     if cmd.content:
         await c.say(
             conv,
             cmd.content,
-            author=Author(kind="operator", id=cmd.operator_id),
+            author=Author(kind="operator", id=cmd.operator_id, name=cmd.operator_name),
             allowed=ACCEPTS_USER_TURNS,
         )
     if cmd.hand_back:
-        await c.change_status(conv, "active", "hand_back", cmd.operator_id)
+        await hand_back(c, conv, "handed_back", cmd.operator_id)
         await c.outbox.resume(conv, key=ulid())
     if cmd.close:
         return await c.close(conv.id, "closed_by_operator", cmd.operator_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
-from services.core import replies, routing
+from services.core import handoffs, replies, routing
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from shared.envelopes import ChannelKeyword, EventType, InboundMessage, TurnReply
@@ -64,6 +64,8 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
     if status != "active":
         if status == "awaiting_approval" and not appended.duplicate:
             await still_waiting(c, conv)
+        elif status == "waiting_for_human" and not appended.duplicate:
+            await handoffs.acknowledge_while_waiting(c, conv)
         c.metrics.messages.labels("core", env.channel, "queued").inc()
         await c.outbox.publish_reply(
             TurnReply(

@@ -7,6 +7,7 @@ entities (indexes) happen in an order that a crash between steps cannot make inc
     conversations.py  the conversation hash, status transitions, the indexes that find one
     turns.py          the turn log, the pending queue, the audit event log, usage counts
     approvals.py      approvals, their deadline index and the unapplied set
+    handoffs.py       handoff records, their per-status indexes and the unclaimed timer
     channels.py       reply deliveries, SMS opt-outs, calls, email threading
     directory.py      end users and identities, agents and revisions, API keys, webhooks
     erasure.py        what one conversation or end user leaves behind, found and deleted
@@ -26,6 +27,7 @@ from shared.store.connection import Connection
 from shared.store.conversations import Conversations
 from shared.store.directory import Directory, hash_api_key
 from shared.store.erasure import Erasure
+from shared.store.handoffs import Handoffs
 from shared.store.idempotency import IdempotencyKeys
 from shared.store.routing import Routes
 from shared.store.turns import Appended, Turns
@@ -34,7 +36,15 @@ __all__ = ["Appended", "Connection", "Page", "Store", "hash_api_key"]
 
 
 class Store(
-    Erasure, Conversations, Turns, Approvals, ChannelState, Directory, IdempotencyKeys, Routes
+    Erasure,
+    Conversations,
+    Turns,
+    Approvals,
+    Handoffs,
+    ChannelState,
+    Directory,
+    IdempotencyKeys,
+    Routes,
 ):
     def __init__(self, url: str, namespace: str = "") -> None:
         super().__init__(Connection(url, namespace))

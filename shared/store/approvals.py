@@ -16,13 +16,13 @@ from shared.store.connection import Connection
 
 _approval = Codec(Approval)
 
-# KEYS: approval hash. ARGV: new status, reviewer, note, resolved_at
+# KEYS: approval hash. ARGV: new status, reviewer, note, resolved_at, reviewer's display name
 _RESOLVE_APPROVAL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'not_found' end
 if status ~= 'pending' then return status end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'reviewer', ARGV[2], 'note', ARGV[3],
-           'resolved_at', ARGV[4])
+           'resolved_at', ARGV[4], 'reviewer_name', ARGV[5])
 return 'ok'
 """
 
@@ -34,6 +34,7 @@ def _approval_from_hash(raw: dict[Any, Any]) -> Approval:
         approval,
         status=text(raw[b"status"]),
         reviewer=text(raw[b"reviewer"]) if raw.get(b"reviewer") else None,
+        reviewer_name=text(raw[b"reviewer_name"]) if raw.get(b"reviewer_name") else None,
         note=text(raw[b"note"]) if raw.get(b"note") else None,
         resolved_at=datetime.fromisoformat(text(resolved)) if resolved else None,
     )
@@ -65,13 +66,18 @@ class Approvals(Aggregate):
         return [_approval_from_hash(raw) for raw in raws]
 
     async def resolve_approval(
-        self, aid: str, status: str, reviewer: str, note: str | None
+        self,
+        aid: str,
+        status: str,
+        reviewer: str,
+        note: str | None,
+        reviewer_name: str | None = None,
     ) -> Approval:
         """pending → `status`, once. A second resolve is a Conflict carrying the current status."""
         outcome = text(
             await self._resolve_approval(
                 keys=[self._k.approval(aid)],
-                args=[status, reviewer, note or "", utcnow().isoformat()],
+                args=[status, reviewer, note or "", utcnow().isoformat(), reviewer_name or ""],
             )
         )
         if outcome == "not_found":

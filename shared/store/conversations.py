@@ -55,9 +55,11 @@ def conversation_from_hash(raw: dict[Any, Any]) -> Conversation:
     doc["status"] = raw[b"status"].decode()
     doc["last_seq"] = int(raw[b"last_seq"])
     doc["updated_at"] = datetime.fromisoformat(raw[b"updated_at"].decode())
-    for field in (b"closed_reason", b"approval_id"):
+    for field in (b"closed_reason", b"approval_id", b"handoff_id"):
         if field in raw:
             doc[field.decode()] = raw[field].decode()
+    if b"operator_id" in raw:  # a person has the conversation: they are its assigned agent
+        doc["assigned_agent_id"] = raw[b"operator_id"].decode()
     return msgspec.convert(doc, Conversation, strict=False)
 
 
@@ -72,6 +74,7 @@ class Conversations(Aggregate):
         doc.pop("updated_at")
         doc.pop("closed_reason")
         doc.pop("approval_id")
+        doc.pop("handoff_id")
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(
             self._k.conversation(conv.id),

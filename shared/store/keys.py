@@ -15,7 +15,8 @@ class Keys:
 
     # One conversation (all `{cid}`-tagged) ------------------------------------------------------
     def conversation(self, cid: str) -> str:
-        """Hash: doc (JSON), status, last_seq, updated_at, closed_reason, approval_id."""
+        """Hash: doc (JSON), status, last_seq, updated_at, closed_reason, approval_id, handoff_id,
+        and operator_id / operator_name while a person has claimed its handoff."""
         return f"{self.ns}conv:{{{cid}}}"
 
     def turn_log(self, cid: str) -> str:
@@ -94,6 +95,20 @@ class Keys:
     def approvals_unapplied(self) -> str:
         """Sorted set: decided but not yet carried out by core → when decided."""
         return f"{self.ns}approvals:unapplied"
+
+    # Handoffs ------------------------------------------------------------------------------------
+    def handoff(self, cid: str, ulid: str) -> str:
+        """Hash: doc (JSON), status, assignee, assignee_name, assigned_at, resolved_at, outcome,
+        unclaimed_at. Tagged with its conversation: a claim changes both in one script."""
+        return f"{self.ns}handoff:{{{cid}}}:{ulid}"
+
+    def handoffs(self, status: str) -> str:
+        """Sorted set (all scores 0): handoff ids in `status`, paged lexicographically."""
+        return f"{self.ns}handoffs:{status}"
+
+    def handoffs_unclaimed(self) -> str:
+        """Sorted set: requested handoff id → when it counts as unclaimed (epoch seconds)."""
+        return f"{self.ns}handoffs:unclaimed-deadlines"
 
     def once(self, claim: str) -> str:
         return f"{self.ns}once:{claim}"

@@ -171,6 +171,15 @@ class Turns(Aggregate):
         raws = await self._r.lrange(self._k.turn_log(cid), after_seq, after_seq + limit - 1)
         return [_load_turn(cid, after_seq + i + 1, raw) for i, raw in enumerate(raws)]
 
+    async def last_turns(self, cid: str, count: int) -> list[Turn]:
+        """The conversation's last `count` turns, in order (the inbox's "last message")."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.lrange(self._k.turn_log(cid), -count, -1)
+        pipe.llen(self._k.turn_log(cid))
+        raws, total = await pipe.execute()
+        first = total - len(raws) + 1
+        return [_load_turn(cid, first + i, raw) for i, raw in enumerate(raws)]
+
     async def seen_seq(self, cid: str, dedupe_key: str) -> int | None:
         raw = await self._r.hget(self._k.seen(cid), dedupe_key)
         return int(raw) if raw is not None else None

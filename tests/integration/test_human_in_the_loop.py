@@ -170,7 +170,8 @@ async def test_approve_runs_the_tool_and_answers_what_queued_meanwhile(stack: St
     )
     assert resolved.status_code == 200, resolved.text
     assert resolved.json()["status"] == "approved"
-    assert resolved.json()["reviewer"] == "alex"
+    # The reviewer is the calling key; the deprecated body field is ignored.
+    assert resolved.json()["reviewer"] == "key_bootstrap"
 
     async def done() -> list[tuple[str, str, str]] | None:
         turns = await transcript(stack, cid)

@@ -287,13 +287,16 @@ async def test_a_handoff_over_sms_delivers_the_operators_message_as_sms(stack: S
     conv = (await conversations(stack))[0]
     assert (await stack.core.store.get_conversation(conv.id)).status == "waiting_for_human"
     await post_signed(stack, "/twilio/sms", sms_form("hello? anyone?"))
+    # Nobody has claimed the handoff yet: the user hears the waiting line (once per wait).
+    acked = await eventually(lambda: _ready(sent_messages(stack), 2), what="the waiting line")
+    assert acked[1]["Body"].startswith("Thanks, your message is with our team.")
     await stack.api.post(
         f"/v1/conversations/{conv.id}/human-turns", json={"content": "Hi, this is Sam from Acme."}
     )
-    sent = await eventually(lambda: _ready(sent_messages(stack), 2), what="the operator's SMS")
-    assert sent[1]["Body"] == "Hi, this is Sam from Acme."
-    assert sent[1]["From"] == OUR_NUMBER
-    assert len(sent) == 2  # the AI did not answer "hello? anyone?"
+    sent = await eventually(lambda: _ready(sent_messages(stack), 3), what="the operator's SMS")
+    assert sent[2]["Body"] == "Hi, this is Sam from Acme."
+    assert sent[2]["From"] == OUR_NUMBER
+    assert len(sent) == 3  # the AI did not answer "hello? anyone?"
 
 
 async def test_transient_twilio_errors_are_retried(stack: Stack) -> None:

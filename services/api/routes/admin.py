@@ -205,6 +205,10 @@ async def _add_revision(gateway: Gateway, agent: Agent, spec: RevisionSpec) -> R
         human_queue_number=(
             normalize_phone(spec.human_queue_number) if spec.human_queue_number else None
         ),
+        holding_message=spec.holding_message or defaults.holding_message,
+        waiting_message=spec.waiting_message or defaults.waiting_message,
+        on_unclaimed=spec.on_unclaimed,
+        unclaimed_message=spec.unclaimed_message or defaults.unclaimed_message,
     )
     await gateway.store.put_revision(revision, secrets)
     return revision
@@ -241,7 +245,11 @@ class KeyController(Controller):
             )
         visibility = data.visibility or ("own" if client_only else "all")
         key, secret = await keyring.create(
-            data.name, tuple(data.scopes), expires_at=data.expires_at, visibility=visibility
+            data.name,
+            tuple(data.scopes),
+            expires_at=data.expires_at,
+            visibility=visibility,
+            display_name=data.display_name,
         )
         return CreatedApiKey(
             id=key.id,
@@ -251,6 +259,7 @@ class KeyController(Controller):
             expires_at=key.expires_at,
             visibility=key.visibility,
             key=secret,
+            display_name=key.display_name,
         )
 
     @get("/api-keys")
@@ -265,6 +274,7 @@ class KeyController(Controller):
                     last_used_at=last_used,
                     expires_at=key.expires_at,
                     visibility=key.visibility,
+                    display_name=key.display_name,
                 )
                 for key, last_used in await gateway.store.list_api_keys()
             ]
@@ -283,4 +293,10 @@ class KeyController(Controller):
     @get("/whoami", opt={"scope": "client"})
     async def whoami(self, request: Request[Any, Any, Any]) -> WhoAmI:
         key = request.state.api_key
-        return WhoAmI(id=key.id, name=key.name, scopes=list(key.scopes), visibility=key.visibility)
+        return WhoAmI(
+            id=key.id,
+            name=key.name,
+            scopes=list(key.scopes),
+            visibility=key.visibility,
+            display_name=key.display_name,
+        )

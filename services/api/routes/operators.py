@@ -35,7 +35,10 @@ class OperatorController(Controller):
         return await gateway.command(
             "handoff",
             StartHandoff(
-                conversation_id=conversation_id, reason=reason, actor=request.state.api_key.id
+                conversation_id=conversation_id,
+                reason=reason,
+                actor=request.state.api_key.id,
+                actor_name=request.state.api_key.operator_name,
             ),
         )
 
@@ -57,6 +60,7 @@ class OperatorController(Controller):
                 hand_back=data.hand_back,
                 close=data.close,
                 operator_id=request.state.api_key.id,
+                operator_name=request.state.api_key.operator_name,
             ),
         )
 
@@ -85,7 +89,9 @@ class OperatorController(Controller):
                 approval_id=approval_id,
                 decision=data.decision,
                 note=data.note,
-                reviewer=data.reviewer or key.id,
+                # Who decided is the calling key; a `reviewer` in the body is ignored.
+                reviewer=key.id,
+                reviewer_name=key.operator_name,
             ),
         )
         assert result.approval is not None
@@ -101,7 +107,7 @@ class ApprovalController(Controller):
     async def list_approvals(
         self,
         gateway: Gateway,
-        status: Literal["pending", "approved", "rejected", "timed_out"] | None = None,
+        status: Literal["pending", "approved", "rejected", "timed_out", "cancelled"] | None = None,
         cursor: str | None = None,
         limit: Limit = 50,
     ) -> ItemList[Approval]:

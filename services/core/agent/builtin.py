@@ -79,7 +79,7 @@ class BuiltinRuntime:
         handoff_tool = next((t for t in ("transfer_call", "handoff") if t in self.tool_names), None)
         if _HUMAN.search(text) and handoff_tool is not None:
             return AgentReply(
-                text="Let me connect you with a member of our team.",
+                text=self.revision.holding_message,
                 tool_calls=(
                     ProposedToolCall(
                         name=handoff_tool, arguments={"reason": "user asked for a person"}

@@ -26,7 +26,6 @@ from shared.models import Evidence, Policy, Revision, ToolCall
 
 # Rounds of tool calls one turn may take before core stops asking.
 MAX_STEPS = 5
-HANDOFF_TEXT = "Let me connect you with a member of our team."
 
 
 class ToolLedger(Protocol):
@@ -140,7 +139,7 @@ async def run_steps(
                 )
             )
             return Answer(
-                text=reply.text or HANDOFF_TEXT,
+                text=reply.text or revision.holding_message,
                 tool_calls=tuple(records),
                 evidence=reply.evidence,
                 handoff=True,
