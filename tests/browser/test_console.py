@@ -8,15 +8,13 @@ receiving what the console's operator writes.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from tests.conftest import Stack, eventually
 from tests.integration.test_sms import post_signed, sent_messages, sms_form
-
-pytest.importorskip("playwright", reason="Playwright is a dev dependency (requirements-dev.lock)")
-from playwright.async_api import Browser, Page, async_playwright, expect
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -56,16 +54,30 @@ async def operator_key(stack: Stack, display_name: str, scope: str = "operator")
     return str(created.json()["key"])
 
 
-async def signed_in(browser: Browser, stack: Stack, key: str) -> Page:
-    """A fresh tab (its own sessionStorage) signed in and listening to the live stream."""
-    context = await browser.new_context(viewport={"width": 1100, "height": 900})
-    page = await context.new_page()
-    await page.goto(f"{stack.base_url}/console")
-    await page.get_by_test_id("key").fill(key)
-    await page.get_by_test_id("sign-in-button").click()
-    await expect(page.get_by_test_id("live")).to_have_text("live", timeout=WAIT_MS)
-    await expect(page.get_by_test_id("inbox")).to_be_visible()
-    return page
+Tab = Callable[[str | None], Awaitable[Page]]
+
+
+@pytest.fixture
+async def tab(browser: Browser, stack: Stack) -> AsyncIterator[Tab]:
+    """Opens fresh tabs (each its own sessionStorage) on the console, signed in with a key; all
+    are closed before the gateway stops, so no event stream outlives its test."""
+    contexts: list[BrowserContext] = []
+
+    async def open_tab(key: str | None) -> Page:
+        context = await browser.new_context(viewport={"width": 1100, "height": 900})
+        contexts.append(context)
+        page = await context.new_page()
+        await page.goto(f"{stack.base_url}/console")
+        if key is not None:
+            await page.get_by_test_id("key").fill(key)
+            await page.get_by_test_id("sign-in-button").click()
+            await expect(page.get_by_test_id("live")).to_have_text("live", timeout=WAIT_MS)
+            await expect(page.get_by_test_id("inbox")).to_be_visible()
+        return page
+
+    yield open_tab
+    for context in contexts:
+        await context.close()
 
 
 def bodies(stack: Stack) -> list[str]:
@@ -81,9 +93,9 @@ async def sms_sent(stack: Stack, text: str) -> list[str]:
 
 
 async def test_an_operator_takes_an_sms_conversation_and_approves_a_refund_in_the_console(
-    browser: Browser, stack: Stack
+    tab: Tab, stack: Stack
 ) -> None:
-    ana = await signed_in(browser, stack, await operator_key(stack, "Ana"))
+    ana = await tab(await operator_key(stack, "Ana"))
     await expect(ana.get_by_test_id("who")).to_have_text("Ana")
 
     # An SMS user asks for a person: the inbox shows it without a reload.
@@ -100,7 +112,7 @@ async def test_an_operator_takes_an_sms_conversation_and_approves_a_refund_in_th
 
     # Claim, reply (the reply reaches Twilio), hand back.
     await waiting.get_by_role("link").click()
-    await expect(ana.get_by_test_id("conversation")).to_be_visible()
+    await expect(ana.get_by_test_id("handoff-state")).to_contain_text("Waiting for a person")
     await ana.get_by_test_id("claim").click()
     await expect(ana.get_by_test_id("handoff-state")).to_have_text(
         "You have this conversation.", timeout=WAIT_MS
@@ -139,11 +151,12 @@ async def test_an_operator_takes_an_sms_conversation_and_approves_a_refund_in_th
     await ana.get_by_test_id("nav-inbox").click()
     await expect(ana.get_by_test_id("handoff")).to_have_count(1, timeout=WAIT_MS)
     await ana.get_by_test_id("handoff").get_by_role("link").click()
+    await expect(ana.get_by_test_id("handoff-state")).to_contain_text("Waiting for a person")
     await ana.get_by_test_id("claim").click()
     await expect(ana.get_by_test_id("handoff-state")).to_have_text(
         "You have this conversation.", timeout=WAIT_MS
     )
-    bo = await signed_in(browser, stack, await operator_key(stack, "Bo"))
+    bo = await tab(await operator_key(stack, "Bo"))
     await expect(bo.get_by_test_id("handoff")).to_contain_text("with Ana", timeout=WAIT_MS)
     await bo.get_by_test_id("handoff").get_by_role("link").click()
     await expect(bo.get_by_test_id("handoff-state")).to_have_text("Ana has this conversation.")
@@ -151,12 +164,10 @@ async def test_an_operator_takes_an_sms_conversation_and_approves_a_refund_in_th
     await expect(bo.get_by_test_id("notice")).to_have_text(
         "Could not claim this conversation: Ana already claimed this conversation."
     )
-    await bo.context.close()
-    await ana.context.close()
 
 
-async def test_hostile_text_renders_as_text_and_never_runs(browser: Browser, stack: Stack) -> None:
-    page = await signed_in(browser, stack, await operator_key(stack, "Ana"))
+async def test_hostile_text_renders_as_text_and_never_runs(tab: Tab, stack: Stack) -> None:
+    page = await tab(await operator_key(stack, "Ana"))
     hostile = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
     await post_signed(stack, "/twilio/sms", sms_form("I need a human"))
     await expect(page.get_by_test_id("handoff")).to_have_count(1, timeout=WAIT_MS)
@@ -168,20 +179,16 @@ async def test_hostile_text_renders_as_text_and_never_runs(browser: Browser, sta
     await expect(contents.filter(has_text="window.__pwned")).to_have_text(hostile, timeout=WAIT_MS)
     assert await page.evaluate("window.__pwned") is None
     assert await page.locator("#transcript script, #transcript img, #handoffs img").count() == 0
-    await page.context.close()
 
 
-async def test_an_invalid_key_is_refused_with_a_message(browser: Browser, stack: Stack) -> None:
-    context = await browser.new_context()
-    page = await context.new_page()
-    await page.goto(f"{stack.base_url}/console")
+async def test_an_invalid_key_is_refused_with_a_message(tab: Tab) -> None:
+    page = await tab(None)
     await page.get_by_test_id("key").fill("sk_not_a_key")
     await page.get_by_test_id("sign-in-button").click()
     await expect(page.get_by_test_id("notice")).to_have_text(
         "Your key is no longer valid (expired or revoked). Sign in again."
     )
     await expect(page.get_by_test_id("sign-in")).to_be_visible()
-    await context.close()
 
 
 async def test_the_console_is_served_offline_with_a_strict_content_security_policy(

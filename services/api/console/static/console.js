@@ -173,6 +173,7 @@ function route() {
   const [, view, id] = (location.hash || "#/inbox").split("/");
   if (view === "conversation" && id) {
     state.conversationId = decodeURIComponent(id);
+    resetConversation();
     show("conversation");
     loadConversation();
   } else if (view === "approvals") {
@@ -279,6 +280,17 @@ function approvalItem(approval) {
 }
 
 // A conversation ---------------------------------------------------------------------------------
+
+// Nothing from the previous conversation may be acted on while the next one loads.
+function resetConversation() {
+  state.conversation = null;
+  state.handoff = null;
+  for (const id of ["conv-title", "conv-meta", "handoff-state"]) $(id).textContent = "";
+  clear($("transcript"));
+  $("claim").hidden = true;
+  $("reassign").hidden = true;
+  for (const id of ["hand-back", "close", "reply"]) $(id).disabled = true;
+}
 
 async function loadConversation() {
   const cid = state.conversationId;
