@@ -163,10 +163,16 @@ async def test_a_user_waiting_for_a_person_hears_the_holding_line_once_and_one_a
     cid, _ = await handed_off(stack)
     for text in ("hello?", "anyone there?", "still here"):
         assert (await say(stack, cid, text)).status_code == 202
-    said = [t for t in await transcript(stack, cid) if t[0] == "assistant"]
-    assert [c for _, _, c in said] == [
-        "Let me connect you with a member of our team.",
-        "Thanks, your message is with our team. A person will reply here as soon as they can.",
+    to_user = [
+        (author, text) for role, author, text in await transcript(stack, cid) if role != "user"
+    ]
+    assert to_user == [
+        ("agent", "Let me connect you with a member of our team."),
+        ("system", "Conversation handed to a human (transfer_call)."),
+        (
+            "system",
+            "Thanks, your message is with our team. A person will reply here as soon as they can.",
+        ),
     ]
 
 
