@@ -79,6 +79,15 @@ class Subjects:
     def event(self, event_type: str) -> str:
         return self._s(f"gw.evt.{event_type}")
 
+    def operator_event(self, event_type: str) -> str:
+        """Core NATS (never stored): what operators' screens follow, published whoever listens
+        and without the event's payload details a screen re-reads from the API anyway."""
+        return self._s(f"gw.ops.{event_type}")
+
+    @property
+    def operator_events_all(self) -> str:
+        return self._s("gw.ops.>")
+
     def dead(self, source: str) -> str:
         return self._s(f"gw.dead.{source}")
 

@@ -38,6 +38,8 @@ from shared.telemetry import Metrics
 log = logging.getLogger("switchboard.core")
 _enc = msgspec.json.Encoder()
 _WORDS = re.compile(r"\S+\s*")
+# What operators' screens follow, besides every `turn.created` (see `tell_operators`).
+OPERATOR_EVENTS = ("handoff.", "approval.", "conversation.status_changed")
 
 
 class Outbox:
@@ -119,13 +121,14 @@ class Outbox:
     async def record_turn(self, conv: Conversation, turn: Turn) -> None:
         """Publish the turn's `turn.created` event (the append already put it in the audit log)."""
         work: list[Awaitable[Any]] = []
+        event = turn_created_event(turn, conv.session_type, conv.channel)
         if self.audience.wants(conv.session_type):
-            event = turn_created_event(turn, conv.session_type, conv.channel)
             work.append(
                 self.bus.publish(
                     self.subjects.event(event.type), _enc.encode(event), msg_id=event.id
                 )
             )
+        work.append(self.tell_operators(msgspec.structs.replace(event, data={"seq": turn.seq})))
         if conv.session_type == "live" and turn.role != "system":
             work.append(self.store.count_usage(conv.channel, turns=1))
         await asyncio.gather(*work)
@@ -190,7 +193,17 @@ class Outbox:
                     self.subjects.event(event_type), _enc.encode(event), msg_id=event.id
                 )
             )
+        if event_type.startswith(OPERATOR_EVENTS):
+            work.append(self.tell_operators(event))
         if conv is not None:
             work.append(self.store.record_event(conv.id, event))
         await asyncio.gather(*work)
         return event
+
+    async def tell_operators(self, event: Event) -> None:
+        """Operators' screens (the console's live inbox) follow these on core NATS, whether or not
+        a webhook subscription makes events go through JetStream; nothing is stored, so a screen
+        that missed one re-reads the API (it does on every reconnect)."""
+        if event.session_type == "simulation":
+            return  # read-only replays are nobody's work
+        await self.bus.publish_core(self.subjects.operator_event(event.type), _enc.encode(event))

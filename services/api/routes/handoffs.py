@@ -151,8 +151,9 @@ class EventStreamController(Controller):
     @get("/")
     async def stream(self, gateway: Gateway) -> ServerSentEvent:
         """Server-sent events for operators' screens: one frame per handoff, approval, status
-        change and new turn (`event:` is the event type, `data:` the event). A `resync` frame
-        says frames were dropped for a slow reader: reload what you show."""
+        change and new turn (`event:` is the event type, `data:` the event; a `turn.created`
+        carries only the seq: read the turn from the API). A `resync` frame says frames were
+        dropped for a slow reader: reload what you show."""
         queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=1000)
 
         async def on_event(msg: Msg) -> None:
@@ -164,7 +165,7 @@ class EventStreamController(Controller):
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.put_nowait(event) if queue.qsize() < 999 else queue.put_nowait(None)
 
-        sub = await gateway.bus.nc.subscribe(gateway.subjects.events_all, cb=on_event)
+        sub = await gateway.bus.nc.subscribe(gateway.subjects.operator_events_all, cb=on_event)
 
         async def frames() -> AsyncGenerator[ServerSentEventMessage, None]:
             try:
