@@ -323,3 +323,42 @@ async def test_the_context_carries_the_end_users_turns_from_every_channel(
     assert context["history"][0]["text"] == "my order 12345 is late"
     assert {"kind": "phone", "value": phone} in context["end_user"]["identities"]
     assert context["message"]["channel"] == "api"
+
+
+async def test_a_bots_call_held_for_approval_runs_once_approved_and_the_bot_writes_the_reply(
+    agents: Stack, fakes: FakeServers
+) -> None:
+    revision = http_revision(
+        fakes.bot_url("/tools"),
+        tools=[
+            {
+                "name": "issue_refund",
+                "parameters": {"order_id": "string"},
+                "url": fakes.tool_url("/refund"),
+            }
+        ],
+        policies=[{"tool": "issue_refund", "decision": "require_approval"}],
+    )
+    agent = await make_agent(agents, revision)
+    cid = await open_conversation(agents, agent["id"])
+    held = await say(agents, cid, "use issue_refund 67890")
+    assert held["session_status"] == "awaiting_approval"
+    assert fakes.fakes.tool_calls == {}
+    pending = (await agents.api.get("/v1/approvals", params={"status": "pending"})).json()
+    [approval] = [a for a in pending["items"] if a["conversation_id"] == cid]
+    response = await agents.api.post(
+        f"/v1/conversations/{cid}/approvals/{approval['id']}/resolve",
+        json={"decision": "approve"},
+    )
+    assert response.status_code == 200, response.text
+
+    async def replied() -> list[str]:
+        turns = await assistant_turns(agents, cid)
+        return turns if len(turns) == 2 else []
+
+    replies = await eventually(replied, what="the bot's reply after the approval")
+    result = {"refunded": True, "order_id": "67890", "refund_id": "rf_67890_ok"}
+    assert replies[1] == f"issue_refund approved: {json.dumps(result)}"
+    assert list(fakes.fakes.tool_calls.values()) == [1]
+    last_step = fakes.fakes.seen("/tools")[-1].json
+    assert last_step["message"]["text"] == "use issue_refund 67890"  # the turn it resumes

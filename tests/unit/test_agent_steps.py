@@ -91,19 +91,30 @@ async def test_a_policy_deny_never_runs_the_tool() -> None:
     assert ledger.results == {}  # nothing ran, nothing recorded
 
 
-async def test_an_allowed_call_is_recorded_and_a_redelivered_turn_reads_it() -> None:
+async def test_a_call_that_acts_is_recorded_and_a_redelivered_turn_reads_it() -> None:
     ledger = MemoryLedger()
-    rev = revision("lookup_order")
+    rev = revision("issue_refund")
     first = await steps(
-        Scripted(call("lookup_order", order_id="12345"), AgentReply(text="a")), rev, ledger
+        Scripted(call("issue_refund", order_id="12345"), AgentReply(text="a")), rev, ledger
     )
-    key = tool_key("k", "lookup_order", {"order_id": "12345"})
-    assert ledger.results == {key: {"order_id": "12345", "found": True, "status": "shipped"}}
+    key = tool_key("k", "issue_refund", {"order_id": "12345"})
+    assert ledger.results == {key: {"order_id": "12345", "refunded": True}}
+    assert first.tool_calls[0].result == {"order_id": "12345", "refunded": True}
     ledger.results[key] = {"recorded": True}  # what the first run left; the tool must not run
-    runtime = Scripted(call("lookup_order", order_id="12345"), AgentReply(text="b"))
+    runtime = Scripted(call("issue_refund", order_id="12345"), AgentReply(text="b"))
     await steps(runtime, rev, ledger)
     assert runtime.seen[1].tool_results[0].result == {"recorded": True}
-    assert first.tool_calls[0].result["status"] == "shipped"
+
+
+async def test_a_read_only_demo_tool_is_not_put_on_record() -> None:
+    ledger = MemoryLedger()
+    answer = await steps(
+        Scripted(call("lookup_order", order_id="12345"), AgentReply(text="a")),
+        revision("lookup_order"),
+        ledger,
+    )
+    assert answer.tool_calls[0].result["status"] == "shipped"
+    assert ledger.results == {}
 
 
 async def test_a_runtime_that_keeps_calling_tools_is_stopped_with_the_fallback() -> None:

@@ -185,5 +185,7 @@ class OpenAIRuntime:
         return AgentReply(
             text="".join(sent),
             tool_calls=tuple(proposed),
+            # The excerpts the model was shown are the answer's evidence.
+            evidence=context.evidence if not proposed else (),
             streamed=bool(sent) and not proposed,
         )

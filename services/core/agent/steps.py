@@ -21,7 +21,13 @@ import msgspec
 
 from services.core.agent.context import AgentContext, ToolOutcome
 from services.core.agent.runtime import DeltaSink, Runtime, RuntimeFailed
-from services.core.agent.tools import HANDOFF_TOOLS, TOOLS, ToolRunner, policy_for
+from services.core.agent.tools import (
+    HANDOFF_TOOLS,
+    SIDE_EFFECTS,
+    TOOLS,
+    ToolRunner,
+    policy_for,
+)
 from shared.models import Evidence, Policy, Revision, ToolCall
 
 # Rounds of tool calls one turn may take before core stops asking.
@@ -82,10 +88,14 @@ async def run_tool_once(
     simulate: bool,
     secrets: Mapping[str, str] | None = None,
 ) -> Any:
-    found, result = await ledger.recall(key)
-    if found:
-        return result
     spec = next((t for t in revision.tools if t.name == name), None)
+    # Only a call that acts on the world needs its result on record: the demo's read-only
+    # built-in tools just run again.
+    durable = (spec is not None and bool(spec.url)) or name in SIDE_EFFECTS
+    if durable:
+        found, result = await ledger.recall(key)
+        if found:
+            return result
     result = await runner.run(
         spec,
         name,
@@ -95,7 +105,8 @@ async def run_tool_once(
         simulate=simulate,
         secret=(secrets or {}).get(f"tool:{name}", ""),
     )
-    await ledger.record(key, result)
+    if durable:
+        await ledger.record(key, result)
     return result
 
 
