@@ -44,6 +44,9 @@ class Fakes:
     hold_tool_step: asyncio.Event | None = None
     held: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    # `/gate` holds a message that says "wait" until `gate` is set (`gated`: one is held).
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    gated: asyncio.Event = field(default_factory=asyncio.Event)
 
     def seen(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.path == path]
@@ -83,6 +86,15 @@ def bot_app(fakes: Fakes) -> Litestar:
         await _record(fakes, request)
         await fakes.release.wait()
         return {"text": "too late"}
+
+    @post("/gate", status_code=200)
+    async def gate(request: Request[Any, Any, Any]) -> Any:
+        seen = await _record(fakes, request)
+        text = seen.json["message"]["text"]
+        if "wait" in text:
+            fakes.gated.set()
+            await fakes.gate.wait()
+        return {"text": f"echo: {text}"}
 
     @post("/error", status_code=200)
     async def error(request: Request[Any, Any, Any]) -> Any:
@@ -130,7 +142,7 @@ def bot_app(fakes: Fakes) -> Litestar:
         await _record(fakes, request)
         return {"text": "A colleague will take it from here.", "handoff": True}
 
-    return Litestar([echo, slow, hang, error, garbage, stream, tools, handoff])
+    return Litestar([echo, slow, hang, gate, error, garbage, stream, tools, handoff])
 
 
 def tool_app(fakes: Fakes) -> Litestar:
@@ -264,6 +276,7 @@ class FakeServers:
 
     async def stop(self) -> None:
         self.fakes.release.set()
+        self.fakes.gate.set()
         await asyncio.gather(self.bot.stop(), self.tools.stop(), self.model.stop())
 
     def bot_url(self, path: str) -> str:
