@@ -55,6 +55,8 @@ log = logging.getLogger("switchboard.core.partitions")
 _inbound = msgspec.json.Decoder(InboundEnvelope)
 
 Apply = Callable[[InboundEnvelope], Awaitable[None]]
+# A fetch ends at least this long before the lease could: time for its messages to arrive.
+FETCH_MARGIN = 0.25
 
 
 @dataclass(eq=False)
@@ -177,6 +179,10 @@ class PartitionConsumer:
                     if held is not None:
                         self._dispatch(held)
         finally:
+            if not self.stopping.is_set():
+                log.warning(
+                    "partition lease ran out; letting go", extra={"partition": self.partition}
+                )
             await self._wind_down()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -186,8 +192,14 @@ class PartitionConsumer:
                     await self._sub.unsubscribe()
 
     def _may_fetch(self) -> bool:
-        # A fetch must end (and its messages be in our hands) well inside the lease.
-        return not self.stopping.is_set() and self.lease_remaining() > self.fetch_timeout * 2
+        """Still ours: not stopping, and the lease has not run out (a renewal may be late)."""
+        return not self._leaving()
+
+    def _fetch_budget(self) -> float:
+        """How long the next fetch may wait: it must end (its messages in our hands) inside the
+        lease, with a margin for the messages' flight."""
+        budget = min(self.fetch_timeout, self.lease_remaining() - FETCH_MARGIN)
+        return budget if budget >= 0.05 else 0.0
 
     def _leaving(self) -> bool:
         return self.stopping.is_set() or self.lease_remaining() <= 0
@@ -195,7 +207,11 @@ class PartitionConsumer:
     async def _fetch(self, room: int, timeout: float | None = None) -> list[Msg]:
         assert self._sub is not None
         try:
-            return await self._sub.fetch(room, timeout=timeout or self.fetch_timeout)
+            budget = self._fetch_budget()
+            if budget <= 0:  # too close to the lease's end to fetch: wait for the renewal
+                await asyncio.sleep(0.05)
+                return []
+            return await self._sub.fetch(room, timeout=min(timeout or budget, budget))
         except NatsTimeout:
             return []
         except Exception as exc:  # connection loss: the client reconnects by itself

@@ -48,15 +48,28 @@ class Fleet:
     relay: Any = None  # the SmtpSink: every mail egress relayed
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    replicas: dict[str, str] = field(default_factory=dict)  # extra process name -> its service
+
+    def add_replica(self, name: str, service: str) -> None:
+        """Another process of `service`, known as `name`, with its own probes port."""
+        self.replicas[name] = service
+        self.ports[name] = free_port()
 
     def start(self, name: str) -> None:
+        service = self.replicas.get(name, name)
+        env = self.env
+        if name in self.replicas:
+            env = {**env, f"SWITCHBOARD_{PORT_VARIABLE[service]}_PORT": str(self.ports[name])}
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=self.env, stdout=log, stderr=log
+            [sys.executable, "-m", f"services.{service}"], env=env, stdout=log, stderr=log
         )
 
+    def port(self, name: str) -> int:
+        return self.ports[name] if name in self.replicas else self.ports[PORT_VARIABLE[name]]
+
     async def ready(self, name: str, timeout: float = 30) -> None:
-        url = f"http://127.0.0.1:{self.ports[PORT_VARIABLE[name]]}/readyz"
+        url = f"http://127.0.0.1:{self.port(name)}/readyz"
 
         async def check() -> bool:
             assert self.procs[name].poll() is None, self.log_tail(name)
@@ -66,7 +79,7 @@ class Fleet:
 
     async def probe(self, name: str) -> int | None:
         """The status of the service's /readyz, or None when it does not answer."""
-        url = f"http://127.0.0.1:{self.ports[PORT_VARIABLE[name]]}/readyz"
+        url = f"http://127.0.0.1:{self.port(name)}/readyz"
         try:
             async with httpx.AsyncClient(timeout=1) as client:
                 return (await client.get(url)).status_code
@@ -83,7 +96,7 @@ class Fleet:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[PORT_VARIABLE[name]]}"
+        return f"http://127.0.0.1:{self.port(name)}"
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
