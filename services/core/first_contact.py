@@ -46,7 +46,8 @@ async def open_conversation(c: Conversations, cmd: OpenConversation) -> Conversa
     conv = await c.open(
         channel=cmd.channel,
         end_user_id=cmd.end_user_id,
-        agent_id=cmd.agent_id,
+        # Without an agent_id, the agent routed for our number or address, as for inbound traffic.
+        agent_id=cmd.agent_id or await c.store.routed_agent(ours),
         session_type=cmd.session_type,
         context_variables=cmd.context_variables,
         our_address=ours,

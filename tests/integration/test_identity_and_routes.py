@@ -265,3 +265,23 @@ async def test_after_linking_the_agent_sees_one_persons_turns_from_sms_and_email
     history = [(t["channel"], t["role"], t["text"]) for t in context["history"]]
     assert ("sms", "user", "my parcel 12345 is late") in history
     assert context["message"]["channel"] == "email"
+
+
+async def test_a_conversation_we_open_on_email_is_answered_by_the_agent_routed_there(
+    stack: Stack,
+) -> None:
+    """Writing first goes out from our support address: the agent routed there answers it, as it
+    would answer the person's own mail; an explicit agent_id still wins."""
+    helpdesk, other = await make_agent(stack, "Helpdesk"), await make_agent(stack, "Other")
+    await route(stack, "@acme.test", helpdesk)
+    identity = {"channel": "email", "identifier": "pat@example.com"}
+    routed = await stack.api.post(
+        "/v1/conversations", json={"channel": "email", "identity": identity}
+    )
+    assert routed.status_code == 201, routed.text
+    assert routed.json()["our_address"] == "support@acme.test"
+    assert routed.json()["assigned_agent_id"] == helpdesk
+    chosen = await stack.api.post(
+        "/v1/conversations", json={"channel": "email", "identity": identity, "agent_id": other}
+    )
+    assert chosen.json()["assigned_agent_id"] == other
