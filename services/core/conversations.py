@@ -22,7 +22,7 @@ import msgspec
 from services.core.agent import Budget, Runtimes
 from services.core.audience import WebhookAudience
 from services.core.lifecycle import transition
-from services.core.outbox import Outbox
+from services.core.outbox import Outbox, usage_channel
 from shared.bus import Bus
 from shared.errors import Conflict, InvalidRequest
 from shared.ids import new_id
@@ -243,7 +243,11 @@ class Conversations:
             tool_calls=tool_calls,
         )
         appended = await self.store.append_turn(
-            turn, allowed=allowed, dedupe_key=key, dedupe_ttl=self.settings.dedupe_ttl_seconds
+            turn,
+            allowed=allowed,
+            dedupe_key=key,
+            dedupe_ttl=self.settings.dedupe_ttl_seconds,
+            usage_channel=usage_channel(conv, turn),
         )
         turn = msgspec.structs.replace(turn, seq=appended.seq)
         if not appended.duplicate:

@@ -31,7 +31,7 @@ from shared.envelopes import (
 )
 from shared.errors import SwitchboardError
 from shared.ids import new_id
-from shared.models import Conversation, SessionType, Status, Turn, utcnow
+from shared.models import Channel, Conversation, SessionType, Status, Turn, utcnow
 from shared.store import Store
 from shared.telemetry import Metrics
 
@@ -40,6 +40,11 @@ _enc = msgspec.json.Encoder()
 _WORDS = re.compile(r"\S+\s*")
 # What operators' screens follow, besides every `turn.created` (see `tell_operators`).
 OPERATOR_EVENTS = ("handoff.", "approval.", "conversation.status_changed")
+
+
+def usage_channel(conv: Conversation, turn: Turn) -> Channel | None:
+    """The channel a turn counts under in usage: `live` sessions' turns, gateway notes excluded."""
+    return conv.channel if conv.session_type == "live" and turn.role != "system" else None
 
 
 class Outbox:
@@ -119,7 +124,8 @@ class Outbox:
         await self.bus.publish_core(self.subjects.reply(reply.conversation_id), _enc.encode(reply))
 
     async def record_turn(self, conv: Conversation, turn: Turn) -> None:
-        """Publish the turn's `turn.created` event (the append already put it in the audit log)."""
+        """Publish the turn's `turn.created` event (the append already put it in the audit log
+        and counted it in usage)."""
         work: list[Awaitable[Any]] = []
         event = turn_created_event(turn, conv.session_type, conv.channel)
         if self.audience.wants(conv.session_type):
@@ -129,8 +135,6 @@ class Outbox:
                 )
             )
         work.append(self.tell_operators(msgspec.structs.replace(event, data={"seq": turn.seq})))
-        if conv.session_type == "live" and turn.role != "system":
-            work.append(self.store.count_usage(conv.channel, turns=1))
         await asyncio.gather(*work)
 
     async def reject(self, env: InboundMessage, exc: SwitchboardError) -> None:

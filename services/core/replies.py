@@ -30,6 +30,7 @@ from services.core.agent.tools import policy_for
 from services.core.context import build_context
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
+from services.core.outbox import usage_channel
 from shared.envelopes import StreamDelta, ThreadHints
 from shared.ids import reply_key
 from shared.models import Approval, Author, Conversation, Status, ToolCall, Turn, utcnow
@@ -239,6 +240,7 @@ async def answer(
         allowed=ACCEPTS_USER_TURNS,
         dedupe_key=reply_key,
         dedupe_ttl=c.settings.dedupe_ttl_seconds,
+        usage_channel=usage_channel(conv, turn),
     )
     turn = msgspec.structs.replace(turn, seq=appended.seq)
     if not appended.duplicate:

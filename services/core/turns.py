@@ -10,6 +10,7 @@ import msgspec
 from services.core import handoffs, replies, routing
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
+from services.core.outbox import usage_channel
 from shared.envelopes import ChannelKeyword, EventType, InboundMessage, TurnReply
 from shared.errors import ConversationClosed, NotFound, Undeliverable
 from shared.models import Author, Conversation, Turn, utcnow
@@ -46,6 +47,7 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
             dedupe_key=env.id,
             dedupe_ttl=c.settings.dedupe_ttl_seconds,
             queue_if_inactive=True,
+            usage_channel=usage_channel(conv, user_turn),
         )
     except ConversationClosed as exc:
         await c.outbox.reject(env, exc)

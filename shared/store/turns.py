@@ -60,9 +60,12 @@ def _load_turn(cid: str, seq: int, raw: bytes | str) -> Turn:
     return Turn(conversation_id=cid, seq=seq, **msgspec.structs.asdict(_stored_turn.decode(raw)))
 
 
-# KEYS: conv, turn log, dedupe hash, pending, event order
+# KEYS: conv, turn log, dedupe hash, pending, event order, usage
 # ARGV: stored turn, allowed statuses ("a,b"), updated_at, dedupe key ('' = none), dedupe ttl,
-#       queue when not active ("1"/"0")
+#       queue when not active ("1"/"0"), usage field to count the turn under ('' = none)
+# The usage count moves with the append it counts (a duplicate counts nothing), in the same round
+# trip. The usage hash is the one key here outside the conversation's hash slot: on a Redis
+# Cluster it would have to be counted apart (README, "Beyond one Valkey").
 _APPEND_TURN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
 if ARGV[4] ~= '' then
@@ -85,6 +88,7 @@ if ARGV[4] ~= '' then
 end
 redis.call('RPUSH', KEYS[5], 't' .. seq)
 if ARGV[6] == '1' and status ~= 'active' then redis.call('RPUSH', KEYS[4], seq) end
+if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[7], 1) end
 return {seq, status, '', redis.call('LLEN', KEYS[4])}
 """
 
@@ -123,10 +127,12 @@ class Turns(Aggregate):
         dedupe_key: str | None = None,
         dedupe_ttl: int = 0,
         queue_if_inactive: bool = False,
+        usage_channel: str | None = None,
     ) -> Appended:
         """Append `turn` with the next seq if the conversation's status is in `allowed`.
 
         With `dedupe_key`, a second append under the same key returns the first one's seq instead.
+        With `usage_channel`, the turn counts in usage (`turns:<channel>`) when it is appended.
         Raises NotFound, or ConversationClosed / IllegalTransition when the status forbids it.
         """
         cid = turn.conversation_id
@@ -137,6 +143,7 @@ class Turns(Aggregate):
                 self._k.seen(cid),
                 self._k.pending(cid),
                 self._k.event_order(cid),
+                self._k.usage(),
             ],
             args=[
                 _store_turn(turn),
@@ -145,6 +152,7 @@ class Turns(Aggregate):
                 dedupe_key or "",
                 dedupe_ttl,
                 "1" if queue_if_inactive else "0",
+                f"turns:{usage_channel}" if usage_channel else "",
             ],
         )
         seq = int(result[0])
