@@ -62,7 +62,7 @@ class KeyRing:
             visibility=visibility,
             display_name=display_name,
         )
-        await self.store.put_api_key(key, hash_api_key(secret))
+        await self.store.put_api_key(key, hash_api_key(secret), fixed_id=key_id is not None)
         return key, secret
 
     async def lookup(self, secret: str) -> ApiKey | None:

@@ -162,16 +162,22 @@ class Directory(Aggregate):
 
     # API keys ------------------------------------------------------------------------------------
 
-    async def put_api_key(self, key: ApiKey, secret_hash: str) -> bool:
+    async def put_api_key(self, key: ApiKey, secret_hash: str, *, fixed_id: bool = False) -> bool:
         """Store a key under its id. A different secret already under that id (the bootstrap key
         after `SWITCHBOARD_BOOTSTRAP_API_KEY` changed) is revoked first, so a crash in between
         leaves the old one revoked and the new one written on the next try; the same secret
-        again changes nothing (a revoked bootstrap key stays revoked). True when written."""
+        again changes nothing (a revoked bootstrap key stays revoked). True when written.
+
+        `fixed_id`: the id is reused across secrets (the bootstrap key), so records written
+        before the id → hash index existed may hold older secrets under it: those are revoked."""
         previous = await self._r.hget(self._k.api_key_ids(), key.id)
         if previous is not None and text(previous) == secret_hash:
             return False
-        if previous is not None:
-            await self._revoke_hash(text(previous))
+        stale = [text(previous)] if previous is not None else []
+        if previous is None and fixed_id:
+            stale = [d for d in await self._legacy_hashes_of(key.id) if d != secret_hash]
+        for digest in stale:
+            await self._revoke_hash(digest)
         pipe = self._r.pipeline(transaction=True)
         pipe.set(self._k.api_key(secret_hash), encode(key))
         pipe.hset(self._k.api_key_ids(), key.id, secret_hash)
@@ -188,6 +194,9 @@ class Directory(Aggregate):
         if not ids:
             return []
         hashes = await self._r.hmget(self._k.api_key_ids(), ids)
+        if not all(hashes):
+            await self._index_legacy_api_keys()
+            hashes = await self._r.hmget(self._k.api_key_ids(), ids)
         used = await self._r.hmget(self._k.api_key_used(), ids)
         records = await self._r.mget([self._k.api_key(text(h) if h else "-") for h in hashes])
         found = []
@@ -201,6 +210,9 @@ class Directory(Aggregate):
     async def revoke_api_key(self, key_id: str) -> ApiKey:
         """Mark the key revoked; its record stays, so using it answers `key_revoked`."""
         digest = await self._r.hget(self._k.api_key_ids(), key_id)
+        if digest is None:
+            await self._index_legacy_api_keys()
+            digest = await self._r.hget(self._k.api_key_ids(), key_id)
         revoked = await self._revoke_hash(text(digest)) if digest else None
         if revoked is None:
             raise not_found("API key", key_id, "key_id")
@@ -217,6 +229,24 @@ class Directory(Aggregate):
         pipe.hdel(self._k.api_key_used(), key.id)
         await pipe.execute()
         return key
+
+    async def _legacy_hashes_of(self, key_id: str) -> list[str]:
+        found = []
+        async for record_key in self._r.scan_iter(match=self._k.api_key("*"), count=500):
+            raw = await self._r.get(record_key)
+            if raw and _api_key.decode(raw).id == key_id:
+                found.append(text(record_key).rpartition(":")[2])
+        return found
+
+    async def _index_legacy_api_keys(self) -> None:
+        """Keys stored before the id → hash index existed: find them once, so they can be listed
+        and revoked like the others (a scan of the `apikey:` records only)."""
+        async for record_key in self._r.scan_iter(match=self._k.api_key("*"), count=500):
+            raw = await self._r.get(record_key)
+            if raw:
+                key = _api_key.decode(raw)
+                digest = text(record_key).rpartition(":")[2]
+                await self._r.hsetnx(self._k.api_key_ids(), key.id, digest)
 
     async def touch_api_key(self, key_id: str, at: datetime) -> None:
         await self._r.hset(self._k.api_key_used(), key_id, at.isoformat())

@@ -5,6 +5,7 @@ made with `visibility: all`."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -178,3 +179,40 @@ async def test_visibility_own_is_for_client_keys_only(stack: Stack) -> None:
     assert refused.status_code == 422
     operator = await stack.api.post("/v1/api-keys", json={"name": "k", "scopes": ["operator"]})
     assert operator.json()["visibility"] == "all"
+
+
+async def test_keys_stored_before_the_id_index_are_listed_revoked_and_replaced(
+    stack: Stack, replica: Callable[..., Awaitable[str]]
+) -> None:
+    """Records as the previous version wrote them: only `apikey:<hash>` and the id set."""
+    store, r = stack.core.store, stack.core.store.connection.redis
+    ns = stack.namespace
+    legacy = {"old_client": "sk_legacy_client", "key_bootstrap": "sk_legacy_bootstrap"}
+    for key_id, secret in legacy.items():
+        record = {
+            "id": key_id,
+            "name": key_id,
+            "scopes": ["admin"],
+            "created_at": "2026-01-01T00:00:00Z",
+            "prefix": secret[:7],
+        }
+        await r.set(
+            f"{ns}:apikey:{hashlib.sha256(secret.encode()).hexdigest()}", json.dumps(record)
+        )
+        await r.zadd(f"{ns}:apikeys", {key_id: 0})
+    await r.hdel(f"{ns}:apikey-ids", "key_bootstrap")  # as if the current one were legacy too
+    assert (await whoami(stack.base_url, "sk_legacy_client")).status_code == 200
+    # A bootstrap key set after the upgrade revokes every older bootstrap secret.
+    upgraded = await replica(bootstrap="sk_after_upgrade")
+    for old in ("sk_legacy_bootstrap", ADMIN_KEY):
+        refused = await whoami(upgraded, old)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (401, "key_revoked"), old
+    async with httpx.AsyncClient(
+        base_url=upgraded, headers={"x-api-key": "sk_after_upgrade"}
+    ) as admin:
+        listed = {k["id"] for k in (await admin.get("/v1/api-keys")).json()["items"]}
+        assert "old_client" in listed
+        assert (await admin.delete("/v1/api-keys/old_client")).status_code == 204
+    refused = await whoami(upgraded, "sk_legacy_client")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (401, "key_revoked")
+    assert await store.api_key_by_hash(hashlib.sha256(b"sk_after_upgrade").hexdigest())
