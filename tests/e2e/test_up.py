@@ -18,9 +18,9 @@ import httpx
 import psutil
 import pytest
 from aiosmtpd.controller import Controller
-from twilio.request_validator import RequestValidator
 
 from services.supervisor.embedded import free_port
+from tests.twilio_forms import post_twilio_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -146,8 +146,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
             "To": "+15550001111",
             "Body": "what are your hours?",
         }
-        signature = RequestValidator("dev-auth-token").compute_signature(sms_url, form)
-        accepted = httpx.post(sms_url, data=form, headers={"X-Twilio-Signature": signature})
+        accepted = post_twilio_sync(sms_url, form, token="dev-auth-token")
         assert accepted.status_code == 200, accepted.text
         fake = f"http://127.0.0.1:{ports['TWILIO_FAKE']}/_fake/requests"
         deadline = time.monotonic() + 20
@@ -171,8 +170,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
 
         # A reply that fails for good is one console line (the dead letter), not silence.
         magic = {**form, "MessageSid": "SM" + "d" * 32, "From": "+15005550001"}
-        signature = RequestValidator("dev-auth-token").compute_signature(sms_url, magic)
-        assert httpx.post(sms_url, data=magic, headers={"X-Twilio-Signature": signature}).is_success
+        assert post_twilio_sync(sms_url, magic, token="dev-auth-token").is_success
         console.wait_for("twilio_error 21211", timeout=30)
         assert "dead letter dead_" in console.output
 

@@ -8,32 +8,21 @@ from email.message import EmailMessage
 
 import aiosmtplib
 import httpx
-from twilio.request_validator import RequestValidator
 
 from shared.store import Store
-from tests.conftest import TWILIO_SID, TWILIO_TOKEN, Servers, eventually
-from tests.faults.conftest import OUR_NUMBER, Fleet
+from tests.conftest import Servers, eventually
+from tests.faults.conftest import Fleet
+from tests.twilio_forms import post_twilio, sms_form
 
 
 async def test_the_same_webhook_and_the_same_mail_three_times_are_one_turn_each(
     fleet: Fleet, servers: Servers, namespace: str
 ) -> None:
     sms_url = fleet.url("sms") + "/twilio/sms"
-    form = {
-        "MessageSid": "SM" + "7" * 32,
-        "AccountSid": TWILIO_SID,
-        "From": "+14155550177",
-        "To": OUR_NUMBER,
-        "Body": "what are your hours? sms-retried",
-        "NumMedia": "0",
-    }
-    signature = RequestValidator(TWILIO_TOKEN).compute_signature(sms_url, form)
+    form = sms_form("what are your hours? sms-retried", "+14155550177", sid="SM" + "7" * 32)
     async with httpx.AsyncClient(timeout=10) as client:
         for _ in range(3):
-            response = await client.post(
-                sms_url, data=form, headers={"X-Twilio-Signature": signature}
-            )
-            assert response.status_code == 200
+            assert (await post_twilio(sms_url, form, client=client)).status_code == 200
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "retry@example.com", "support@acme.test", "Hours"
     msg["Message-ID"] = "<mail-retried@example.com>"

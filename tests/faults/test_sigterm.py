@@ -17,11 +17,11 @@ from email.message import EmailMessage
 import aiosmtplib
 import httpx
 import pytest
-from twilio.request_validator import RequestValidator
 
 from shared.store import Store
-from tests.conftest import ADMIN_KEY, TWILIO_SID, TWILIO_TOKEN, Servers, eventually
+from tests.conftest import ADMIN_KEY, TWILIO_SID, Servers, eventually
 from tests.faults.conftest import OUR_NUMBER, SERVICES, Fleet
+from tests.twilio_forms import post_twilio, sms_form
 
 
 @dataclass
@@ -55,20 +55,9 @@ async def send_load(fleet: Fleet, load: Load, rounds: int, stop: asyncio.Event) 
         except (httpx.HTTPError, KeyError):
             load.refused += 1
         sender = f"+1415555{i:04d}"
-        form = {
-            "MessageSid": f"SM{i:032x}",
-            "AccountSid": TWILIO_SID,
-            "From": sender,
-            "To": OUR_NUMBER,
-            "Body": f"hello {tag}",
-            "NumMedia": "0",
-        }
-        signature = RequestValidator(TWILIO_TOKEN).compute_signature(sms_url, form)
+        form = sms_form(f"hello {tag}", sender, sid=f"SM{i:032x}")
         try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                response = await client.post(
-                    sms_url, data=form, headers={"X-Twilio-Signature": signature}
-                )
+            response = await post_twilio(sms_url, form)
             if response.status_code == 200:
                 load.accepted["sms"].append(sender)
             else:
@@ -91,12 +80,8 @@ async def send_load(fleet: Fleet, load: Load, rounds: int, stop: asyncio.Event) 
             "To": OUR_NUMBER,
             "CallStatus": "ringing",
         }
-        signature = RequestValidator(TWILIO_TOKEN).compute_signature(voice_url, call)
         try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                response = await client.post(
-                    voice_url, data=call, headers={"X-Twilio-Signature": signature}
-                )
+            response = await post_twilio(voice_url, call)
             if response.status_code == 200:
                 load.accepted["voice"].append(call["CallSid"])
             else:

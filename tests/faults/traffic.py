@@ -19,11 +19,11 @@ from typing import Literal
 
 import aiosmtplib
 import httpx
-from twilio.request_validator import RequestValidator
 
 from shared.store import Store
-from tests.conftest import ADMIN_KEY, TWILIO_SID, TWILIO_TOKEN
-from tests.faults.conftest import OUR_NUMBER, Fleet
+from tests.conftest import ADMIN_KEY
+from tests.faults.conftest import Fleet
+from tests.twilio_forms import post_twilio, sms_form
 
 Kind = Literal["api", "sms", "email"]
 TAG = re.compile(r"\bc(\d+)-m(\d+)\b")
@@ -129,18 +129,10 @@ class Traffic:
                 # 504: stored in JetStream, the reply is late (core is down): accepted.
                 return response.status_code in (200, 202, 504)
             if sender.kind == "sms":
-                form = {
-                    "MessageSid": f"SM{sender.index:016x}{n:016x}",
-                    "AccountSid": TWILIO_SID,
-                    "From": sender.address,
-                    "To": OUR_NUMBER,
-                    "Body": f"hello {tag}",
-                    "NumMedia": "0",
-                }
-                signature = RequestValidator(TWILIO_TOKEN).compute_signature(self.sms_url, form)
-                response = await self.web.post(
-                    self.sms_url, data=form, headers={"X-Twilio-Signature": signature}
+                form = sms_form(
+                    f"hello {tag}", sender.address, sid=f"SM{sender.index:016x}{n:016x}"
                 )
+                response = await post_twilio(self.sms_url, form, client=self.web)
                 return response.status_code == 200
             msg = EmailMessage()
             first = f"<c{sender.index}-m0@example.com>"

@@ -21,17 +21,16 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twilio.request_validator import RequestValidator
 
 from tests.conftest import (
     ADMIN_KEY,
     SMS_PUBLIC_URL,
     TWILIO_SID,
-    TWILIO_TOKEN,
     VOICE_PUBLIC_URL,
     Stack,
     eventually,
 )
+from tests.twilio_forms import post_twilio_sync
 
 FUZZ = settings(
     max_examples=40,
@@ -319,9 +318,7 @@ def signed_post(
     stack: Stack, form: dict[str, str], path: str = "/twilio/sms", voice: bool = False
 ) -> httpx.Response:
     public, base = (VOICE_PUBLIC_URL, stack.voice_url) if voice else (SMS_PUBLIC_URL, stack.sms_url)
-    signature = RequestValidator(TWILIO_TOKEN).compute_signature(public + path, form)
-    with httpx.Client(base_url=base, timeout=20) as client:
-        return client.post(path, data=form, headers={"X-Twilio-Signature": signature})
+    return post_twilio_sync(public + path, form, listening=base, timeout=20)
 
 
 TWILIO_FIELDS = [

@@ -12,7 +12,6 @@ from email.message import EmailMessage
 import aiosmtplib
 import httpx
 import pytest
-from twilio.request_validator import RequestValidator
 
 from services.api.app import create_app
 from services.api.auth import RANK
@@ -24,14 +23,13 @@ from tests.conftest import (
     ADMIN_KEY,
     EMAIL_DOMAINS,
     SMS_PUBLIC_URL,
-    TWILIO_SID,
-    TWILIO_TOKEN,
     Stack,
     eventually,
     make_key,
     settings_env,
     twilio_env,
 )
+from tests.twilio_forms import post_twilio, sms_form
 
 OUR_NUMBER = "+15550001111"
 
@@ -110,21 +108,10 @@ async def test_a_sender_over_the_sms_rate_gets_429_but_stop_still_works(stack: S
     sender = "+14155550188"
 
     async def text(body: str, n: int) -> httpx.Response:
-        form = {
-            "MessageSid": f"SM{n:032x}",
-            "AccountSid": TWILIO_SID,
-            "From": sender,
-            "To": OUR_NUMBER,
-            "Body": body,
-            "NumMedia": "0",
-        }
-        signature = RequestValidator(TWILIO_TOKEN).compute_signature(
-            SMS_PUBLIC_URL + "/twilio/sms", form
+        form = sms_form(body, sender, sid=f"SM{n:032x}")
+        return await post_twilio(
+            SMS_PUBLIC_URL + "/twilio/sms", form, listening=f"http://127.0.0.1:{server.port}"
         )
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
-            return await client.post(
-                "/twilio/sms", data=form, headers={"X-Twilio-Signature": signature}
-            )
 
     try:
         assert [(await text("hello", i)).status_code for i in range(2)] == [200, 200]
@@ -216,19 +203,8 @@ async def _whole_run(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     async with stack.client(key) as client:
         conv = (await client.post("/v1/conversations", json={})).json()
         await client.post(f"/v1/conversations/{conv['id']}/turns", json={"user_message": texts[0]})
-    form = {
-        "MessageSid": "SM" + "e" * 32,
-        "AccountSid": TWILIO_SID,
-        "From": phone,
-        "To": OUR_NUMBER,
-        "Body": texts[1],
-        "NumMedia": "0",
-    }
-    signature = RequestValidator(TWILIO_TOKEN).compute_signature(
-        SMS_PUBLIC_URL + "/twilio/sms", form
-    )
-    async with httpx.AsyncClient(base_url=stack.sms_url) as sms:
-        await sms.post("/twilio/sms", data=form, headers={"X-Twilio-Signature": signature})
+    form = sms_form(texts[1], phone, sid="SM" + "e" * 32)
+    await post_twilio(SMS_PUBLIC_URL + "/twilio/sms", form, listening=stack.sms_url)
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = address, "support@acme.test", "Private subject"
     msg.set_content(texts[2])

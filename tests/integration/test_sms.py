@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from typing import Any
 
 import httpx
 import pytest
-from twilio.request_validator import RequestValidator
 
 from tests.conftest import SMS_PUBLIC_URL, TWILIO_SID, TWILIO_TOKEN, Stack, eventually
+from tests.twilio_forms import post_twilio, sign, sms_form
 
 OUR_NUMBER = "+15550001111"
 ALICE = "+14155550109"
-
-
-def sms_form(body: str, sender: str = ALICE, **extra: str) -> dict[str, str]:
-    return {
-        "MessageSid": "SM" + secrets.token_hex(16),
-        "AccountSid": TWILIO_SID,
-        "From": sender,
-        "To": OUR_NUMBER,
-        "Body": body,
-        "NumMedia": "0",
-        **extra,
-    }
 
 
 async def post_signed(
@@ -38,12 +25,14 @@ async def post_signed(
     traceparent: str | None = None,
 ) -> httpx.Response:
     """POST as Twilio does: the signature covers the public URL Twilio was configured with."""
-    signature = signature or RequestValidator(token).compute_signature(SMS_PUBLIC_URL + path, form)
-    headers = {"X-Twilio-Signature": signature}
-    if traceparent:
-        headers["traceparent"] = traceparent
-    async with httpx.AsyncClient(base_url=stack.sms_url, timeout=10) as client:
-        return await client.post(path, data=form, headers=headers)
+    return await post_twilio(
+        SMS_PUBLIC_URL + path,
+        form,
+        listening=stack.sms_url,
+        token=token,
+        signature=signature,
+        headers={"traceparent": traceparent} if traceparent else None,
+    )
 
 
 def sent_messages(stack: Stack, to: str = ALICE) -> list[dict[str, str]]:
@@ -102,9 +91,7 @@ async def test_a_bad_or_missing_signature_is_403_and_nothing_is_published(stack:
         stack,
         "/twilio/sms",
         form,
-        signature=RequestValidator(TWILIO_TOKEN).compute_signature(
-            SMS_PUBLIC_URL + "/twilio/sms", {**form, "Body": "other"}
-        ),
+        signature=sign(SMS_PUBLIC_URL + "/twilio/sms", {**form, "Body": "other"}),
     )
     assert tampered.status_code == 403
     assert await inbound_count(stack) == 0
@@ -115,7 +102,7 @@ async def test_a_signature_failure_names_the_url_it_was_checked_against(
 ) -> None:
     """The proxy / ngrok trap: the answer and the log say which URL the check used."""
     form = sms_form("hi")
-    local = RequestValidator(TWILIO_TOKEN).compute_signature(stack.sms_url + "/twilio/sms", form)
+    local = sign(stack.sms_url + "/twilio/sms", form)
     with caplog.at_level(logging.WARNING):
         refused = await post_signed(stack, "/twilio/sms", form, signature=local)
     assert refused.status_code == 403
@@ -135,7 +122,7 @@ async def test_a_signature_failure_names_the_url_it_was_checked_against(
 
 async def test_the_signature_is_checked_against_the_public_url_not_ours(stack: Stack) -> None:
     form = sms_form("hi")
-    local = RequestValidator(TWILIO_TOKEN).compute_signature(stack.sms_url + "/twilio/sms", form)
+    local = sign(stack.sms_url + "/twilio/sms", form)
     assert (await post_signed(stack, "/twilio/sms", form, signature=local)).status_code == 403
 
 

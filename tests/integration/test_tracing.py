@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from tests.conftest import Stack, eventually
-from tests.integration.test_sms import ALICE, post_signed, sent_messages, sms_form
+from tests.integration.test_sms import post_signed, sent_messages
+from tests.twilio_forms import ALICE, sms_form
 
 
 def _records(caplog: pytest.LogCaptureFixture, service: str) -> list[logging.LogRecord]:

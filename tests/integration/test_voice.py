@@ -7,16 +7,15 @@ from typing import Any
 from xml.etree import ElementTree
 
 import httpx
-from twilio.request_validator import RequestValidator
 
 from tests.conftest import (
     HUMAN_QUEUE,
     TWILIO_SID,
-    TWILIO_TOKEN,
     VOICE_PUBLIC_URL,
     Stack,
     eventually,
 )
+from tests.twilio_forms import post_twilio
 
 CALLER = "+14155550123"
 OUR_NUMBER = "+15550002222"
@@ -40,12 +39,7 @@ class Call:
             "Direction": "inbound",
             **fields,
         }
-        signature = RequestValidator(TWILIO_TOKEN).compute_signature(url, form)
-        local = url.replace(VOICE_PUBLIC_URL, self.stack.voice_url)
-        async with httpx.AsyncClient(timeout=20) as client:
-            response = await client.post(
-                local, data=form, headers={"X-Twilio-Signature": signature}
-            )
+        response = await post_twilio(url, form, listening=self.stack.voice_url, timeout=20)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("text/xml")
         return ElementTree.fromstring(response.text)
@@ -222,13 +216,7 @@ async def test_a_caller_who_texted_before_is_the_same_end_user(stack: Stack) -> 
     }
     from tests.conftest import SMS_PUBLIC_URL
 
-    signature = RequestValidator(TWILIO_TOKEN).compute_signature(
-        SMS_PUBLIC_URL + "/twilio/sms", sms_form
-    )
-    async with httpx.AsyncClient(base_url=stack.sms_url) as client:
-        texted = await client.post(
-            "/twilio/sms", data=sms_form, headers={"X-Twilio-Signature": signature}
-        )
+    texted = await post_twilio(SMS_PUBLIC_URL + "/twilio/sms", sms_form, listening=stack.sms_url)
     assert texted.status_code == 200
     call = Call(stack)
     await call.say(await call.start(), "hello again")
