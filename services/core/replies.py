@@ -10,6 +10,7 @@ twice.
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -90,6 +91,7 @@ async def produce(
             )
 
     key = turn_key or reply_key(user_turn.envelope_id)
+    started = time.perf_counter()
     answer = await run_steps(
         runtime,
         msgspec.structs.replace(context, tool_results=steps),
@@ -102,6 +104,7 @@ async def produce(
         approvals=approvals,
         secrets=c.runtimes.secrets_of(revision.id),
     )
+    c.metrics.latency.labels(f"agent_{revision.runtime}").observe(time.perf_counter() - started)
     if answer.failure is not None:
         await c.outbox.emit(
             "agent.failed",
@@ -293,7 +296,22 @@ async def finish_answered(
             c,
             conv,
             turn,
-            PendingToolCall(held.name, dict(held.arguments), policy_for(revision, held.name)),
+            PendingToolCall(
+                held.name,
+                dict(held.arguments),
+                policy_for(revision, held.name),
+                # The turn's earlier tool steps are on the recorded answer, before the held one.
+                steps=tuple(
+                    ToolOutcome(
+                        id=f"call_{i + 1}",
+                        name=call.name,
+                        arguments=dict(call.arguments),
+                        decision=call.decision,
+                        result=call.result,
+                    )
+                    for i, call in enumerate(turn.tool_calls[: turn.tool_calls.index(held)])
+                ),
+            ),
             user_turn.seq,
         )
         current = await c.store.get_conversation(conv.id)
