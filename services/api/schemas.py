@@ -41,6 +41,10 @@ class IdentityRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class CreateConversation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Give `end_user_id` or `identity`, not both (422); neither opens an anonymous end user. On
+    `sms` and `email` the end user needs an address on that channel (422 `address_required`).
+    Without `agent_id`, the agent routed for our address (`/v1/routes`), else the default."""
+
     channel: Channel = "api"
     session_type: Literal["live", "test"] = "live"
     agent_id: str | None = None
