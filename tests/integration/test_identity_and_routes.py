@@ -10,10 +10,11 @@ from tests.conftest import Stack, eventually, make_key
 from tests.integration.test_email import mail, send
 from tests.integration.test_events_and_first_contact import hook, received, subscribe
 from tests.integration.test_runtimes import agents, fakes, http_revision
-from tests.integration.test_sms import conversations, post_signed, sent_messages, sms_form
+from tests.integration.test_sms import conversations, post_signed, sent_messages
 from tests.integration.test_streaming_webhooks_sessions import Receiver
 from tests.integration.test_voice import OUR_NUMBER as VOICE_NUMBER
 from tests.integration.test_voice import Call, spoken, voice_conversation
+from tests.twilio_forms import sms_form
 
 __all__ = ["agents", "fakes", "hook"]  # fixtures: the runtimes' bots, a webhook receiver
 
@@ -137,7 +138,7 @@ async def test_two_numbers_routed_to_two_agents_answer_with_different_agents(
     senders = {SALES_NUMBER: "+14155550201", SUPPORT_NUMBER: "+14155550202"}
     senders[UNROUTED_NUMBER] = "+14155550203"
     for ours, sender in senders.items():
-        form = sms_form("blorp", sender=sender, To=ours)
+        form = sms_form("blorp", sender=sender, to=ours)
         assert (await post_signed(stack, "/twilio/sms", form)).status_code == 200
 
     async def replies() -> dict[str, str] | None:
@@ -222,10 +223,10 @@ async def test_greeting_help_text_and_human_queue_come_from_the_routed_agents_re
     assert dial.text == "+15550007777"  # the revision's number, not the gateway's HUMAN_QUEUE
     conv = await voice_conversation(stack, call)
     assert conv.assigned_agent_id == concierge
-    help_reply = await post_signed(stack, "/twilio/sms", sms_form("HELP", To=SALES_NUMBER))
+    help_reply = await post_signed(stack, "/twilio/sms", sms_form("HELP", to=SALES_NUMBER))
     assert "<Message>Concierge: text us any time." in help_reply.text
     # An unrouted number keeps the gateway's settings.
-    default_help = await post_signed(stack, "/twilio/sms", sms_form("HELP", To=UNROUTED_NUMBER))
+    default_help = await post_signed(stack, "/twilio/sms", sms_form("HELP", to=UNROUTED_NUMBER))
     assert "<Message>Acme Support: reply to this number" in default_help.text
 
 
@@ -238,7 +239,7 @@ async def test_after_linking_the_agent_sees_one_persons_turns_from_sms_and_email
     await route(agents, "@acme.test", bot)
     texter = "+14155550188"
     sent = await post_signed(
-        agents, "/twilio/sms", sms_form("my parcel 12345 is late", sender=texter, To=SALES_NUMBER)
+        agents, "/twilio/sms", sms_form("my parcel 12345 is late", sender=texter, to=SALES_NUMBER)
     )
     assert sent.status_code == 200
 
