@@ -55,12 +55,19 @@ class RateLimiter:
             self.verdict([limit], [await self._hit(keys=keys, args=args)])
 
     def queue(self, pipe: Pipeline, limits: list[Limit]) -> None:
-        """Count one hit of each (enabled) limit on `pipe`; pass its results to `verdict`."""
+        """Count one hit of each (enabled) limit on `pipe`; pass its results to `verdict`.
+
+        By sha only: a script registered on the pipeline would cost a SCRIPT EXISTS round trip on
+        every execute. A server that lacks the script (restarted, flushed) answers NOSCRIPT for
+        these commands and runs none of them; the caller then calls `load` and runs the pipeline
+        again, so no hit is counted twice."""
         for limit in limits:
             if limit.limit > 0:
                 keys, args = self._args(limit)
-                pipe.scripts.add(self._hit)  # type: ignore[arg-type]  # loaded if the server lacks it
                 pipe.evalsha(self._hit.sha, len(keys), *keys, *args)
+
+    async def load(self) -> None:
+        await self._hit.registered_client.script_load(self._hit.script)
 
     def verdict(self, limits: list[Limit], results: list[Any]) -> None:
         for limit, wait_ms in zip([lim for lim in limits if lim.limit > 0], results, strict=True):

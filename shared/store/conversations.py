@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import redis.asyncio as redis
+from redis.exceptions import NoScriptError
 
 from shared.errors import ConversationClosed, IllegalTransition, NotFound
 from shared.models import Conversation, SessionType, Status, utcnow
@@ -129,10 +130,17 @@ class Conversations(Aggregate):
     ) -> Conversation:
         """The conversation, with one hit of each limit counted in the same round trip.
         Raises NotFound before RateLimited: an unknown conversation is the caller's first problem."""
-        pipe = self._r.pipeline(transaction=False)
-        pipe.hgetall(self._k.conversation(cid))
-        limiter.queue(pipe, limits)
-        raw, *results = await pipe.execute()
+        for attempt in (1, 2):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hgetall(self._k.conversation(cid))
+            limiter.queue(pipe, limits)
+            try:
+                raw, *results = await pipe.execute()
+                break
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await limiter.load()  # the server lost its scripts (restart): load, run again
         if not raw:
             raise conversation_not_found(cid)
         limiter.verdict(limits, results)
