@@ -29,6 +29,7 @@ from shared.models import Conversation, EndUser
 from shared.store.channels import ChannelState
 from shared.store.collection import Codec, encode, text
 from shared.store.conversations import Conversations
+from shared.store.handoffs import Handoffs
 from shared.store.turns import Turns
 
 _doc = msgspec.json.Decoder(dict[str, Any])
@@ -36,7 +37,7 @@ _SCAN = 500
 _event = Codec(Event)
 
 
-class Erasure(Conversations, Turns, ChannelState):
+class Erasure(Conversations, Turns, Handoffs, ChannelState):
     async def conversation_ids_of(self, end_user_id: str) -> list[str]:
         """Every conversation of an end user: their index, and a scan of every conversation for
         those opened before that index existed (erasure is rare; being complete matters more)."""
@@ -119,6 +120,7 @@ class Erasure(Conversations, Turns, ChannelState):
             pipe.zrem(self._k.approvals_pending(), *approvals)
             pipe.zrem(self._k.approvals_unapplied(), *approvals)
         await pipe.execute()
+        await self.erase_handoffs(cid)
         index = self._k.open_conversation(conv.end_user_id, conv.channel, conv.our_address or "")
         if text(await self._r.get(index) or b"") == cid:
             await self._r.delete(index)

@@ -24,7 +24,7 @@ from shared.store.connection import Connection
 
 _doc = msgspec.json.Decoder(dict[str, Any])
 
-# KEYS: handoff, conversation. ARGV: handoff id, doc
+# KEYS: handoff, conversation, the conversation's set of handoff ids. ARGV: handoff id, doc
 # Creates the handoff only while the conversation waits for a human and has none open; returns
 # the open handoff's id either way (a redelivered handoff converges on the first record).
 _CREATE = """
@@ -35,6 +35,7 @@ if open and open ~= '' then return {'exists', open} end
 if status ~= 'waiting_for_human' then return {'status', status} end
 redis.call('HSET', KEYS[1], 'doc', ARGV[2], 'status', 'requested')
 redis.call('HSET', KEYS[2], 'handoff_id', ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
 return {'ok', ARGV[1]}
 """
 
@@ -131,7 +132,11 @@ class Handoffs(Aggregate):
         outcome, hid = (
             text(r)
             for r in await self._create_handoff(
-                keys=self._handoff_keys(handoff.id), args=[handoff.id, encode(handoff)]
+                keys=[
+                    *self._handoff_keys(handoff.id),
+                    self._k.conversation_handoffs(conversation_id),
+                ],
+                args=[handoff.id, encode(handoff)],
             )
         )
         if outcome == "not_found":
@@ -204,6 +209,19 @@ class Handoffs(Aggregate):
         pipe.zadd(self._k.handoffs("resolved"), {handoff_id: 0})
         await pipe.execute()
         return True
+
+    async def erase_handoffs(self, cid: str) -> None:
+        """Delete every handoff record of a conversation and its index entries (erasure)."""
+        ids = [text(i) for i in await self._r.smembers(self._k.conversation_handoffs(cid))]
+        pipe = self._r.pipeline(transaction=False)
+        for hid in ids:
+            pipe.delete(self._handoff_keys(hid)[0])
+        if ids:
+            for status in ("requested", "assigned", "resolved"):
+                pipe.zrem(self._k.handoffs(status), *ids)
+            pipe.zrem(self._k.handoffs_unclaimed(), *ids)
+        pipe.delete(self._k.conversation_handoffs(cid))
+        await pipe.execute()
 
     async def handoffs_unclaimed_due(self, now: float, limit: int = 100) -> list[str]:
         ids = await self._r.zrangebyscore(

@@ -102,6 +102,10 @@ class Keys:
         unclaimed_at. Tagged with its conversation: a claim changes both in one script."""
         return f"{self.ns}handoff:{{{cid}}}:{ulid}"
 
+    def conversation_handoffs(self, cid: str) -> str:
+        """Set: every handoff id of one conversation (what erasing it must delete)."""
+        return f"{self.ns}handoffs-of:{{{cid}}}"
+
     def handoffs(self, status: str) -> str:
         """Sorted set (all scores 0): handoff ids in `status`, paged lexicographically."""
         return f"{self.ns}handoffs:{status}"

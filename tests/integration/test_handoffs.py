@@ -236,3 +236,17 @@ async def test_handoff_routes_need_the_operator_scope_and_unknown_ids_are_404(
         assert (await client.get("/v1/inbox")).status_code == 403
     assert (await stack.api.get("/v1/handoffs/hof_nope")).status_code == 404
     assert (await stack.api.post("/v1/handoffs/hof_X_conv_nope/claim")).status_code == 404
+
+
+async def test_erasing_the_end_user_erases_their_handoff_records(stack: Stack) -> None:
+    cid, handoff = await handed_off(stack)
+    _, other = await handed_off(stack)
+    end_user = (await stack.api.get(f"/v1/conversations/{cid}")).json()["end_user_id"]
+    erased = await stack.api.delete(f"/v1/end-users/{end_user}")
+    assert erased.status_code == 200, erased.text
+    assert (await stack.api.get(f"/v1/handoffs/{handoff['id']}")).status_code == 404
+    assert await ids(stack.api, "requested") == [other["id"]]
+    leftovers = [
+        key async for key in stack.core.store.connection.redis.scan_iter(match=f"*{{{cid}}}*")
+    ]
+    assert leftovers == []
