@@ -114,6 +114,10 @@ class Subjects:
     def stream(self, conversation_id: str) -> str:
         return self._s(f"gw.stream.{conversation_id}")
 
+    def call_opened(self, call_sid: str) -> str:
+        """Core announces (core NATS) the conversation it opened or found for a call."""
+        return self._s(f"gw.call.{call_sid}")
+
     def conversation_feed(self, conversation_id: str) -> str:
         """Both `gw.reply.<id>` and `gw.stream.<id>` on one subscription, so they stay in order."""
         return self._s(f"gw.*.{conversation_id}")

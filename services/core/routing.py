@@ -96,6 +96,8 @@ async def call_conversation_for(
         return await c.store.get_conversation(cid)
     conv = await open_for_sender(c, env)
     await c.store.put_call(call_sid, conv.id)
+    # The voice service may be waiting for it (a caller who speaks before we are done).
+    await c.bus.publish_core(c.subjects.call_opened(call_sid), conv.id.encode())
     return conv
 
 

@@ -12,7 +12,7 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 from twilio.twiml.voice_response import Gather, VoiceResponse
 
-from shared.bus import Delivery, decode_or_dead
+from shared.bus import Delivery, Later, decode_or_dead
 from shared.envelopes import OutboundEnvelope
 from shared.ids import ulid
 from shared.settings import EgressSettings
@@ -20,10 +20,6 @@ from shared.store import Store
 
 log = logging.getLogger("switchboard.egress.voice")
 _outbound = msgspec.json.Decoder(OutboundEnvelope)
-
-
-class NotYet(Exception):
-    """The speech webhook may still deliver this reply itself; look again after the budget."""
 
 
 class VoiceSpeaker:
@@ -50,23 +46,26 @@ class VoiceSpeaker:
         response.append(gather)
         return str(response)
 
-    async def deliver(self, delivery: Delivery) -> None:
+    async def deliver(self, delivery: Delivery) -> Later | None:
         out = decode_or_dead(_outbound, delivery.data)
         if out.session_type == "simulation":
-            return
+            return None
         call_sid = (out.thread.call_sid if out.thread else None) or await self.store.call_of(
             out.conversation_id
         )
         if call_sid is None:
-            return
+            return None
         age = time.time() - out.created_at.timestamp()
-        if out.author_kind == "agent" and age < self.settings.voice_reply_budget_seconds + 0.5:
-            raise NotYet(out.turn_id)
+        head_start = self.settings.voice_reply_budget_seconds + 0.5
+        if out.author_kind == "agent" and age < head_start:
+            # The speech webhook may still speak this reply itself: look again after its budget.
+            return Later(head_start - age + 0.5)
         if await self.store.claim_or_holder(f"voice:{out.turn_id}", "egress") is not None:
-            return  # the webhook already spoke it
+            return None  # the webhook already spoke it
         try:
             await self.client.calls(call_sid).update_async(twiml=self.twiml(out.text))
         except TwilioRestException as exc:
             if exc.status == 429 or exc.status >= 500:
                 raise
             log.info("call not updatable (%s): %s", exc.code, exc.msg, extra={"call": call_sid})
+        return None

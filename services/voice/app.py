@@ -81,13 +81,15 @@ def create_app(settings: VoiceSettings) -> Litestar:
         }
 
     async def conversation_of(call_sid: str) -> str | None:
-        """Core opens the call's conversation from the call-started envelope; wait for it."""
-        deadline = asyncio.get_running_loop().time() + settings.voice_reply_budget_seconds
-        while (cid := await store.conversation_by_call(call_sid)) is None:
-            if asyncio.get_running_loop().time() > deadline:
-                return None
-            await asyncio.sleep(0.02)
-        return cid
+        """Core opens the call's conversation from the call-started envelope and announces it;
+        listening before reading the store, so an announcement in between is not missed."""
+        async with bus.listen(subjects.call_opened(call_sid), lambda m: m.data.decode()) as opened:
+            if (cid := await store.conversation_by_call(call_sid)) is not None:
+                return cid
+            try:
+                return await asyncio.wait_for(opened.get(), settings.voice_reply_budget_seconds)
+            except TimeoutError:
+                return await store.conversation_by_call(call_sid)
 
     async def speak(reply: Turn) -> str | None:
         """The TwiML for a reply, unless egress already spoke it by updating the live call.

@@ -27,6 +27,7 @@ from shared.bus.types import (
     Delivery,
     Handler,
     Hold,
+    Later,
     ProviderUnavailable,
     _message_key,
     _Policy,
@@ -165,7 +166,7 @@ class Consumers(DeadLetters):
             stored_at=stamp.timestamp() if stamp else time.time(),
         )
         try:
-            await self._run_through_outages(msg, handler, delivery)
+            later = await self._run_through_outages(msg, handler, delivery)
         except Undeliverable as exc:
             await self._dead_letter_and_ack(msg, delivery, exc.reason, policy)
         except ProviderUnavailable as exc:
@@ -189,7 +190,7 @@ class Consumers(DeadLetters):
         else:
             self._failures.pop(_message_key(msg), None)
             with contextlib.suppress(Exception):  # a lost ack means a redelivery, which dedupes
-                await msg.ack()
+                await (msg.nak(delay=later.seconds) if later is not None else msg.ack())
 
     async def _failed(self, msg: Msg, delivery: Delivery, exc: Exception, policy: _Policy) -> None:
         """A failure that may be the message's own: retried with backoff, up to `max_deliver`.
@@ -213,7 +214,9 @@ class Consumers(DeadLetters):
         with contextlib.suppress(Exception):
             await msg.nak(delay=policy.backoff(failures))
 
-    async def _run_through_outages(self, msg: Msg, handler: Handler, delivery: Delivery) -> None:
+    async def _run_through_outages(
+        self, msg: Msg, handler: Handler, delivery: Delivery
+    ) -> Later | None:
         """Run the handler; while a dependency is down, hold the message and try again.
 
         An outage of NATS or Valkey says nothing about the message, so it must not use up the
@@ -224,8 +227,7 @@ class Consumers(DeadLetters):
         pause = 0.1
         while True:
             try:
-                await handler(delivery)
-                return
+                return await handler(delivery)
             except TRANSIENT as exc:
                 if self._stopping.is_set():
                     raise  # not acked: redelivered to whoever runs next

@@ -47,7 +47,15 @@ class Delivery:
     stored_at: float = 0.0  # Unix seconds: when JetStream stored the message
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
+@dataclass(frozen=True)
+class Later:
+    """A handler's answer "not yet, look again in `seconds`": the message is nak'd with that delay
+    — not a failure, nothing logged (e.g. egress voice leaves the webhook a head start)."""
+
+    seconds: float
+
+
+Handler = Callable[[Delivery], Awaitable[Later | None]]
 Backoff = Callable[[int], float]
 DeadHook = Callable[[Delivery, str], Awaitable[None]]
 

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from redis import exceptions as redis_errors
 
-from shared.bus import Bus, Delivery, Undeliverable
+from shared.bus import Bus, Delivery, Later, Undeliverable
 from shared.envelopes import DeadLetter
 from shared.errors import Unavailable
 from shared.subjects import Subjects
@@ -166,3 +166,29 @@ async def test_a_failed_dead_letter_leaves_the_message_for_redelivery_and_the_co
     await eventually(lambda: asyncio.sleep(0, handled == [b"fine"]), what="the next message")
     letters = await dead_letters(bus)
     assert [(d.reason, d.deliveries) for d in letters] == [("unknown_version: v=9", 2)]
+
+
+async def test_a_handler_answering_later_is_redelivered_after_that_delay_without_a_failure(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[tuple[int, float]] = []
+
+    async def handler(delivery: Delivery) -> Later | None:
+        attempts.append((delivery.attempt, asyncio.get_running_loop().time()))
+        return Later(0.5) if len(attempts) == 1 else None
+
+    await bus.publish(bus.subjects.inbound("api", "k"), b"payload", msg_id="later1")
+    await bus.consume(
+        stream=bus.subjects.inbound_stream,
+        durable="later",
+        filter_subject=bus.subjects.inbound_all,
+        handler=handler,
+        max_deliver=2,
+        backoff=lambda attempt: 30.0,  # a failure would wait this long: Later is not one
+    )
+    await eventually(lambda: len(attempts) == 2, what="the second delivery")
+    (first, at_first), (second, at_second) = attempts
+    assert (first, second) == (1, 2)
+    assert at_second - at_first >= 0.4  # the handler's delay, not the failure backoff
+    assert not [r for r in caplog.records if r.name == "switchboard.bus" and r.levelno >= 30]
+    assert await dead_letters(bus) == []
