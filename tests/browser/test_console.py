@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
@@ -179,6 +180,57 @@ async def test_hostile_text_renders_as_text_and_never_runs(tab: Tab, stack: Stac
     await expect(contents.filter(has_text="window.__pwned")).to_have_text(hostile, timeout=WAIT_MS)
     assert await page.evaluate("window.__pwned") is None
     assert await page.locator("#transcript script, #transcript img, #handoffs img").count() == 0
+
+
+async def test_failures_read_as_what_happened(tab: Tab, stack: Stack) -> None:
+    """A lost claim, a conversation closed meanwhile and a revoked key each say so. The live
+    stream is cut for this page, so what it shows is stale exactly as on a slow connection."""
+    key = await operator_key(stack, "Ana")
+    page = await tab(None)
+    await page.route("**/v1/events/stream", lambda route: route.abort())
+    await page.get_by_test_id("key").fill(key)
+    await page.get_by_test_id("sign-in-button").click()
+    await post_signed(stack, "/twilio/sms", sms_form("a person please"))
+    await eventually(lambda: _one_requested(stack), timeout=15, what="the handoff")
+    await page.reload()  # no live stream: read the inbox again
+    await page.get_by_test_id("handoff").get_by_role("link").click()
+    await expect(page.get_by_test_id("handoff-state")).to_contain_text("Waiting for a person")
+    await page.get_by_test_id("claim").click()
+    await expect(page.get_by_test_id("handoff-state")).to_have_text("You have this conversation.")
+    handoff = (await _one_requested(stack, "assigned"))[0]
+
+    # An admin takes the conversation over: Ana's next reply is refused, naming who has it.
+    taken = await stack.api.post(f"/v1/handoffs/{handoff['id']}/claim", json={"reassign": True})
+    assert taken.status_code == 200
+    await page.get_by_test_id("reply").fill("still me")
+    await page.get_by_test_id("send").click()
+    await expect(page.get_by_test_id("notice")).to_have_text(
+        "You no longer hold this conversation: bootstrap has it now."
+    )
+
+    # The conversation is closed meanwhile.
+    closed = await stack.api.post(f"/v1/conversations/{handoff['conversation_id']}/close", json={})
+    assert closed.status_code == 200
+    await page.get_by_test_id("reply").fill("hello?")
+    await page.get_by_test_id("send").click()
+    await expect(page.get_by_test_id("notice")).to_have_text(
+        "Could not send your reply: the conversation was closed meanwhile."
+    )
+
+    # Ana's key is revoked: the next request signs her out with the reason.
+    async with stack.client(key) as ana:
+        me = (await ana.get("/v1/whoami")).json()
+    assert (await stack.api.delete(f"/v1/api-keys/{me['id']}")).status_code == 204
+    await page.get_by_test_id("nav-inbox").click()
+    await expect(page.get_by_test_id("notice")).to_have_text(
+        "Your key is no longer valid (expired or revoked). Sign in again."
+    )
+    await expect(page.get_by_test_id("sign-in")).to_be_visible()
+
+
+async def _one_requested(stack: Stack, status: str = "requested") -> list[dict[str, Any]] | None:
+    items = (await stack.api.get("/v1/handoffs", params={"status": status})).json()["items"]
+    return items if len(items) == 1 else None
 
 
 async def test_an_invalid_key_is_refused_with_a_message(tab: Tab) -> None:

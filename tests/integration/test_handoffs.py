@@ -82,23 +82,33 @@ async def test_a_handoff_is_a_record_listed_by_status_from_its_index(stack: Stac
     assert (second["status"], second["outcome"]) == ("resolved", "closed")
 
 
-async def test_two_concurrent_claims_exactly_one_wins_and_the_loser_learns_who(
+async def test_concurrent_claims_exactly_one_wins_and_the_losers_learn_who(
     stack: Stack,
 ) -> None:
     _, handoff = await handed_off(stack)
-    ana, bo = await operator_key(stack, "Ana"), await operator_key(stack, "Bo")
-    async with stack.client(ana) as a, stack.client(bo) as b:
+    names = ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"]
+    keys = [await operator_key(stack, name) for name in names]
+    clients = [stack.client(key) for key in keys]
+    try:
         results = await asyncio.gather(
-            a.post(f"/v1/handoffs/{handoff['id']}/claim"),
-            b.post(f"/v1/handoffs/{handoff['id']}/claim"),
+            *(c.post(f"/v1/handoffs/{handoff['id']}/claim") for c in clients)
         )
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
     codes = sorted(r.status_code for r in results)
-    assert codes == [200, 409], [r.text for r in results]
+    assert codes == [200] + [409] * 7, [r.text for r in results]
     winner = next(r for r in results if r.status_code == 200).json()
-    loser = next(r for r in results if r.status_code == 409).json()["error"]
-    assert loser["code"] == "conflict"
-    assert loser["details"]["assignee"] == winner["assignee"]
-    assert winner["assignee_name"] in loser["message"]
+    for loser in (r.json()["error"] for r in results if r.status_code == 409):
+        assert loser["code"] == "conflict"
+        assert loser["details"]["assignee"] == winner["assignee"]
+        assert winner["assignee_name"] in loser["message"]
+    record = (await stack.api.get(f"/v1/handoffs/{handoff['id']}")).json()
+    assert (record["assignee"], record["assignee_name"]) == (
+        winner["assignee"],
+        winner["assignee_name"],
+    )
+    conv = (await stack.api.get(f"/v1/conversations/{handoff['conversation_id']}")).json()
+    assert conv["assigned_agent_id"] == winner["assignee"]
     events = (await stack.api.get(f"/v1/conversations/{handoff['conversation_id']}/events")).json()
     assert [e["type"] for e in events["items"]].count("handoff.assigned") == 1
 
