@@ -40,7 +40,13 @@ class Misconfigured:
 class Runtimes:
     def __init__(self, budget: Budget | None = None) -> None:
         self.budget = budget or Budget()
-        self.http = httpx.AsyncClient(timeout=30.0)
+        # httpx pools 100 connections by default: with a slow bot that would make the 101st
+        # conversation in flight wait for another's answer, which per-conversation concurrency
+        # exists to avoid.
+        self.http = httpx.AsyncClient(
+            timeout=30.0,
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200),
+        )
         self.tools = ToolRunner(self.http, self.budget.retry_backoff_seconds)
         self._runtimes: dict[str, Runtime] = {}
         self._secrets: dict[str, dict[str, str]] = {}
