@@ -135,9 +135,11 @@ class Keys:
         return f"{self.ns}replytoken:{token}"
 
     def idempotency(self, scope: str, key: str) -> str:
-        """String: `<body hash>|<result>` of the first request under a client's Idempotency-Key
-        (the key hashed: it is the client's free text)."""
-        return f"{self.ns}idem:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
+        """String: `<body hash>|<result>` of the first request under a client's Idempotency-Key.
+        Scope and key are hashed: the key is the client's free text, and the scope names a
+        conversation, which an erasure must not leave behind in a key name."""
+        digest = hashlib.sha256(f"{scope}\x00{key}".encode()).hexdigest()
+        return f"{self.ns}idem:{digest}"
 
     def rate(self, bucket: str) -> str:
         """A fixed rate-limit window's counter (expires by itself)."""
