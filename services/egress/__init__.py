@@ -1,1 +1,1 @@
-"""Egress: delivers what core emits, each channel through its own worker (webhooks so far)."""
+"""Egress: delivers what core emits, each channel through its connector (`connector.py`)."""

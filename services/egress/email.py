@@ -20,6 +20,7 @@ from typing import NoReturn
 import aiosmtplib
 import msgspec
 
+from services.egress.connector import ChannelContext, Consumer
 from services.egress.outages import Outages
 from shared.bus import Delivery, ProviderUnavailable, Undeliverable, decode_or_dead
 from shared.envelopes import OutboundEnvelope
@@ -47,6 +48,22 @@ class EmailSender:
         self.domain = settings.domains()[0]
         self._smtp: aiosmtplib.SMTP | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
+
+    def consumers(self, egress: ChannelContext) -> list[Consumer]:
+        settings, subjects = egress.settings, egress.subjects
+        return [
+            Consumer(
+                stream=subjects.outbound_stream,
+                durable="egress-email",
+                filter_subject=subjects.outbound("email") + ".*",
+                handler=self.deliver,
+                max_ack_pending=1,
+                max_deliver=settings.email_max_attempts,
+                ack_wait=settings.smtp_relay_timeout_seconds * 2 + 10,
+                hold=egress.hold(settings.email_retry_horizon_seconds),
+                on_dead=egress.on_dead,
+            )
+        ]
 
     def build(self, out: OutboundEnvelope, thread: dict[str, str]) -> EmailMessage:
         msg = EmailMessage()

@@ -19,6 +19,7 @@ import msgspec
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
+from services.egress.connector import ChannelContext, Consumer
 from services.egress.outages import Outages
 from shared.bus import Delivery, ProviderUnavailable, Undeliverable, decode_or_dead
 from shared.envelopes import OutboundEnvelope
@@ -57,6 +58,24 @@ class SmsSender:
         self.client = client
         self.outages = outages
         self.status_callback = settings.public_sms_url() + "/twilio/sms/status"
+
+    def consumers(self, egress: ChannelContext) -> list[Consumer]:
+        """One ordered consumer per partition: a recipient's replies leave in order."""
+        settings, subjects = egress.settings, egress.subjects
+        return [
+            Consumer(
+                stream=subjects.outbound_stream,
+                durable=f"egress-sms-p{partition}",
+                filter_subject=subjects.outbound_partition("sms", partition),
+                handler=self.deliver,
+                max_ack_pending=1,
+                max_deliver=settings.sms_max_attempts,
+                ack_wait=settings.twilio_timeout_seconds * 3 + 10,
+                hold=egress.hold(settings.sms_retry_horizon_seconds),
+                on_dead=egress.on_dead,
+            )
+            for partition in range(settings.partitions)
+        ]
 
     async def deliver(self, delivery: Delivery) -> None:
         out = decode_or_dead(_outbound, delivery.data)

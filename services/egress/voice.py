@@ -12,6 +12,7 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 from twilio.twiml.voice_response import Gather, VoiceResponse
 
+from services.egress.connector import ChannelContext, Consumer
 from shared.bus import Delivery, Later, decode_or_dead
 from shared.envelopes import OutboundEnvelope
 from shared.ids import ulid
@@ -27,6 +28,20 @@ class VoiceSpeaker:
         self.settings = settings
         self.store = store
         self.client = client
+
+    def consumers(self, egress: ChannelContext) -> list[Consumer]:
+        return [
+            Consumer(
+                stream=egress.subjects.outbound_stream,
+                durable="egress-voice",
+                filter_subject=egress.subjects.outbound("voice") + ".*",
+                handler=self.deliver,
+                max_ack_pending=64,
+                workers=4,
+                max_deliver=6,
+                backoff=self.head_start,
+            )
+        ]
 
     def head_start(self, attempt: int) -> float:
         return self.settings.voice_reply_budget_seconds + 1.0

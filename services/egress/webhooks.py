@@ -17,6 +17,7 @@ import logging
 import httpx
 import msgspec
 
+from services.egress.connector import ChannelContext, Consumer
 from services.egress.outages import Outages
 from shared.bus import Bus, Delivery, ProviderUnavailable, decode_or_dead
 from shared.envelopes import Event
@@ -47,6 +48,38 @@ class Webhooks:
         self.http = http
         self.outages = outages
         self._subscriptions: list[WebhookSubscription] = []
+
+    def consumers(self, egress: ChannelContext) -> list[Consumer]:
+        settings, subjects = egress.settings, egress.subjects
+
+        def backoff(attempt: int) -> float:
+            return float(min(settings.webhook_backoff_seconds * 2 ** (attempt - 1), 600.0))
+
+        return [
+            Consumer(
+                stream=subjects.events_stream,
+                durable="egress-webhook-fanout",
+                filter_subject=subjects.events_all,
+                handler=self.fan_out,
+                max_ack_pending=256,
+                batch=64,  # unordered: under load one fetch brings many events
+                before_batch=self.load_subscriptions,
+            ),
+            Consumer(
+                stream=subjects.outbound_stream,
+                durable="egress-webhook",
+                filter_subject=subjects.outbound("webhook"),
+                handler=self.deliver,
+                max_ack_pending=256,
+                workers=settings.webhook_workers,
+                max_deliver=settings.webhook_max_attempts,
+                backoff=backoff,
+                ack_wait=settings.webhook_timeout_seconds + 20,
+                hold=egress.hold(
+                    settings.webhook_retry_horizon_seconds, settings.webhook_backoff_seconds
+                ),
+            ),
+        ]
 
     async def load_subscriptions(self) -> None:
         """Read the subscriptions once per fetched batch of events. Every event in the batch was
