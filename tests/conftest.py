@@ -19,6 +19,8 @@ import pytest
 import redis.asyncio as redis
 
 from services.supervisor.embedded import ChildProcess, free_port, start_nats, start_valkey
+from shared.bus import Bus
+from shared.subjects import Subjects
 
 T = TypeVar("T")
 ADMIN_KEY = "sk_test_admin"
@@ -49,6 +51,16 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 @pytest.fixture
 def namespace() -> str:
     return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
+    """A connected bus with its streams, two partitions, in the test's namespace."""
+    bus = Bus(servers.nats_url, Subjects(namespace, partitions=2), name="test")
+    await bus.connect()
+    await bus.ensure_streams()
+    yield bus
+    await bus.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -12,17 +11,7 @@ from redis import exceptions as redis_errors
 from shared.bus import Bus, Delivery, Later, Undeliverable
 from shared.envelopes import DeadLetter
 from shared.errors import Unavailable
-from shared.subjects import Subjects
-from tests.conftest import Servers, eventually
-
-
-@pytest.fixture
-async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
-    bus = Bus(servers.nats_url, Subjects(namespace, partitions=2), name="test")
-    await bus.connect()
-    await bus.ensure_streams()
-    yield bus
-    await bus.close()
+from tests.conftest import eventually
 
 
 async def dead_letters(bus: Bus) -> list[DeadLetter]:

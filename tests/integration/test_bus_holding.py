@@ -4,22 +4,10 @@ stream's list and replay, against a real nats-server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from shared.bus import Bus, Delivery, Hold, ProviderUnavailable
 from shared.subjects import Subjects
 from tests.conftest import Servers, eventually
-
-
-@pytest.fixture
-async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
-    bus = Bus(servers.nats_url, Subjects(namespace, partitions=2), name="test")
-    await bus.connect()
-    await bus.ensure_streams()
-    yield bus
-    await bus.close()
 
 
 async def test_a_provider_outage_outlasts_max_deliver_and_keeps_the_order(bus: Bus) -> None:
