@@ -35,6 +35,7 @@ class WebhookAudience:
         self.bus = bus
         self.refresh_seconds = refresh_seconds
         self.present = True
+        self._announcements = 0  # a read that began before an announcement must not undo it
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -44,7 +45,7 @@ class WebhookAudience:
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(self.bus.subjects.webhooks_changed, cb=self._on_change)
-        await self.refresh()
+        await self._refresh_or_assume()
         self._task = asyncio.create_task(self._keep_fresh(), name="webhook-audience")
 
     async def stop(self) -> None:
@@ -54,9 +55,13 @@ class WebhookAudience:
                 await self._task
 
     async def refresh(self) -> None:
-        self.present = await self.store.webhooks_exist()
+        seen = self._announcements
+        present = await self.store.webhooks_exist()
+        if seen == self._announcements:
+            self.present = present
 
     async def _on_change(self, _msg: Msg) -> None:
+        self._announcements += 1
         self.present = True  # a new subscription counts from now, before the read confirms it
         self._changed.set()
 
@@ -65,8 +70,11 @@ class WebhookAudience:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self.refresh_seconds)
             self._changed.clear()
-            try:
-                await self.refresh()
-            except Exception as exc:  # Valkey away: keep the last answer, try again later
-                self.present = True
-                log.warning("webhook subscriptions unreadable: %s", exc)
+            await self._refresh_or_assume()
+
+    async def _refresh_or_assume(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # Valkey away: assume a subscription, read again later
+            self.present = True
+            log.warning("webhook subscriptions unreadable: %s", exc)
