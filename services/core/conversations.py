@@ -30,6 +30,7 @@ from shared.models import (
     Author,
     Channel,
     Conversation,
+    Handoff,
     Revision,
     SessionType,
     Status,
@@ -175,14 +176,7 @@ class Conversations:
     async def handoff(self, conv: Conversation, reason: str, actor: str) -> None:
         """To `waiting_for_human`, with the handoff record people claim (see `handoffs`)."""
         await self.change_status(conv, "waiting_for_human", reason, actor)
-        record = await self.store.create_handoff(
-            conversation_id=conv.id,
-            reason=reason,
-            channel=conv.channel,
-            end_user_id=conv.end_user_id,
-            requested_by=actor,
-            unclaimed_after=self.settings.handoff_unclaimed_seconds,
-        )
+        record = await self.record_handoff(conv, reason, actor)
         note = Turn(
             id=new_id("turn"),
             conversation_id=conv.id,
@@ -199,6 +193,17 @@ class Conversations:
             conv,
             actor,
             {"reason": reason, "seq": appended.seq, "handoff_id": record.id},
+        )
+
+    async def record_handoff(self, conv: Conversation, reason: str, actor: str) -> Handoff:
+        """The waiting conversation's open handoff record, written if it has none yet."""
+        return await self.store.create_handoff(
+            conversation_id=conv.id,
+            reason=reason,
+            channel=conv.channel,
+            end_user_id=conv.end_user_id,
+            requested_by=actor,
+            unclaimed_after=self.settings.handoff_unclaimed_seconds,
         )
 
     async def say(

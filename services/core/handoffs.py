@@ -45,9 +45,9 @@ async def require_assignee(
 ) -> None:
     """Refuse a human turn from anyone but the handoff's assignee (403 naming the holder); the
     first operator to answer an unclaimed handoff claims it."""
-    if not conv.handoff_id:
+    handoff = await heal_record(c, conv)
+    if handoff is None:
         return
-    handoff = await c.store.get_handoff(conv.handoff_id)
     if handoff.status == "requested":
         await claim(
             c,
@@ -80,13 +80,27 @@ async def hand_back(c: Conversations, conv: Conversation, outcome: str, actor: s
     await c.change_status(conv, "active", outcome, actor)
 
 
-async def acknowledge_while_waiting(c: Conversations, conv: Conversation) -> None:
+RECOVERED = "recovered"  # the reason of a record written after a crash lost the first write
+
+
+async def heal_record(c: Conversations, conv: Conversation) -> Handoff | None:
+    """The open handoff of a waiting conversation. The status changes before the record is
+    written; if core died in between, the next message or operator action writes it."""
+    current = await c.store.get_conversation(conv.id)
+    if current.status != "waiting_for_human":
+        return None
+    if current.handoff_id:
+        return await c.store.get_handoff(current.handoff_id)
+    log.warning("handoff record missing; writing it", extra={"conversation_id": conv.id})
+    return await c.record_handoff(current, RECOVERED, "system")
+
+
+async def acknowledge_while_waiting(c: Conversations, conv: Conversation, duplicate: bool) -> None:
     """A user who writes while nobody has claimed the handoff yet hears the revision's waiting
     line, once per handoff; once a person has it, they answer themselves."""
-    current = await c.store.get_conversation(conv.id)
-    if not current.handoff_id:
+    handoff = await heal_record(c, conv)
+    if handoff is None or duplicate:
         return
-    handoff = await c.store.get_handoff(current.handoff_id)
     if handoff.status != "requested" or not await c.store.claim_once(f"waiting:{handoff.id}"):
         return
     revision = await c.revision(conv.pinned_revision_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.core import turns
 from services.core.conversations import Conversations
-from services.core.handoffs import claim, hand_back, require_assignee
+from services.core.handoffs import claim, hand_back, heal_record, require_assignee
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from shared.envelopes import (
     ClaimHandoff,
@@ -22,7 +22,10 @@ from shared.models import Author, Conversation, Turn, utcnow
 async def start_handoff(c: Conversations, cmd: StartHandoff) -> Conversation:
     """An operator takes over: the handoff is theirs from the start."""
     conv = await c.store.get_conversation(cmd.conversation_id)
-    await c.handoff(conv, cmd.reason, cmd.actor)
+    if conv.status == "waiting_for_human" and not conv.handoff_id:
+        await heal_record(c, conv)  # a crash lost the record: write it rather than refuse
+    else:
+        await c.handoff(conv, cmd.reason, cmd.actor)
     current = await c.store.get_conversation(conv.id)
     if cmd.actor_name is not None and current.handoff_id:
         await claim(

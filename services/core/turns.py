@@ -66,8 +66,8 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
     if status != "active":
         if status == "awaiting_approval" and not appended.duplicate:
             await still_waiting(c, conv)
-        elif status == "waiting_for_human" and not appended.duplicate:
-            await handoffs.acknowledge_while_waiting(c, conv)
+        elif status == "waiting_for_human":
+            await handoffs.acknowledge_while_waiting(c, conv, appended.duplicate)
         c.metrics.messages.labels("core", env.channel, "queued").inc()
         await c.outbox.publish_reply(
             TurnReply(

@@ -236,6 +236,7 @@ def up(external: bool) -> int:
         say(f"""
 Switchboard is up. Logs: {logs}
   API            {api}   (OpenAPI: {api}/schema)
+  Console        {api}/console   (sign in with an operator or admin key)
   SMS webhooks   {sms}/twilio/sms   status: {sms}/twilio/sms/status
   Voice webhook  http://{host}:{env.get("SWITCHBOARD_VOICE_PORT", "8082")}/twilio/voice   status: …/twilio/voice/status
   SMTP           {host}:{env.get("SWITCHBOARD_SMTP_PORT", "2525")} for @{env.get("SWITCHBOARD_EMAIL_DOMAINS", "switchboard.localhost")}; replies relay via {env.get("SWITCHBOARD_SMTP_RELAY_HOST", "127.0.0.1")}:{env.get("SWITCHBOARD_SMTP_RELAY_PORT", "1025")}

@@ -260,3 +260,30 @@ async def test_erasing_the_end_user_erases_their_handoff_records(stack: Stack) -
         key async for key in stack.core.store.connection.redis.scan_iter(match=f"*{{{cid}}}*")
     ]
     assert leftovers == []
+
+
+async def test_a_handoff_record_lost_to_a_crash_is_written_by_the_next_message(
+    stack: Stack,
+) -> None:
+    """Core changes the status before it writes the record; a crash between the two is healed
+    by whatever touches the conversation next (a user message, an operator's takeover)."""
+    store = stack.core.store
+    by_user = (await open_conversation(stack))["id"]
+    by_operator = (await open_conversation(stack))["id"]
+    for cid in (by_user, by_operator):  # the crash: the transition happened, the record did not
+        await store.transition(cid, "waiting_for_human", ["active"], "transfer_call")
+    assert await ids(stack.api, "requested") == []
+
+    assert (await say(stack, by_user, "hello?")).status_code == 202
+    healed = (await stack.api.get(f"/v1/conversations/{by_user}")).json()["handoff_id"]
+    record = (await stack.api.get(f"/v1/handoffs/{healed}")).json()
+    assert (record["status"], record["reason"]) == ("requested", "recovered")
+    ana = await operator_key(stack, "Ana")
+    async with stack.client(ana) as client:
+        took = await client.post(f"/v1/conversations/{by_operator}/handoff")
+        assert took.status_code == 200, took.text
+        again = await client.post(f"/v1/conversations/{by_operator}/handoff")
+        assert again.status_code == 409  # with its record, a second takeover is illegal again
+    taken = (await stack.api.get(f"/v1/handoffs/{took.json()['handoff_id']}")).json()
+    assert (taken["status"], taken["assignee_name"]) == ("assigned", "Ana")
+    assert sorted(await ids(stack.api, "requested")) == [healed]
