@@ -44,6 +44,7 @@ class RateLimiter:
     def __init__(self, connection: Connection) -> None:
         self._keys = connection.keys
         self._hit = connection.script(_HIT)
+        self._cluster = connection.cluster
 
     def _args(self, limit: Limit) -> tuple[list[str], list[int]]:
         return [self._keys.rate(limit.bucket)], [limit.limit, int(limit.window_seconds * 1000)]
@@ -64,6 +65,9 @@ class RateLimiter:
         for limit in limits:
             if limit.limit > 0:
                 keys, args = self._args(limit)
+                if self._cluster:  # a cluster pipeline refuses EVALSHA: the script rides along
+                    pipe.eval(_HIT, len(keys), *keys, *args)
+                    continue
                 pipe.evalsha(self._hit.sha, len(keys), *keys, *args)
 
     async def load(self) -> None:

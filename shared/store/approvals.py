@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from redis.asyncio.client import Pipeline
 
 from shared.errors import Conflict
 from shared.models import Approval, utcnow
@@ -46,14 +47,20 @@ class Approvals(Aggregate):
         self._resolve_approval = connection.script(_RESOLVE_APPROVAL)
 
     async def create_approval(self, approval: Approval) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(
-            self._k.approval(approval.id),
-            mapping={"doc": encode(approval), "status": approval.status},
-        )
-        pipe.zadd(self._k.approvals(), {approval.id: 0})
-        pipe.zadd(self._k.approvals_pending(), {approval.id: approval.timeout_at.timestamp()})
-        await pipe.execute()
+
+        def record(pipe: Pipeline) -> None:
+            pipe.hset(
+                self._k.approval(approval.id),
+                mapping={"doc": encode(approval), "status": approval.status},
+            )
+
+        def index(pipe: Pipeline) -> None:
+            pipe.zadd(self._k.approvals(), {approval.id: 0})
+            pipe.zadd(self._k.approvals_pending(), {approval.id: approval.timeout_at.timestamp()})
+
+        # The indexes first: an approval no deadline index holds would never time out; an id
+        # without its record (a crash between) is skipped by listings (keys.py, rule 3).
+        await self.connection.in_order(index, record)
 
     async def get_approval(self, aid: str) -> Approval:
         raw = await self._r.hgetall(self._k.approval(aid))

@@ -89,7 +89,9 @@ class ChannelState(Aggregate):
         """The newest conversation any of these Message-IDs belongs to."""
         if not message_ids:
             return None
-        found = await self._r.mget([self._k.message_id(m) for m in reversed(message_ids)])
+        found = await self.connection.get_many(
+            [self._k.message_id(m) for m in reversed(message_ids)]
+        )
         return next((text(f) for f in found if f), None)
 
     async def put_reply_token(self, token: str, cid: str) -> None:

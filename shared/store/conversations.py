@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from shared.errors import ConversationClosed, IllegalTransition, NotFound
@@ -76,24 +77,30 @@ class Conversations(Aggregate):
         doc.pop("closed_reason")
         doc.pop("approval_id")
         doc.pop("handoff_id")
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(
-            self._k.conversation(conv.id),
-            mapping={
-                "doc": encode(doc),
-                "status": status,
-                "last_seq": last_seq,
-                "updated_at": conv.updated_at.isoformat(),
-            },
-        )
-        # Ids are time-sortable, so a lexicographic index pages in creation order.
-        pipe.zadd(self._k.conversations(), {conv.id: 0})
-        # The end user's conversations on every channel, for the agent's cross-channel history.
-        pipe.zadd(self._k.end_user_conversations(conv.end_user_id), {conv.id: 0})
-        if conv.created_by and conv.created_by.startswith("key_"):  # opened through the API
-            # What a client key with `own` visibility lists, without scanning everyone's.
-            pipe.zadd(self._k.key_conversations(conv.created_by), {conv.id: 0})
-        await pipe.execute()
+
+        def index(pipe: Pipeline) -> None:
+            # Ids are time-sortable, so a lexicographic index pages in creation order.
+            pipe.zadd(self._k.conversations(), {conv.id: 0})
+            # The end user's conversations on every channel, for the agent's cross-channel history.
+            pipe.zadd(self._k.end_user_conversations(conv.end_user_id), {conv.id: 0})
+            if conv.created_by and conv.created_by.startswith("key_"):  # opened through the API
+                # What a client key with `own` visibility lists, without scanning everyone's.
+                pipe.zadd(self._k.key_conversations(conv.created_by), {conv.id: 0})
+
+        def record(pipe: Pipeline) -> None:
+            pipe.hset(
+                self._k.conversation(conv.id),
+                mapping={
+                    "doc": encode(doc),
+                    "status": status,
+                    "last_seq": last_seq,
+                    "updated_at": conv.updated_at.isoformat(),
+                },
+            )
+
+        # The indexes first: a crash between leaves an id listings skip, never a conversation
+        # that erasure cannot find (keys.py, rule 3).
+        await self.connection.in_order(index, record)
 
     async def end_user_conversation_ids(self, end_user_id: str, limit: int) -> list[str]:
         """The end user's newest `limit` conversation ids (ids sort by creation time)."""

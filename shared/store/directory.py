@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
 
 from shared.errors import IdentityConflict
 from shared.ids import new_id
@@ -63,30 +64,39 @@ class Directory(Aggregate):
     async def link_identity(
         self, end_user_id: str, kind: IdentifierKind, value: str
     ) -> tuple[EndUser, bool]:
-        """Make the identifier resolve to the end user and list it among their identities, both or
-        neither (WATCH on the identifier and the record). Returns the end user and whether this
-        call linked it (False: it already was). An identifier that resolves to another end user is
-        an IdentityConflict naming both: two people are never merged behind anyone's back."""
+        """Make the identifier resolve to the end user and list it among their identities. Returns
+        the end user and whether this call linked it (False: it already was). An identifier that
+        resolves to another end user is an IdentityConflict naming both: two people are never
+        merged behind anyone's back.
+
+        Two steps, as the identifier and the record live in different cluster slots: the
+        identifier is claimed first (SET NX GET: one winner), then the record lists it (WATCH on
+        the record alone). A crash between leaves an identifier that resolves to the right person
+        and a record the next link of it completes."""
         ident, record = self._k.identity(kind, value), self._k.end_user(end_user_id)
         identity = Identity(kind=kind, value=value)
+        raw = await self._r.get(record)
+        if not raw:
+            raise not_found("end user", end_user_id, "end_user_id")
+        user = _end_user.decode(raw)
+        owner = await self._r.set(ident, user.id, nx=True, get=True)
+        if owner and text(owner) != user.id:
+            raise IdentityConflict(
+                f"this {kind} already belongs to end user {text(owner)}",
+                details={
+                    "end_user_id": user.id,
+                    "linked_to_end_user_id": text(owner),
+                    "kind": kind,
+                },
+            )
         async with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(ident, record)
+                    await pipe.watch(record)
                     raw = await pipe.get(record)
                     if not raw:
                         raise not_found("end user", end_user_id, "end_user_id")
                     user = _end_user.decode(raw)
-                    owner = await pipe.get(ident)
-                    if owner and text(owner) != user.id:
-                        raise IdentityConflict(
-                            f"this {kind} already belongs to end user {text(owner)}",
-                            details={
-                                "end_user_id": user.id,
-                                "linked_to_end_user_id": text(owner),
-                                "kind": kind,
-                            },
-                        )
                     if owner and identity in user.identities:
                         return user, False
                     linked = msgspec.structs.replace(
@@ -94,7 +104,6 @@ class Directory(Aggregate):
                         identities=(*(i for i in user.identities if i != identity), identity),
                     )
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(ident, user.id)
                     pipe.set(record, encode(linked))
                     await pipe.execute()
                     return linked, True
@@ -114,10 +123,11 @@ class Directory(Aggregate):
     # Agents and revisions (immutable once written) -----------------------------------------------
 
     async def put_agent(self, agent: Agent) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.set(self._k.agent(agent.id), encode(agent))
-        pipe.zadd(self._k.agents(), {agent.id: 0})
-        await pipe.execute()
+        # The record, then the index: an index never names a record that is not there.
+        await self.connection.in_order(
+            lambda pipe: pipe.set(self._k.agent(agent.id), encode(agent)),
+            lambda pipe: pipe.zadd(self._k.agents(), {agent.id: 0}),
+        )
 
     async def get_agent(self, agent_id: str) -> Agent:
         if (agent := await self._decoded(self._k.agent(agent_id), _agent)) is None:
@@ -134,13 +144,17 @@ class Directory(Aggregate):
         self, revision: Revision, secrets: Mapping[str, str] | None = None
     ) -> None:
         """Store a revision and its write-only secrets (bot and tool signing keys) together."""
-        pipe = self._r.pipeline(transaction=True)
-        if secrets:
-            fields: dict[Any, Any] = dict(secrets)
-            pipe.hset(self._k.revision_secrets(revision.id), mapping=fields)
-        pipe.set(self._k.revision(revision.id), encode(revision))
-        pipe.zadd(self._k.revisions(revision.agent_id), {revision.id: revision.number})
-        await pipe.execute()
+        fields: dict[Any, Any] = dict(secrets or {})
+        # Secrets, then the revision, then the index: nothing is found before what it needs.
+        await self.connection.in_order(
+            lambda pipe: (
+                pipe.hset(self._k.revision_secrets(revision.id), mapping=fields) if fields else None
+            ),
+            lambda pipe: pipe.set(self._k.revision(revision.id), encode(revision)),
+            lambda pipe: pipe.zadd(
+                self._k.revisions(revision.agent_id), {revision.id: revision.number}
+            ),
+        )
 
     async def get_revision(self, revision_id: str) -> Revision:
         if (revision := await self._decoded(self._k.revision(revision_id), _revision)) is None:
@@ -157,7 +171,7 @@ class Directory(Aggregate):
     async def _all_in(self, index: str, key: Callable[[str], str], codec: Codec[T]) -> list[T]:
         """Every document an index (sorted set of ids) names, in index order."""
         ids = await self._r.zrange(index, 0, -1)
-        raws = await self._r.mget([key(text(i)) for i in ids]) if ids else []
+        raws = await self.connection.get_many([key(text(i)) for i in ids])
         return codec.decode_present(raws)
 
     # API keys ------------------------------------------------------------------------------------
@@ -178,11 +192,15 @@ class Directory(Aggregate):
             stale = [d for d in await self._legacy_hashes_of(key.id) if d != secret_hash]
         for digest in stale:
             await self._revoke_hash(digest)
-        pipe = self._r.pipeline(transaction=True)
-        pipe.set(self._k.api_key(secret_hash), encode(key))
-        pipe.hset(self._k.api_key_ids(), key.id, secret_hash)
-        pipe.zadd(self._k.api_keys(), {key.id: 0})
-        await pipe.execute()
+
+        def index(pipe: Pipeline) -> None:
+            pipe.hset(self._k.api_key_ids(), key.id, secret_hash)
+            pipe.zadd(self._k.api_keys(), {key.id: 0})
+
+        # The record, then the indexes: an id always leads to its record.
+        await self.connection.in_order(
+            lambda pipe: pipe.set(self._k.api_key(secret_hash), encode(key)), index
+        )
         return True
 
     async def api_key_by_hash(self, secret_hash: str) -> ApiKey | None:
@@ -198,7 +216,9 @@ class Directory(Aggregate):
             await self._index_legacy_api_keys()
             hashes = await self._r.hmget(self._k.api_key_ids(), ids)
         used = await self._r.hmget(self._k.api_key_used(), ids)
-        records = await self._r.mget([self._k.api_key(text(h) if h else "-") for h in hashes])
+        records = await self.connection.get_many(
+            [self._k.api_key(text(h) if h else "-") for h in hashes]
+        )
         found = []
         for raw, last in zip(records, used, strict=True):
             if raw:
@@ -223,11 +243,15 @@ class Directory(Aggregate):
         if key is None or key.revoked_at is not None:
             return None
         key = msgspec.structs.replace(key, revoked_at=utcnow())
-        pipe = self._r.pipeline(transaction=True)
-        pipe.set(self._k.api_key(secret_hash), encode(key))
-        pipe.zrem(self._k.api_keys(), key.id)
-        pipe.hdel(self._k.api_key_used(), key.id)
-        await pipe.execute()
+
+        def unlist(pipe: Pipeline) -> None:
+            pipe.zrem(self._k.api_keys(), key.id)
+            pipe.hdel(self._k.api_key_used(), key.id)
+
+        # Revoked first (what authentication reads), then out of the list of live keys.
+        await self.connection.in_order(
+            lambda pipe: pipe.set(self._k.api_key(secret_hash), encode(key)), unlist
+        )
         return key
 
     async def _legacy_hashes_of(self, key_id: str) -> list[str]:

@@ -2,16 +2,90 @@
 
 Keys carry the namespace and, for everything about one conversation, the hash tag `{conv_id}`, so
 one conversation lives in one Redis Cluster slot and one Lua script can change it atomically.
+
+The cluster rules (`REDIS_URL=redis+cluster://…`; the same code runs on one server):
+
+1. One script, one slot. Every Lua script is given only keys of one hash slot: a conversation's
+   keys (`{cid}`), a handoff with its conversation (`handoff:{cid}:…`), one approval
+   (`approval:{aid}`), one lease group (`{group-leases}`), one rate-limit window, one
+   idempotency key. A script never names a key it was not passed.
+2. One MULTI, one slot. A transaction (MULTI/EXEC, WATCH) only ever holds keys of one slot:
+   `last_turns` and tool results (`{cid}`), the open-conversation claim (one key), the end-user
+   record update of `link_identity` (one key).
+3. Global indexes are their own step. The indexes that span entities (all conversations, a
+   user's or an API key's conversations, approvals and their deadline/unapplied sets, handoffs
+   per status and their unclaimed timer, agents, revisions, API keys) are single keys in their
+   own slots, written in a separate step (`Connection.in_order`) in an order a crash cannot make
+   harmful, and readers heal or skip what a crash left:
+     - conversations: the index entries first, then the hash. A crash between leaves an id whose
+       hash is missing; listings skip it (`get_conversations` returns what exists). Never a
+       conversation that no index finds (erasure must find every one).
+     - approvals: the list and the deadline index first, then the hash (an approval that no
+       deadline index holds would never time out; the deadline lies ahead, so the sweeper never
+       meets an id before its hash); `resolve_approval` changes the status in its script, then
+       moves the id from the deadline index to the unapplied set.
+     - handoffs: the script on `{cid}` first, then the per-status indexes; `list_handoffs`
+       drops entries whose record says otherwise.
+     - agents, revisions, API keys: the record first, then the index; an index never names a
+       record that is not there (a crash leaves a record the retried request indexes).
+4. Usage counts ride on the turn's append: on a cluster each conversation counts into the
+   usage shard of its own slot (`usage_shard`: `usage:{<tag of that slot>}`) and `usage()` sums
+   the global hash and every shard; on one server the shard is the global hash itself.
+5. Reads of many keys (MGET, multi-key DEL) are pipelines of single-key commands, which the
+   cluster client sends to each key's node.
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
+
+SLOTS = 16384
+_TAG_WIDTH = 5  # characters '@'..'O': 4 free bits each, 20 bits to reach any 16-bit CRC
+
+
+def _tag_basis() -> tuple[int, dict[int, tuple[int, int]]]:
+    """CRC16 is affine over GF(2): a reduced basis of what each free tag bit flips."""
+    zero = bytes([0x40]) * _TAG_WIDTH
+    base = binascii.crc_hqx(zero, 0)
+    rows: dict[int, tuple[int, int]] = {}  # pivot bit -> (crc change, tag bits that make it)
+    for bit in range(4 * _TAG_WIDTH):
+        raw = bytearray(zero)
+        raw[bit // 4] |= 1 << (bit % 4)
+        vector, combo = binascii.crc_hqx(bytes(raw), 0) ^ base, 1 << bit
+        for pivot, (v, c) in rows.items():
+            if vector >> pivot & 1:
+                vector, combo = vector ^ v, combo ^ c
+        if vector:
+            pivot = vector.bit_length() - 1
+            for p, (v, c) in list(rows.items()):
+                if v >> pivot & 1:
+                    rows[p] = (v ^ vector, c ^ combo)
+            rows[pivot] = (vector, combo)
+    return base, rows
+
+
+_BASE, _ROWS = _tag_basis()
+
+
+def slot_of(tag: str) -> int:
+    """The Redis Cluster slot of a hash tag (CRC16/XMODEM mod 16384, as the server computes)."""
+    return binascii.crc_hqx(tag.encode(), 0) % SLOTS
+
+
+def tag_for_slot(slot: int) -> str:
+    """A short hash tag whose slot is `slot`: solved, not searched, so it costs microseconds."""
+    want, combo = slot ^ _BASE, 0
+    for pivot, (vector, bits) in _ROWS.items():
+        if want >> pivot & 1:
+            want, combo = want ^ vector, combo ^ bits
+    return "".join(chr(0x40 | (combo >> 4 * i & 15)) for i in range(_TAG_WIDTH))
 
 
 class Keys:
-    def __init__(self, namespace: str = "") -> None:
+    def __init__(self, namespace: str = "", *, cluster: bool = False) -> None:
         self.ns = f"{namespace}:" if namespace else ""
+        self.cluster = cluster
 
     # One conversation (all `{cid}`-tagged) ------------------------------------------------------
     def conversation(self, cid: str) -> str:
@@ -79,7 +153,22 @@ class Keys:
         return f"{self.ns}inbound:{envelope_id}"
 
     def usage(self) -> str:
+        """Hash: `conversations:<channel>` / `turns:<channel>` → count (on a cluster, the turn
+        counts are in the shards below)."""
         return f"{self.ns}usage"
+
+    def usage_shard(self, cid: str) -> str:
+        """Where a conversation's turns are counted: in its own slot on a cluster, so the append
+        script can count them (rule 4 above); the global hash on one server."""
+        if not self.cluster:
+            return self.usage()
+        return f"{self.ns}usage:{{{tag_for_slot(slot_of(cid))}}}"
+
+    def usage_shards(self) -> list[str]:
+        """Every usage shard a cluster can have (one per slot); none on one server."""
+        if not self.cluster:
+            return []
+        return [f"{self.ns}usage:{{{tag_for_slot(slot)}}}" for slot in range(SLOTS)]
 
     # Approvals ----------------------------------------------------------------------------------
     def approval(self, aid: str) -> str:

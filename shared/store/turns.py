@@ -64,8 +64,7 @@ def _load_turn(cid: str, seq: int, raw: bytes | str) -> Turn:
 # ARGV: stored turn, allowed statuses ("a,b"), updated_at, dedupe key ('' = none), dedupe ttl,
 #       queue when not active ("1"/"0"), usage field to count the turn under ('' = none)
 # The usage count moves with the append it counts (a duplicate counts nothing), in the same round
-# trip. The usage hash is the one key here outside the conversation's hash slot: on a Redis
-# Cluster it would have to be counted apart (README, "Beyond one Valkey").
+# trip. On a cluster the usage key is the shard of the conversation's own slot (keys.py, rule 4).
 _APPEND_TURN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
 if ARGV[4] ~= '' then
@@ -143,7 +142,7 @@ class Turns(Aggregate):
                 self._k.seen(cid),
                 self._k.pending(cid),
                 self._k.event_order(cid),
-                self._k.usage(),
+                self._k.usage_shard(cid),
             ],
             args=[
                 _store_turn(turn),
@@ -157,6 +156,8 @@ class Turns(Aggregate):
         )
         seq = int(result[0])
         status = text(result[1]) if result[1] else ""
+        if seq > 0:  # a duplicate too: the first append's acknowledgement may have been lost
+            await self.connection.replicated()
         if seq == -1:
             raise conversation_not_found(cid)
         if seq == -2:
@@ -257,8 +258,15 @@ class Turns(Aggregate):
         await pipe.execute()
 
     async def usage(self) -> dict[str, int]:
-        raw = await self._r.hgetall(self._k.usage())
-        return {text(k): int(v) for k, v in raw.items()}
+        """The counts, summed over the global hash and (on a cluster) every slot's shard."""
+        pipe = self._r.pipeline(transaction=False)
+        for key in [self._k.usage(), *self._k.usage_shards()]:
+            pipe.hgetall(key)
+        counts: dict[str, int] = {}
+        for raw in await pipe.execute():
+            for k, v in raw.items():
+                counts[text(k)] = counts.get(text(k), 0) + int(v)
+        return counts
 
     # Tool results -------------------------------------------------------------------------------
 
