@@ -15,25 +15,10 @@ import pytest
 from shared.store import Store
 from tests.conftest import Servers, eventually
 from tests.faults.conftest import Fleet, launch_fleet
-from tests.faults.traffic import Report, Traffic
+from tests.faults.traffic import Traffic, settled
 
 # One bench key sends everything, and API turns answer 504 fast while core is down.
 LOAD_SETTINGS = {"turn_timeout_seconds": "3", "rate_limit_per_key_per_second": "100000"}
-
-
-async def settled(traffic: Traffic, store: Store, timeout: float = 180) -> Report:
-    """The report once everything accepted is applied and answered (or the last one, on time-out)."""
-    last: list[Report] = []
-
-    async def done() -> Report | None:
-        last[:] = [await traffic.report(store)]
-        report = last[0]
-        return report if report.applied == report.accepted and not report.problems else None
-
-    try:
-        return await eventually(done, timeout=timeout, what="every accepted message applied")
-    except AssertionError:
-        return last[0]
 
 
 async def crash_mid_traffic(fleet: Fleet, traffic: Traffic, victim: str, at_fraction: float) -> int:

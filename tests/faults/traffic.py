@@ -21,16 +21,18 @@ import aiosmtplib
 import httpx
 
 from shared.store import Store
-from tests.conftest import ADMIN_KEY
-from tests.faults.conftest import Fleet
+from tests.conftest import ADMIN_KEY, TWILIO_SID, eventually
+from tests.faults.conftest import OUR_NUMBER, Fleet
 from tests.twilio_forms import post_twilio, sms_form
 
-Kind = Literal["api", "sms", "email"]
+Kind = Literal["api", "sms", "email", "voice"]
 TAG = re.compile(r"\bc(\d+)-m(\d+)\b")
 
 
 @dataclass
 class Sender:
+    """One conversation's worth of messages (a voice sender places one call per message)."""
+
     index: int
     kind: Kind
     accepted: list[str] = field(default_factory=list)
@@ -39,7 +41,7 @@ class Sender:
 
     @property
     def address(self) -> str:
-        if self.kind == "sms":
+        if self.kind in ("sms", "voice"):
             return f"+1415555{self.index:04d}"
         return f"user{self.index}@example.com"
 
@@ -117,6 +119,9 @@ class Traffic:
                 await asyncio.sleep(0.25)
             sender.accepted.append(tag)
 
+    def call_sid(self, sender: Sender, n: int) -> str:
+        return f"CA{sender.index:016x}{n:016x}"
+
     async def _send(self, sender: Sender, tag: str, n: int) -> bool:
         sender.attempts += 1
         try:
@@ -133,6 +138,17 @@ class Traffic:
                     f"hello {tag}", sender.address, sid=f"SM{sender.index:016x}{n:016x}"
                 )
                 response = await post_twilio(self.sms_url, form, client=self.web)
+                return response.status_code == 200
+            if sender.kind == "voice":
+                call = {
+                    "CallSid": self.call_sid(sender, n),
+                    "AccountSid": TWILIO_SID,
+                    "From": sender.address,
+                    "To": OUR_NUMBER,
+                    "CallStatus": "ringing",
+                }
+                voice_url = self.fleet.url("voice") + "/twilio/voice"
+                response = await post_twilio(voice_url, call, client=self.web)
                 return response.status_code == 200
             msg = EmailMessage()
             first = f"<c{sender.index}-m0@example.com>"
@@ -165,6 +181,11 @@ class Traffic:
                 order.setdefault(found.group(1), []).append((conv.id, int(found.group(2))))
                 if replies[turn.envelope_id] != 1:
                     unanswered.append(f"{tag} ({replies[turn.envelope_id]} replies)")
+        # A call is one conversation per CallSid, with no user turn to find the tag in.
+        for sender in self.senders:
+            if sender.kind == "voice":
+                for n, tag in enumerate(sender.accepted):
+                    seen[tag] += bool(await store.conversation_by_call(self.call_sid(sender, n)))
         accepted = [t for s in self.senders for t in s.accepted]
         out_of_order = [
             f"c{sender}: {steps}"
@@ -181,3 +202,18 @@ class Traffic:
             out_of_order=out_of_order,
             unanswered=unanswered,
         )
+
+
+async def settled(traffic: Traffic, store: Store, timeout: float = 180) -> Report:
+    """The report once everything accepted is applied and answered (or the last one, on time-out)."""
+    last: list[Report] = []
+
+    async def done() -> Report | None:
+        last[:] = [await traffic.report(store)]
+        report = last[0]
+        return report if report.applied == report.accepted and not report.problems else None
+
+    try:
+        return await eventually(done, timeout=timeout, what="every accepted message applied")
+    except AssertionError:
+        return last[0]
