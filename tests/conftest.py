@@ -218,9 +218,13 @@ def core_settings(servers: Servers, namespace: str, **overrides: Any) -> Any:
 
 
 @pytest.fixture
-async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
+async def stack(
+    servers: Servers, namespace: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
     """Every service running in this process against the real servers, on real sockets, with
-    the Twilio fake standing in for Twilio's cloud and an SMTP sink for the relay."""
+    the Twilio fake standing in for Twilio's cloud and an SMTP sink for the relay.
+
+    `@pytest.mark.core_settings(**overrides)` starts core with those settings (no restart)."""
     from services.api.app import create_app
     from services.core.app import Core
     from services.egress.app import Egress
@@ -243,7 +247,8 @@ async def stack(servers: Servers, namespace: str) -> AsyncIterator[Stack]:
     relay = SmtpSink()
     await relay.start()
     twilio = twilio_env(f"http://127.0.0.1:{fake_server.port}")
-    core = Core(core_settings(servers, namespace))
+    marker = request.node.get_closest_marker("core_settings")
+    core = Core(core_settings(servers, namespace, **(marker.kwargs if marker else {})))
     await core.start()  # first: it seeds the demo agent the others expect
     egress = Egress(
         EgressSettings(

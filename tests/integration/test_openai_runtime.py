@@ -21,6 +21,7 @@ from tests.integration.test_runtimes import (
 )
 
 KEY_ENV = "SWITCHBOARD_TEST_MODEL_KEY"
+pytestmark = pytest.mark.core_settings(**FAST)
 
 
 @pytest.fixture
@@ -32,9 +33,8 @@ async def fakes() -> AsyncIterator[FakeServers]:
 
 
 @pytest.fixture
-async def agents(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    monkeypatch.setenv(KEY_ENV, "sk-local-test-key")
-    await stack.restart_core(**FAST)
+def agents(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    monkeypatch.setenv(KEY_ENV, "sk-local-test-key")  # read at call time: no restart needed
     return stack
 
 

@@ -31,9 +31,11 @@ async def fakes() -> AsyncIterator[FakeServers]:
     await servers.stop()
 
 
+pytestmark = pytest.mark.core_settings(**FAST)
+
+
 @pytest.fixture
-async def agents(stack: Stack) -> Stack:
-    await stack.restart_core(**FAST)
+def agents(stack: Stack) -> Stack:
     return stack
 
 
@@ -248,6 +250,7 @@ async def test_a_denied_tool_never_runs_and_the_bot_is_told(
     assert fakes.fakes.tool_calls == {}
 
 
+@pytest.mark.core_settings(agent_turn_budget_seconds=30)
 async def test_a_crash_between_the_tool_call_and_the_reply_does_not_call_the_tool_twice(
     agents: Stack, fakes: FakeServers
 ) -> None:
@@ -255,7 +258,6 @@ async def test_a_crash_between_the_tool_call_and_the_reply_does_not_call_the_too
     bot thinks. The redelivered message finishes the turn from the recorded result."""
     revision = tool_revision(fakes, "allow")
     revision["http"]["timeout_seconds"] = 30
-    await agents.restart_core(agent_turn_budget_seconds=30)
     agent = await make_agent(agents, revision)
     cid = await open_conversation(agents, agent["id"])
     fakes.fakes.hold_tool_step = asyncio.Event()
@@ -274,7 +276,14 @@ async def test_a_crash_between_the_tool_call_and_the_reply_does_not_call_the_too
     assert sum(fakes.fakes.tool_calls.values()) == 1
     # kill -9: the handler is cancelled mid-turn, nothing acked; a fresh core takes over, and
     # JetStream redelivers the message once its (shortened) ack wait has passed.
-    await agents.core.bus.close(grace=0.0)
+    # Core finishes the message in hand on a graceful stop, so the kill cancels that work itself.
+    applying = [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_coro().__qualname__.endswith("PartitionConsumer._apply_one")
+    ]
+    assert len(applying) == 1
+    applying[0].cancel()
     fakes.fakes.hold_tool_step = None
     fakes.fakes.release.set()
     await agents.restart_core(**FAST, ack_wait_seconds=1.0)
@@ -283,6 +292,7 @@ async def test_a_crash_between_the_tool_call_and_the_reply_does_not_call_the_too
         return await assistant_turns(agents, cid)
 
     replies = await eventually(answered, what="the redelivered turn to be answered")
+    assert await events_of(agents, cid, "agent.failed") == []
     assert replies == ['lookup_plan allow: {"plan": "gold", "order_id": "12345"}']
     assert sum(fakes.fakes.tool_calls.values()) == 1  # the tool acted once
 
