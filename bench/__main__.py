@@ -95,7 +95,7 @@ def machine() -> dict[str, Any]:
 class Gateway:
     """`switchboard up` in a scratch data directory on free ports."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
         names = [
             "NATS_PORT",
             "REDIS_PORT",
@@ -122,6 +122,7 @@ class Gateway:
             "SWITCHBOARD_RATE_LIMIT_TURNS_PER_END_USER_PER_MINUTE": "1000000",
             "SWITCHBOARD_RATE_LIMIT_SMS_PER_SENDER_PER_MINUTE": "1000000",
         }
+        self.env.update(extra_env or {})
         self.env.pop("NATS_URL", None)
         self.env.pop("REDIS_URL", None)
         self.log = data_dir / "up.log"
@@ -451,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         "--scenarios",
         help=f"comma-separated subset of {','.join(ALL)} (default: all), or {','.join(OPT_IN)}",
     )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the gateway's processes (repeatable), e.g. "
+        "SWITCHBOARD_DUPLICATE_WINDOW_SECONDS=60",
+    )
     parser.add_argument("--out", type=Path, help="JSON report (default: .switchboard/bench/…)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the bench runs")
     args = parser.parse_args(argv)
@@ -461,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     out = args.out or ROOT / ".switchboard" / "bench" / f"{started:%Y%m%dT%H%M%SZ}.json"
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as scratch:
-        gateway = Gateway(Path(scratch))
+        gateway = Gateway(Path(scratch), dict(kv.split("=", 1) for kv in args.gateway_env))
         ceiling_port = free_port()
         ceiling = subprocess.Popen(
             [sys.executable, "-m", "bench.ceiling", str(ceiling_port)],

@@ -36,6 +36,8 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     outbound_max_bytes: int = 256 * 1024 * 1024
     events_max_bytes: int = 256 * 1024 * 1024
     dead_max_bytes: int = 64 * 1024 * 1024
+    # How long JetStream drops a re-published message id; nats-server holds the ids in memory.
+    duplicate_window_seconds: float = 30 * 60.0
     log_level: str = "INFO"
     log_format: str = "json"
     default_agent: str = DEMO_AGENT_ID

@@ -59,6 +59,10 @@ class StreamLimits:
     outbound: int = 256 * MIB
     events: int = 256 * MIB
     dead: int = 64 * MIB
+    # How long JetStream remembers a Nats-Msg-Id to drop a re-publish. nats-server keeps every id
+    # in memory for this long (≈ 0.1–0.2 KB each), so its memory grows with rate × window, then
+    # levels off; the store's envelope-id dedupe (7 days) covers anything older.
+    duplicate_window: float = 30 * 60.0
 
     @classmethod
     def of(cls, settings: CommonSettings) -> StreamLimits:
@@ -67,6 +71,7 @@ class StreamLimits:
             outbound=settings.outbound_max_bytes,
             events=settings.events_max_bytes,
             dead=settings.dead_max_bytes,
+            duplicate_window=settings.duplicate_window_seconds,
         )
 
 
@@ -90,7 +95,7 @@ def stream_configs(
             max_age=max_age,
             max_bytes=max_bytes,
             discard=DiscardPolicy.NEW,
-            duplicate_window=30 * 60.0,
+            duplicate_window=limits.duplicate_window,
         )
 
     queue = RetentionPolicy.WORK_QUEUE
