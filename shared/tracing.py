@@ -12,6 +12,7 @@ each ingress request and each consumed message is also exported as a span of tha
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import importlib
@@ -148,6 +149,7 @@ def _otel_tracer() -> Any:
     service = os.environ.get("OTEL_SERVICE_NAME", _service_name)
     provider = sdk.TracerProvider(resource=resources.Resource.create({"service.name": service}))
     provider.add_span_processor(export.BatchSpanProcessor(exporter.OTLPSpanExporter()))
+    atexit.register(provider.shutdown)  # spans still batched go out when the process ends
     _tracer = provider.get_tracer("switchboard")
     return _tracer
 
