@@ -34,8 +34,10 @@ TARGETS = {
     "sms_ack_p99_ms_at_half": ("<=", 10.0),
     "history_ratio": ("<=", 1.2),
     "bytes_per_turn": ("<=", 1024),
+    # Issue 12: a 1 s bot, a burst of one turn per conversation: last reply within 3 s of the first.
+    "slow_agent_spread_s": ("<=", 3.0),
 }
-ALL = ("ceiling", "api_turns", "sms", "email", "history", "memory")
+ALL = ("ceiling", "api_turns", "sms", "email", "history", "memory", "slow_agent")
 OPT_IN = ("soak",)  # long by nature: only with --scenarios
 
 
@@ -236,6 +238,27 @@ def measure(args: argparse.Namespace, gateway: Gateway, ceiling_url: str) -> dic
             },
             limit + args.memory_conversations,
         )
+    if "slow_agent" in chosen:
+        results["slow_agent"] = run_scenario(
+            "slow_agent",
+            {
+                **base,
+                "sms_url": f"{gateway.url('SMS_PORT')}/twilio/sms",
+                "twilio_fake": gateway.url("TWILIO_FAKE_PORT"),
+                "auth_token": "dev-auth-token",
+                "account_sid": "AC00000000000000000000000000000000",
+                "our_number": "+15550002222",  # routed to the slow bot, apart from the SMS scenario
+                "prefix": "8",
+                "bot_seconds": 1.0,
+                "conversations": args.slow_conversations,
+                "partitions": 16,
+                "senders": args.slow_senders,
+                "texts": 3,
+                "gap_ms": 50,
+                "gateway_pid": gateway.pid,
+            },
+            limit + 180,
+        )
     if "soak" in chosen:
         results["soak"] = run_scenario(
             "soak",
@@ -282,6 +305,8 @@ def summarize(results: dict[str, Any]) -> dict[str, float]:
         ratios["history_ratio"] = results["history"]["ratio"]
     if "memory" in results:
         ratios["bytes_per_turn"] = results["memory"]["bytes_per_turn"]
+    if "slow_agent" in results:
+        ratios["slow_agent_spread_s"] = results["slow_agent"]["burst"]["spread_s"]
     return ratios
 
 
@@ -401,6 +426,29 @@ def table(results: dict[str, Any], ratios: dict[str, float]) -> str:
                 f"{m['bytes_per_turn']} B/turn — {verdict(ratios, 'bytes_per_turn')}",
             )
         )
+    if "slow_agent" in results:
+        b, t = results["slow_agent"]["burst"], results["slow_agent"]["texting"]
+        rows.append(
+            (
+                f"slow agent ({results['slow_agent']['bot_seconds']:g} s bot), burst",
+                f"{b['answered']}/{b['conversations']} answered",
+                "",
+                "",
+                f"first reply {b['first_reply_s']} s, last {b['last_reply_s']} s: spread "
+                f"{b['spread_s']} s — {verdict(ratios, 'slow_agent_spread_s')} (one at a time per "
+                f"partition would need ~{b['one_at_a_time_per_partition_s']} s)",
+            )
+        )
+        rows.append(
+            (
+                f"slow agent, {t['senders']} phones × {t['texts_each']} texts {t['gap_ms']} ms apart",
+                f"{t['replies']}/{t['of']} replied",
+                "",
+                "",
+                f"{t['senders_in_order']}/{t['senders']} senders' replies in order; all replied "
+                f"after {t['all_replied_s']} s{'; errors ' + str(t['errors']) if t['errors'] else ''}",
+            )
+        )
     if "soak" in results:
         k = results["soak"]
         stored, rss = k["jetstream_stored_bytes"], k["nats_rss_mb"]
@@ -447,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emails", type=int, default=1000, help="messages sent over SMTP")
     parser.add_argument("--history-turns", type=int, default=1000, help="turns in one conversation")
     parser.add_argument("--memory-conversations", type=int, default=200)
+    parser.add_argument(
+        "--slow-conversations", type=int, default=400, help="slow agent: conversations in the burst"
+    )
+    parser.add_argument("--slow-senders", type=int, default=50, help="slow agent: phones texting")
     parser.add_argument("--soak-seconds", type=float, default=300, help="length of the soak")
     parser.add_argument(
         "--scenarios",
@@ -467,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         args.duration, args.warmup, args.emails = 0.8, 0.2, 20
         args.conversations, args.history_turns, args.memory_conversations = 64, 60, 4
         args.sms_start_rate, args.sms_step_seconds, args.sms_max_steps = 10, 0.5, 2
+        args.slow_conversations, args.slow_senders = 40, 5
     started = datetime.now(UTC)
     out = args.out or ROOT / ".switchboard" / "bench" / f"{started:%Y%m%dT%H%M%SZ}.json"
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as scratch:

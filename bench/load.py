@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bench import api, mail, sms, soak
+from bench import api, mail, slow_agent, sms, soak
 from bench.client import Config
 
 SCENARIOS: dict[str, Callable[[Config], Coroutine[Any, Any, Config]]] = {
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, Callable[[Config], Coroutine[Any, Any, Config]]] = {
     "history": api.history,
     "memory": api.memory,
     "soak": soak.soak,
+    "slow_agent": slow_agent.slow_agent,
 }
 
 

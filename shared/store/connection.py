@@ -35,6 +35,11 @@ from redis.commands.core import AsyncScript
 from shared.errors import Unavailable
 from shared.store.keys import Keys
 
+# redis-py's pool fails a command at once (MaxConnectionsError) past 100 connections in use; a
+# burst of concurrent turns or requests needs more. Connections open on demand and stay pooled,
+# so the cap costs nothing until a burst needs it (Valkey's default maxclients is 10000).
+MAX_CONNECTIONS = 1024
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -88,7 +93,9 @@ def _client(url: str) -> tuple[redis.Redis, str, dict[str, str]]:
     """The client for `url`, its kind, and the options the store itself reads."""
     scheme = url.partition("://")[0].lower()
     if scheme not in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
-        client = redis.Redis.from_url(url, decode_responses=False, health_check_interval=10)
+        client = redis.Redis.from_url(
+            url, decode_responses=False, health_check_interval=10, max_connections=MAX_CONNECTIONS
+        )
         return client, "single", {}
     topology = parse_url(url)
     auth: dict[str, Any] = {"username": topology.username, "password": topology.password}
@@ -118,6 +125,7 @@ def _client(url: str) -> tuple[redis.Redis, str, dict[str, str]]:
         redis_class=redis.Redis,
         decode_responses=False,
         health_check_interval=10,
+        max_connections=MAX_CONNECTIONS,
         db=topology.db,
         **auth,
     )

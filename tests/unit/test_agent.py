@@ -50,7 +50,7 @@ class Demo:
                 self.runtime,
                 context,
                 self.revision,
-                ToolRunner(http),
+                ToolRunner(lambda: http),
                 MemoryLedger(),
                 turn_key="env:reply",
             )

@@ -64,7 +64,12 @@ def revision(*tools: str, policies: tuple[Policy, ...] = ()) -> Revision:
 async def steps(runtime: Scripted, rev: Revision, ledger: MemoryLedger | None = None) -> Any:
     async with httpx.AsyncClient() as http:
         return await run_steps(
-            runtime, context(), rev, ToolRunner(http), ledger or MemoryLedger(), turn_key="k"
+            runtime,
+            context(),
+            rev,
+            ToolRunner(lambda: http),
+            ledger or MemoryLedger(),
+            turn_key="k",
         )
 
 

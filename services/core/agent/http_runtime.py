@@ -17,6 +17,7 @@ pieces to clients it is never retried (they would see the text twice): it fails 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -60,7 +61,11 @@ class HttpRuntime:
     wants_history = True
 
     def __init__(
-        self, config: HttpRuntimeConfig, secret: str, http: httpx.AsyncClient, budget: Budget
+        self,
+        config: HttpRuntimeConfig,
+        secret: str,
+        http: Callable[[], httpx.AsyncClient],
+        budget: Budget,
     ) -> None:
         self.config = config
         self.secret = secret
@@ -95,7 +100,7 @@ class HttpRuntime:
         }
         if self.secret:
             headers.update(signature_headers(self.secret, body))
-        async with self.http.stream(
+        async with self.http().stream(
             "POST", self.config.url, content=body, headers=headers, timeout=None
         ) as response:
             status = response.status_code

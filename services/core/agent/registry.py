@@ -7,6 +7,7 @@ key), read from the store once by core. Core owns one `Runtimes` and closes it o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -37,16 +38,39 @@ class Misconfigured:
         raise RuntimeFailed(self.reason)
 
 
+class HttpClients:
+    """The HTTP clients bots and tools are called through, taken in turn.
+
+    httpx pools 100 connections by default: with a slow bot that would make the 101st
+    conversation in flight wait for another's answer, which per-conversation concurrency exists
+    to avoid. And httpcore scans every connection of its pool for each request it places, so
+    one pool of hundreds of busy connections spends most of core's CPU there (measured: 400
+    concurrent calls to a 1 s bot, half of core's CPU in the pool's bookkeeping); shards of a
+    few dozen keep that cheap while allowing 2,000 connections in all.
+    """
+
+    def __init__(self, shards: int = 32, connections_each: int = 64) -> None:
+        self._clients = [
+            httpx.AsyncClient(
+                timeout=30.0,
+                limits=httpx.Limits(max_connections=connections_each, max_keepalive_connections=8),
+            )
+            for _ in range(shards)
+        ]
+        self._next = itertools.cycle(self._clients)
+
+    def __call__(self) -> httpx.AsyncClient:
+        return next(self._next)
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
 class Runtimes:
     def __init__(self, budget: Budget | None = None) -> None:
         self.budget = budget or Budget()
-        # httpx pools 100 connections by default: with a slow bot that would make the 101st
-        # conversation in flight wait for another's answer, which per-conversation concurrency
-        # exists to avoid.
-        self.http = httpx.AsyncClient(
-            timeout=30.0,
-            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200),
-        )
+        self.http = HttpClients()
         self.tools = ToolRunner(self.http, self.budget.retry_backoff_seconds)
         self._runtimes: dict[str, Runtime] = {}
         self._secrets: dict[str, dict[str, str]] = {}

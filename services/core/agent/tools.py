@@ -83,7 +83,9 @@ def offered_tools(revision: Revision) -> tuple[ToolInfo, ...]:
 class ToolRunner:
     """Calls tools. Owns the HTTP client it calls customers' tools with."""
 
-    def __init__(self, http: httpx.AsyncClient, retry_backoff_seconds: float = 0.25) -> None:
+    def __init__(
+        self, http: Callable[[], httpx.AsyncClient], retry_backoff_seconds: float = 0.25
+    ) -> None:
         self.http = http
         self.backoff = retry_backoff_seconds
 
@@ -136,7 +138,7 @@ class ToolRunner:
             if secret:
                 headers.update(signature_headers(secret, body))
             try:
-                response = await self.http.post(
+                response = await self.http().post(
                     url, content=body, headers=headers, timeout=spec.timeout_seconds
                 )
                 if response.status_code < 500:
