@@ -33,6 +33,7 @@ def test_the_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         "email",
         "history",
         "memory",
+        "slow_agent",
     }
     assert results["ceiling"]["latency"]["count"] > 0
     for connections in (16, 64):
@@ -61,6 +62,11 @@ def test_the_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     assert results["history"]["turns"] >= 60
     assert results["history"]["window"] == 50
     assert results["memory"]["bytes_per_turn"] > 0
+    burst, texting = results["slow_agent"]["burst"], results["slow_agent"]["texting"]
+    assert burst["answered"] == burst["conversations"] == 40
+    assert burst["errors"] == {}
+    assert texting["replies"] == texting["of"] == 15
+    assert texting["senders_in_order"] == texting["senders"]
     assert {
         "api_cpu_ms_per_turn",
         "api_turns_per_second_64",
@@ -69,6 +75,7 @@ def test_the_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         "sms_ack_p99_ms_at_half",
         "history_ratio",
         "bytes_per_turn",
+        "slow_agent_spread_s",
     } <= set(report["ratios"])
     printed = done.stdout.decode()
     assert "API sync turn, 64 conns" in printed
