@@ -137,7 +137,7 @@ def start_cluster(data_dir: Path, primaries: int = 3) -> ValkeyCluster:
 @dataclass
 class SentinelSet:
     primary_port: int
-    replica_port: int
+    replica_ports: list[int]
     sentinel_ports: list[int]
     service: str = "switchboard"
     servers: dict[int, ChildProcess] = field(default_factory=dict)
@@ -159,30 +159,37 @@ class SentinelSet:
             child.stop()
 
 
-def start_sentinel_set(data_dir: Path, sentinels: int = 3) -> SentinelSet:
-    """One primary, one replica (AOF, appendfsync always), `sentinels` sentinels watching them
-    with a quorum of 2 and a down-after of 1 s, so a killed primary is replaced in seconds."""
-    group = SentinelSet(free_port(), free_port(), [free_port() for _ in range(sentinels)])
-    durable = ("--appendonly", "yes", "--appendfsync", "always")
+def start_sentinel_set(data_dir: Path, replicas: int = 2, sentinels: int = 3) -> SentinelSet:
+    """One primary and `replicas` replicas (AOF, appendfsync everysec), `sentinels` sentinels
+    watching them with a quorum of 2 and a down-after of 1 s, so a killed primary is replaced in
+    seconds."""
+    group = SentinelSet(
+        free_port(), [free_port() for _ in range(replicas)], [free_port() for _ in range(sentinels)]
+    )
+    durable = ("--appendonly", "yes", "--appendfsync", "everysec")
     try:
         group.servers[group.primary_port] = start_node(
             data_dir, "valkey-primary", group.primary_port, *durable
         )
-        group.servers[group.replica_port] = start_node(
-            data_dir,
-            "valkey-replica",
-            group.replica_port,
-            *durable,
-            "--replicaof",
-            HOST,
-            str(group.primary_port),
-        )
+        for i, port in enumerate(group.replica_ports):
+            group.servers[port] = start_node(
+                data_dir,
+                f"valkey-replica-{i}",
+                port,
+                *durable,
+                "--replicaof",
+                HOST,
+                str(group.primary_port),
+            )
 
         def replicating() -> bool:
-            with redis.Redis(HOST, group.replica_port) as replica:
-                return bool(replica.info("replication").get("master_link_status") == "up")
+            for port in group.replica_ports:
+                with redis.Redis(HOST, port) as replica:
+                    if replica.info("replication").get("master_link_status") != "up":
+                        return False
+            return True
 
-        until(replicating, 20, "the replica to sync with the primary")
+        until(replicating, 20, "the replicas to sync with the primary")
         for i, port in enumerate(group.sentinel_ports):
             conf = data_dir / f"sentinel-{i}" / "sentinel.conf"
             conf.parent.mkdir(parents=True, exist_ok=True)
@@ -204,11 +211,10 @@ def start_sentinel_set(data_dir: Path, sentinels: int = 3) -> SentinelSet:
 
         def watching() -> bool:
             with redis.Redis(HOST, group.sentinel_ports[0]) as sentinel:
-                info = sentinel.execute_command("SENTINEL", "MASTER", group.service)
-                fields = dict(zip(info[::2], info[1::2], strict=True))
-                return (
-                    int(fields[b"num-other-sentinels"]) == sentinels - 1
-                    and int(fields[b"num-slaves"]) == 1
+                info = sentinel.sentinel_master(group.service)
+                return bool(
+                    int(info["num-other-sentinels"]) == sentinels - 1
+                    and int(info["num-slaves"]) == len(group.replica_ports)
                 )
 
         until(watching, 20, "the sentinels to find each other and the replica")

@@ -111,6 +111,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     *NOT_STORED,
     redis_errors.ConnectionError,  # also BusyLoadingError: Valkey replaying its AOF
     redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,  # a Valkey Cluster failing over a primary
+    redis_errors.TryAgainError,  # a slot being migrated between primaries
 )
 
 

@@ -89,14 +89,24 @@ def parse_url(url: str) -> Topology:
     )
 
 
+_OPTIONS = ("wait_replicas", "wait_timeout_ms")
+
+
 def _client(url: str) -> tuple[redis.Redis, str, dict[str, str]]:
     """The client for `url`, its kind, and the options the store itself reads."""
     scheme = url.partition("://")[0].lower()
     if scheme not in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
+        # Our options are not redis-py's: taken out of the query before it reads the rest.
+        base, _, query = url.partition("?")
+        ours = {k: v[-1] for k, v in parse_qs(query).items() if k in _OPTIONS}
+        rest = "&".join(p for p in query.split("&") if p and p.split("=")[0] not in _OPTIONS)
         client = redis.Redis.from_url(
-            url, decode_responses=False, health_check_interval=10, max_connections=MAX_CONNECTIONS
+            f"{base}?{rest}" if rest else base,
+            decode_responses=False,
+            health_check_interval=10,
+            max_connections=MAX_CONNECTIONS,
         )
-        return client, "single", {}
+        return client, "single", ours
     topology = parse_url(url)
     auth: dict[str, Any] = {"username": topology.username, "password": topology.password}
     if topology.kind == "cluster":
