@@ -2,7 +2,8 @@
 """Set up and run Switchboard from a fresh clone with nothing but Python 3.11+.
 
     python3 dev.py up [--external]   create .venv, install the pinned stack, run the gateway
-    python3 dev.py test [pytest args] create .venv, install test tools, run lint, types and tests
+    python3 dev.py test [pytest args] create .venv, install test tools (and Chromium with apt-get when
+                                      missing), run lint, types and tests
     python3 dev.py bench [--quick]   create .venv, run the benchmark (see bench/README.md)
 
 The virtual environment is reinstalled only when a lock file or pyproject.toml changes.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -42,8 +44,32 @@ def ensure_venv(lock: str) -> None:
     stamp.write_text(digest)
 
 
+def ensure_chromium() -> None:
+    """The console's browser tests drive the operating system's Chromium through Playwright
+    (never `playwright install`: its download hosts may be unreachable). Install it with apt-get
+    where we can; elsewhere those tests skip and say why."""
+    if Path("/usr/bin/chromium").exists() or not shutil.which("apt-get"):
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and not shutil.which("sudo"):
+        print("no /usr/bin/chromium and no root: the browser tests will skip", flush=True)
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print("installing chromium for the browser tests (apt-get)", flush=True)
+    try:
+        subprocess.run([*sudo, "apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(
+            [*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+            check=True,
+            env=env,
+        )
+    except subprocess.CalledProcessError as exc:
+        print(f"could not install chromium ({exc}): the browser tests will skip", flush=True)
+
+
 def test(args: list[str]) -> int:
     ensure_venv("requirements-dev.lock")
+    ensure_chromium()
     checks = [
         [BIN / "ruff", "check", "."],
         [BIN / "ruff", "format", "--check", "."],
