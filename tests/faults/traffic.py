@@ -96,10 +96,11 @@ class Traffic:
     def total(self) -> int:
         return len(self.senders) * self.per_sender
 
-    async def open_api_conversations(self) -> None:
+    async def open_api_conversations(self, agent_id: str | None = None) -> None:
+        body = {"agent_id": agent_id} if agent_id else {}
         for sender in self.senders:
             if sender.kind == "api":
-                response = await self.api.post("/v1/conversations", json={})
+                response = await self.api.post("/v1/conversations", json=body)
                 response.raise_for_status()
                 sender.conversation_id = response.json()["id"]
 
