@@ -327,41 +327,6 @@ def watch(m: Managed, restart_base: float) -> None:
     say(f"{time.strftime('%H:%M:%S')} ✓ {m.name} restarted (pid {m.child.proc.pid})")
 
 
-def migrate_streams() -> int:
-    """`switchboard streams migrate` against NATS_URL: see shared/streams.py, "Upgrades"."""
-    import asyncio
-
-    from shared.bus import Bus
-    from shared.settings import CommonSettings, load_settings
-    from shared.streams import NotDrained, StreamLimits
-    from shared.streams import migrate_streams as migrate
-    from shared.subjects import Subjects
-
-    settings = load_settings(CommonSettings)
-    bus = Bus(
-        settings.nats_url,
-        Subjects(settings.namespace, settings.partitions),
-        name="switchboard-streams",
-        replicas=settings.stream_replicas,
-        limits=StreamLimits.of(settings),
-    )
-
-    async def run() -> list[str]:
-        await bus.connect()
-        try:
-            return await migrate(bus.js, bus.stream_configs())
-        finally:
-            await bus.close()
-
-    try:
-        migrated = asyncio.run(run())
-    except NotDrained as exc:
-        say(f"error: {exc}")
-        return 1
-    say(f"migrated: {', '.join(migrated)}" if migrated else "every stream is up to date")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="switchboard",
@@ -410,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         return up(args.external)
     if args.command == "streams":
         if args.action == "migrate":
-            return migrate_streams()
+            from services.supervisor.streams import migrate_streams
+
+            return migrate_streams(say)
         from shared.streams import stream_configs
         from shared.subjects import Subjects
 
