@@ -36,8 +36,12 @@ HAVE_CHROMIUM = os.path.exists(CHROMIUM)
 async def browser() -> AsyncIterator[Browser]:
     if not HAVE_CHROMIUM:
         if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing in CI: `python3 dev.py test` installs it with apt-get")
-        pytest.skip(f"{CHROMIUM} is not installed here (`python3 dev.py test` installs it with apt-get where it can)")
+            pytest.fail(
+                f"{CHROMIUM} is missing in CI: `python3 dev.py test` installs it with apt-get"
+            )
+        pytest.skip(
+            f"{CHROMIUM} is not installed here (`python3 dev.py test` installs it with apt-get where it can)"
+        )
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
