@@ -150,6 +150,10 @@ class Connection:
         # Replicas that must hold a turn before it is acknowledged (0: don't wait).
         self.wait_replicas = int(options.get("wait_replicas", "0"))
         self.wait_timeout_ms = int(options.get("wait_timeout_ms", "1000"))
+        if self.cluster and self.wait_replicas:
+            raise ValueError(
+                "wait_replicas is for one primary (Sentinel or one server), not a cluster"
+            )
 
     async def in_order(self, *steps: Callable[[Pipeline], object]) -> list[Any]:
         """Run `steps` (each queues commands on a pipeline) so that each is done before the next
@@ -179,17 +183,24 @@ class Connection:
             pipe.get(key)
         return list(await pipe.execute())
 
-    async def replicated(self) -> None:
-        """With `?wait_replicas=N`: wait until N replicas have every write made so far on this
-        connection; raise Unavailable (the caller does not acknowledge) if they do not in time."""
-        if self.wait_replicas <= 0:
-            return
-        acked = await self.redis.wait(self.wait_replicas, self.wait_timeout_ms)
-        if int(acked) < self.wait_replicas:
+    async def replicated_script(
+        self, source: str, keys: list[str], args: list[Any], applied: Callable[[Any], bool]
+    ) -> Any:
+        """Run a script, then WAIT for `wait_replicas` replicas, on one connection (one pipeline):
+        WAIT covers the writes the primary had applied when this connection last wrote, so a WAIT
+        on another pooled connection could return before the script's write is replicated. When
+        `applied(result)` and too few replicas confirm in time, raise Unavailable: the caller does
+        not acknowledge what it wrote (a retry finds it and waits again)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.eval(source, len(keys), *keys, *args)  # the body, not the sha: no NOSCRIPT to handle
+        pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        result, acked = await pipe.execute()
+        if applied(result) and int(acked) < self.wait_replicas:
             raise Unavailable(
                 f"only {acked} of {self.wait_replicas} Valkey replicas confirmed the write",
                 details={"replicas": int(acked), "required": self.wait_replicas},
             )
+        return result
 
     def script(self, source: str) -> AsyncScript:
         return self.redis.register_script(source)

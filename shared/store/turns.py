@@ -135,29 +135,32 @@ class Turns(Aggregate):
         Raises NotFound, or ConversationClosed / IllegalTransition when the status forbids it.
         """
         cid = turn.conversation_id
-        result = await self._append(
-            keys=[
-                self._k.conversation(cid),
-                self._k.turn_log(cid),
-                self._k.seen(cid),
-                self._k.pending(cid),
-                self._k.event_order(cid),
-                self._k.usage_shard(cid),
-            ],
-            args=[
-                _store_turn(turn),
-                ",".join(allowed),
-                utcnow().isoformat(),
-                dedupe_key or "",
-                dedupe_ttl,
-                "1" if queue_if_inactive else "0",
-                f"turns:{usage_channel}" if usage_channel else "",
-            ],
-        )
+        keys = [
+            self._k.conversation(cid),
+            self._k.turn_log(cid),
+            self._k.seen(cid),
+            self._k.pending(cid),
+            self._k.event_order(cid),
+            self._k.usage_shard(cid),
+        ]
+        args: list[bytes | str | int] = [
+            _store_turn(turn),
+            ",".join(allowed),
+            utcnow().isoformat(),
+            dedupe_key or "",
+            dedupe_ttl,
+            "1" if queue_if_inactive else "0",
+            f"turns:{usage_channel}" if usage_channel else "",
+        ]
+        if self.connection.wait_replicas:
+            # A duplicate waits too: the first append's acknowledgement may have been lost.
+            result = await self.connection.replicated_script(
+                _APPEND_TURN, keys, args, applied=lambda r: int(r[0]) > 0
+            )
+        else:
+            result = await self._append(keys=keys, args=args)
         seq = int(result[0])
         status = text(result[1]) if result[1] else ""
-        if seq > 0:  # a duplicate too: the first append's acknowledgement may have been lost
-            await self.connection.replicated()
         if seq == -1:
             raise conversation_not_found(cid)
         if seq == -2:

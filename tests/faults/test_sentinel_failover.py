@@ -144,10 +144,15 @@ async def test_a_turn_is_not_acknowledged_while_fewer_replicas_than_required_hav
     )
     try:
         assert (connection.kind, connection.wait_replicas) == ("sentinel", 5)
-        await connection.redis.set("t-wait-probe", "1")
+        write = "return redis.call('INCR', KEYS[1])"
         with pytest.raises(Unavailable) as refused:
-            await connection.replicated()
+            await connection.replicated_script(write, ["t-wait-probe"], [], applied=lambda _: True)
         assert refused.value.details["required"] == 5
-        assert refused.value.details["replicas"] < 5
+        assert 0 < refused.value.details["replicas"] < 5  # the remaining replica did confirm
+        # A write whose outcome says nothing was applied is not held to the replicas.
+        assert (
+            await connection.replicated_script(write, ["t-wait-probe"], [], applied=lambda _: False)
+            == 2
+        )
     finally:
         await connection.close()

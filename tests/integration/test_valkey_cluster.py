@@ -2,8 +2,8 @@
 
 Every service of the in-process stack (api, core, egress, sms, email, voice) talks to a real
 cluster started for this module; the tests imported below are the suite's own, run again here
-unchanged, so turns, idempotency, listings, handoffs, approvals, SMS, identity links, erasure and
-usage are each held to the same assertions on a cluster as on one server. A script or MULTI whose
+unchanged, so turns, idempotency, listings, handoffs, approvals, SMS, email, voice, identity links,
+erasure and usage are each held to the same assertions on a cluster as on one server. A script or MULTI whose
 keys crossed slots would fail them with CROSSSLOT.
 """
 
@@ -21,6 +21,9 @@ from tests.integration.test_api import (  # noqa: F401 - run again on the cluste
     test_a_retried_request_with_one_idempotency_key_is_one_turn,
     test_conversations_are_listed_and_filtered_with_cursor_paging,
 )
+from tests.integration.test_email import (  # noqa: F401
+    test_new_mail_gets_a_threaded_reply_and_the_reply_continues_the_conversation,
+)
 from tests.integration.test_events_and_first_contact import hook  # noqa: F401 - a fixture
 from tests.integration.test_handoffs import (  # noqa: F401
     test_a_handoff_is_a_record_listed_by_status_from_its_index,
@@ -36,7 +39,9 @@ from tests.integration.test_identity_and_routes import (  # noqa: F401
 from tests.integration.test_sms import (  # noqa: F401
     test_a_signed_text_gets_the_agents_reply_by_sms,
     test_a_triple_delivery_of_one_message_is_one_turn,
-    test_stop_opts_out_and_nothing_more_is_sent_until_start,
+)
+from tests.integration.test_voice import (  # noqa: F401
+    test_a_full_call_with_three_speech_turns_and_a_hang_up,
 )
 from tests.valkey_topologies import HOST, ValkeyCluster, start_cluster
 
@@ -60,6 +65,9 @@ async def test_a_stack_on_the_cluster_spreads_conversations_over_every_primary(
     stack: Stack, valkey_cluster: ValkeyCluster
 ) -> None:
     assert stack.servers.redis_url.startswith("redis+cluster://")
+    async with stack.client(None) as anonymous:
+        ready = await anonymous.get("/readyz")
+        assert ready.status_code == 200, ready.text  # the API's Valkey check pings the cluster
     cids = []
     for i in range(12):
         created = await stack.api.post("/v1/conversations", json={})

@@ -37,6 +37,8 @@ async def test_connections_pick_their_client_and_keep_our_options_from_redis_py(
     assert (single.kind, single.wait_replicas, single.wait_timeout_ms) == ("single", 2, 50)
     for connection in (cluster, single):
         await connection.close()
+    with pytest.raises(ValueError, match="not a cluster"):
+        Connection("redis+cluster://127.0.0.1:1/0?wait_replicas=1")
 
 
 def test_every_slot_has_a_solved_tag_and_usage_shards_share_the_conversations_slot() -> None:
