@@ -64,6 +64,9 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     channel: Channel | None = None
     # False while a user turn waits for the agent (the conversation was not active).
     answered: bool = True
+    # Email: the user's Message-ID, so the answer's In-Reply-To names this mail even when it is
+    # answered later (queued behind a handoff or an approval).
+    message_id: str | None = None
 
 
 class Conversation(msgspec.Struct, frozen=True, kw_only=True):

@@ -196,7 +196,9 @@ async def answer_pending(
             break
         queued = await c.store.get_turn(conv.id, seq)
         if queued is not None:
-            status = await respond(c, conv, queued)
+            # An email answered late still names the mail it answers (In-Reply-To).
+            thread = ThreadHints(message_id=queued.message_id) if queued.message_id else None
+            status = await respond(c, conv, queued, thread=thread)
         await c.store.drop_pending(conv.id, seq)
     return status
 

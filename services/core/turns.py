@@ -39,6 +39,7 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
         created_at=utcnow(),
         envelope_id=env.id,
         channel=env.channel,
+        message_id=env.thread.message_id if env.channel == "email" and env.thread else None,
     )
     try:
         appended = await c.store.append_turn(

@@ -44,6 +44,7 @@ class _StoredTurn(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tr
     envelope_id: str | None = None
     channel: Channel | None = None
     answered: bool = True
+    message_id: str | None = None
 
 
 _stored_turn = Codec(_StoredTurn)

@@ -114,6 +114,35 @@ async def test_new_mail_gets_a_threaded_reply_and_the_reply_continues_the_conver
     assert stack.relay.messages[1]["In-Reply-To"] == second["Message-ID"]
 
 
+async def test_mails_answered_after_a_handoff_each_name_their_own_mail(stack: Stack) -> None:
+    """In-Reply-To is the mail a reply answers, even when it is answered later than it came."""
+    first = mail("Hi, how long do refunds take?")
+    await send(stack, first)
+    answer = (await eventually(lambda: replies(stack, 1), what="the first reply"))[0]
+    cid = (await email_conversations(stack))[0].id
+    took = await stack.api.post(f"/v1/conversations/{cid}/handoff", json={"reason": "vip"})
+    assert took.status_code == 200, took.text
+    thread = answer["References"] + " " + answer["Message-ID"]
+    second = mail("And shipping?", subject="Re: Refund question", References=thread)
+    third = mail("And your hours?", subject="Re: Refund question", References=thread)
+    for queued in (second, third):
+        assert (await send(stack, queued))[0] == 250
+    await eventually(
+        lambda: _at_least(user_texts(stack, cid), 3), what="both mails queued in the conversation"
+    )
+    back = await stack.api.post(
+        f"/v1/conversations/{cid}/human-turns", json={"content": "", "hand_back": True}
+    )
+    assert back.status_code == 200, back.text
+    sent = await eventually(lambda: replies(stack, 3), what="the late answers")
+    assert [m["In-Reply-To"] for m in sent[1:]] == [second["Message-ID"], third["Message-ID"]]
+
+
+async def _at_least(texts: Any, n: int) -> Any:
+    found = await texts
+    return found if len(found) >= n else None
+
+
 async def test_the_reply_address_token_threads_without_headers(stack: Stack) -> None:
     await send(stack, mail("what are your hours?"))
     answer = (await eventually(lambda: replies(stack, 1), what="the reply"))[0]
