@@ -6,6 +6,7 @@ NATS server without seeing each other's traffic. The default namespace is empty:
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 
@@ -115,8 +116,11 @@ class Subjects:
         return self._s(f"gw.stream.{conversation_id}")
 
     def call_opened(self, call_sid: str) -> str:
-        """Core announces (core NATS) the conversation it opened or found for a call."""
-        return self._s(f"gw.call.{call_sid}")
+        """Core announces (core NATS) the conversation it opened or found for a call. The CallSid
+        arrives in a form field, so it is hashed into one safe subject token (a `.`, `*`, `>` or
+        white space in it would otherwise make another subject, or an invalid one)."""
+        token = hashlib.sha256(call_sid.encode()).hexdigest()[:32]
+        return self._s(f"gw.call.{token}")
 
     def conversation_feed(self, conversation_id: str) -> str:
         """Both `gw.reply.<id>` and `gw.stream.<id>` on one subscription, so they stay in order."""

@@ -32,6 +32,15 @@ def test_namespace_prefixes_subjects_and_streams() -> None:
     assert Subjects().reply("conv_x") == "gw.reply.conv_x"
 
 
+@pytest.mark.parametrize("call_sid", ["CA" + "0" * 32, "\r", "a.b", "*", ">", "x y", ""])
+def test_a_call_subject_is_one_safe_token_whatever_the_callsid(call_sid: str) -> None:
+    subject = Subjects(namespace="t1").call_opened(call_sid)
+    prefix, _, token = subject.rpartition(".")
+    assert prefix == "t1.gw.call"
+    assert token.isalnum()
+    assert Subjects(namespace="t1").call_opened(call_sid) == subject  # both sides agree
+
+
 def test_settings_read_the_documented_variable_names() -> None:
     assert env_name("api_port") == "SWITCHBOARD_API_PORT"
     assert env_name("nats_url") == "NATS_URL"
