@@ -148,6 +148,9 @@ class Gateway:
             received_at=utcnow(),
             session_type=conv.session_type,
             conversation_id=conv.id,
+            # Core orders it with the conversation's channel traffic (an SMS or email
+            # conversation's own key), not apart from it.
+            order_key=conv.partition_key,
             text=text,
             metadata=metadata,
             stream=stream,
