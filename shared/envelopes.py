@@ -51,6 +51,17 @@ class ThreadHints(msgspec.Struct, frozen=True, kw_only=True):
     call_sid: str | None = None
 
 
+def sms_thread_key(sender: str, ours: str) -> str:
+    """An SMS thread: who wrote (E.164) to which of our numbers."""
+    return f"{sender}|{ours}"
+
+
+def email_thread_key(message_id: str, in_reply_to: str | None, references: tuple[str, ...]) -> str:
+    """A mail thread: its root Message-ID (the first of References, else In-Reply-To, else the
+    message's own)."""
+    return references[0] if references else in_reply_to or message_id
+
+
 class _Inbound(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     id: str
     v: int = SCHEMA_VERSION
@@ -61,6 +72,10 @@ class _Inbound(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     recipient: str | None = None
     conversation_id: str | None = None
     thread: ThreadHints | None = None
+    # Which thread of its channel this is, computed by the ingress (sender + our number, the
+    # CallSid, the root Message-ID); core maps (channel, thread key) to a conversation. Opaque to
+    # everyone else. None from an ingress older than the field: core derives it the same way.
+    thread_key: str | None = None
     provider_id: str | None = None
     metadata: dict[str, Any] = {}
     # Internal envelopes about a conversation (resume, approval decided) carry its routing key,
@@ -371,4 +386,6 @@ __all__ = [
     "ThreadHints",
     "ToolCall",
     "TurnReply",
+    "email_thread_key",
+    "sms_thread_key",
 ]

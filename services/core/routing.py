@@ -1,19 +1,24 @@
 """How an inbound message finds its conversation.
 
-The API names its conversation; channel traffic is threaded here, and a new channel conversation
-is answered by the agent the routing table names for our number or address (else the default). SMS finds the end user's open
-conversation on our number (opening one if there is none or it is closed), a call is one
-conversation per CallSid, and mail threads by its headers. Every decision is remembered against
-the envelope id, so a redelivered envelope lands in the same conversation even if another one was
-opened meanwhile.
+The API names its conversation. Channel traffic carries a thread key computed by its ingress (SMS:
+sender + our number; a call: its CallSid; mail: the thread's root Message-ID), and one rule maps
+(channel, thread key) to the thread's open conversation, or opens a new one answered by the agent
+the routing table names for our number or address (else the default). Each channel says only how
+its key is looked up and indexed (`Threads`): SMS finds the end user's open conversation on our
+number (the sender's person, so linked identities share it), a call keeps its one conversation even
+once closed, and mail also matches any Message-ID of ours it references and its reply+TOKEN
+address. Every decision is remembered against the envelope id, so a redelivered envelope lands in
+the same conversation even if another one was opened meanwhile.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from services.core.conversations import Conversations
-from shared.envelopes import InboundEnvelope, ThreadHints
+from shared.envelopes import InboundEnvelope, email_thread_key, sms_thread_key
 from shared.errors import NotFound, Undeliverable
 from shared.models import Conversation
 
@@ -27,50 +32,146 @@ async def conversation_for(c: Conversations, env: InboundEnvelope) -> Conversati
         return await c.store.get_conversation(remembered)
     if env.sender is None:
         raise Undeliverable("invalid: channel envelope without a sender")
-    if env.thread is not None and env.thread.message_id is not None:
-        return await email_conversation_for(c, env, env.thread)
-    if env.thread is not None and env.thread.call_sid is not None:
-        return await call_conversation_for(c, env, env.thread.call_sid)
-    user_id, _ = await c.store.resolve_identity(env.sender.kind, env.sender.normalized)
-    address = env.recipient or ""
-    previous = await c.store.open_conversation_id(user_id, env.channel, address)
-    if previous:
-        try:
-            conv = await c.store.get_conversation(previous)
-            if conv.status != "closed":
-                await c.store.remember_inbound(env.id, conv.id, c.settings.dedupe_ttl_seconds)
-                return conv
-        except NotFound:
-            pass
-    conv = await open_for_sender(c, env, user_id)
-    winner = await c.store.claim_open_conversation(user_id, env.channel, address, conv.id, previous)
-    if winner != conv.id:
-        conv = await c.store.get_conversation(winner)
+    threads = _THREADS.get(env.channel, BY_SENDER)
+    key = env.thread_key or legacy_thread_key(env)
+    found = await threads.find(c, env, key)
+    conv = await _current(c, found, threads.closed_ends_thread)
+    if conv is None:
+        conv = await threads.claim(c, env, key, await open_for_sender(c, env), found)
+    await threads.joined(c, env, conv)
     await c.store.remember_inbound(env.id, conv.id, c.settings.dedupe_ttl_seconds)
     return conv
 
 
-async def email_conversation_for(
-    c: Conversations, env: InboundEnvelope, thread: ThreadHints
-) -> Conversation:
-    """Mail threads by its headers, not by sender: a reply continues its conversation through
-    In-Reply-To/References to our Message-IDs or its reply+TOKEN address; anything else (the
-    same sender with a new subject included) opens a new one."""
+def legacy_thread_key(env: InboundEnvelope) -> str:
+    """The thread key of an envelope from an ingress older than `thread_key`, by the same recipes
+    the ingress uses now. Remove once no such envelope can be in a stream."""
     assert env.sender is not None
-    assert thread.message_id is not None
+    hints = env.thread
+    if hints is not None and hints.message_id is not None:
+        return email_thread_key(hints.message_id, hints.in_reply_to, hints.references)
+    if hints is not None and hints.call_sid is not None:
+        return hints.call_sid
+    return sms_thread_key(env.sender.normalized, env.recipient or "")
+
+
+async def _current(
+    c: Conversations, cid: str | None, closed_ends_thread: bool
+) -> Conversation | None:
+    """The thread's conversation, unless there is none (or it closed, where that ends a thread)."""
+    if cid is None:
+        return None
+    try:
+        conv = await c.store.get_conversation(cid)
+    except NotFound:
+        return None
+    return None if closed_ends_thread and conv.status == "closed" else conv
+
+
+Find = Callable[[Conversations, InboundEnvelope, str], Awaitable[str | None]]
+Claim = Callable[
+    [Conversations, InboundEnvelope, str, Conversation, str | None], Awaitable[Conversation]
+]
+Joined = Callable[[Conversations, InboundEnvelope, Conversation], Awaitable[None]]
+
+
+async def _nothing(c: Conversations, env: InboundEnvelope, conv: Conversation) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Threads:
+    """How one channel's thread keys map to conversations."""
+
+    find: Find  # the conversation the thread key names (if any)
+    claim: Claim  # make the key name this new conversation (or return the one that beat it)
+    closed_ends_thread: bool = True  # a closed conversation's thread continues in a new one
+    joined: Joined = _nothing  # after the envelope has its conversation
+
+
+# SMS (and anything else a sender writes to one of our addresses) -----------------------------------
+
+
+async def _sender_user(c: Conversations, env: InboundEnvelope) -> str:
+    assert env.sender is not None
+    user_id, _ = await c.store.resolve_identity(env.sender.kind, env.sender.normalized)
+    return user_id
+
+
+async def _find_by_sender(c: Conversations, env: InboundEnvelope, key: str) -> str | None:
+    # Indexed by the sender's person rather than the key itself, so identities linked to one end
+    # user share the thread, as they always have.
+    return await c.store.open_conversation_id(
+        await _sender_user(c, env), env.channel, env.recipient or ""
+    )
+
+
+async def _claim_by_sender(
+    c: Conversations, env: InboundEnvelope, key: str, conv: Conversation, previous: str | None
+) -> Conversation:
+    winner = await c.store.claim_open_conversation(
+        conv.end_user_id, env.channel, env.recipient or "", conv.id, previous
+    )
+    return conv if winner == conv.id else await c.store.get_conversation(winner)
+
+
+BY_SENDER = Threads(find=_find_by_sender, claim=_claim_by_sender)
+
+
+# Calls: one conversation per CallSid -----------------------------------------------------------------
+
+
+async def _find_call(c: Conversations, env: InboundEnvelope, key: str) -> str | None:
+    return await c.store.conversation_by_call(key)
+
+
+async def _claim_call(
+    c: Conversations, env: InboundEnvelope, key: str, conv: Conversation, previous: str | None
+) -> Conversation:
+    await c.store.put_call(key, conv.id)
+    # The voice service may be waiting for it (a caller who speaks before we are done).
+    await c.bus.publish_core(c.subjects.call_opened(key), conv.id.encode())
+    return conv
+
+
+# The caller is the same end user as on SMS (E.164); the call ending closes its conversation,
+# and what arrives for the call after that still belongs to it.
+CALLS = Threads(find=_find_call, claim=_claim_call, closed_ends_thread=False)
+
+
+# Mail: by its headers, not by sender -------------------------------------------------------------
+
+
+async def _find_mail(c: Conversations, env: InboundEnvelope, key: str) -> str | None:
+    """A reply continues its conversation through In-Reply-To/References to any of our
+    Message-IDs (the root, the key, among them) or its reply+TOKEN address; anything else (the
+    same sender with a new subject included) opens a new one."""
+    thread = env.thread
+    if thread is None:
+        return None
     cid = await c.store.conversation_by_message_ids(
         [*thread.references, *([thread.in_reply_to] if thread.in_reply_to else [])]
     )
     if cid is None and thread.reply_token:
         cid = await c.store.conversation_by_reply_token(thread.reply_token)
-    conv = await c.store.get_conversation(cid) if cid else None
-    if conv is None or conv.status == "closed":
-        conv = await open_for_sender(c, env)
-        token = hashlib.sha256(conv.id.encode()).hexdigest()[:20]
-        await c.store.put_reply_token(token, conv.id)
-        await c.store.update_email_thread(
-            conv.id, {"reply_token": token, "subject": thread.subject or ""}
-        )
+    return cid
+
+
+async def _claim_mail(
+    c: Conversations, env: InboundEnvelope, key: str, conv: Conversation, previous: str | None
+) -> Conversation:
+    token = hashlib.sha256(conv.id.encode()).hexdigest()[:20]
+    await c.store.put_reply_token(token, conv.id)
+    subject = env.thread.subject if env.thread else None
+    await c.store.update_email_thread(conv.id, {"reply_token": token, "subject": subject or ""})
+    return conv
+
+
+async def _mail_joined(c: Conversations, env: InboundEnvelope, conv: Conversation) -> None:
+    """The thread headers our replies continue (References grows with every message)."""
+    thread = env.thread
+    if thread is None or thread.message_id is None:
+        return
     previous = await c.store.email_thread(conv.id)
     references = " ".join(
         dict.fromkeys(
@@ -81,24 +182,11 @@ async def email_conversation_for(
         conv.id, {"last_message_id": thread.message_id, "references": references[-8000:]}
     )
     await c.store.index_message_ids(conv.id, [thread.message_id])
-    await c.store.remember_inbound(env.id, conv.id, c.settings.dedupe_ttl_seconds)
-    return conv
 
 
-async def call_conversation_for(
-    c: Conversations, env: InboundEnvelope, call_sid: str
-) -> Conversation:
-    """A phone call is one conversation, keyed by its CallSid; the caller is the same end user
-    as on SMS (E.164)."""
-    assert env.sender is not None
-    cid = await c.store.conversation_by_call(call_sid)
-    if cid is not None:
-        return await c.store.get_conversation(cid)
-    conv = await open_for_sender(c, env)
-    await c.store.put_call(call_sid, conv.id)
-    # The voice service may be waiting for it (a caller who speaks before we are done).
-    await c.bus.publish_core(c.subjects.call_opened(call_sid), conv.id.encode())
-    return conv
+MAIL = Threads(find=_find_mail, claim=_claim_mail, joined=_mail_joined)
+
+_THREADS: dict[str, Threads] = {"voice": CALLS, "email": MAIL}
 
 
 async def open_for_sender(

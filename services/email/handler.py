@@ -14,7 +14,14 @@ from services.email.parsing import ParsedMail, fallback_message_id, parse
 from services.email.quotes import new_text
 from shared import tracing
 from shared.bus import Bus
-from shared.envelopes import Attachment, Event, EventType, InboundMessage, ThreadHints
+from shared.envelopes import (
+    Attachment,
+    Event,
+    EventType,
+    InboundMessage,
+    ThreadHints,
+    email_thread_key,
+)
 from shared.errors import InvalidRequest
 from shared.identity import make_identifier, redact
 from shared.models import utcnow
@@ -122,6 +129,7 @@ class InboundMail:
             ours = f"{self.settings.email_from_local}@{domain}"
         message_id = mail.message_id or fallback_message_id(raw)
         digest = hashlib.sha256(message_id.encode()).hexdigest()[:32]
+        in_reply_to = mail.in_reply_to[0] if mail.in_reply_to else None
         return InboundMessage(
             id=f"env_email_{digest}",
             channel="email",
@@ -130,9 +138,10 @@ class InboundMail:
             recipient=ours.lower(),
             provider_id=message_id,
             text=text,
+            thread_key=email_thread_key(message_id, in_reply_to, mail.references),
             thread=ThreadHints(
                 message_id=message_id,
-                in_reply_to=mail.in_reply_to[0] if mail.in_reply_to else None,
+                in_reply_to=in_reply_to,
                 references=mail.references,
                 subject=mail.subject[:998],
                 reply_token=token,

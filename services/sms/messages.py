@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from shared.envelopes import Attachment, ChannelKeyword, InboundEnvelope, InboundMessage
+from shared.envelopes import (
+    Attachment,
+    ChannelKeyword,
+    InboundEnvelope,
+    InboundMessage,
+    sms_thread_key,
+)
 from shared.errors import InvalidRequest
 from shared.identity import make_identifier, normalize_phone
 from shared.models import utcnow
@@ -47,6 +53,7 @@ def envelope_from_form(form: Mapping[str, str]) -> InboundEnvelope:
         "received_at": utcnow(),
         "sender": sender,
         "recipient": recipient,
+        "thread_key": sms_thread_key(sender.normalized, recipient),
         "provider_id": sid,
         "metadata": {
             k: form[k] for k in ("MessagingServiceSid", "NumSegments", "FromCountry") if form.get(k)

@@ -77,6 +77,7 @@ def create_app(settings: VoiceSettings) -> Litestar:
             "sender": make_identifier("phone", form.get("From") or form.get("Caller", "")),
             "recipient": normalize_phone(form.get("To") or form.get("Called", "")),
             "thread": ThreadHints(call_sid=form["CallSid"]),
+            "thread_key": form["CallSid"],
             "provider_id": form["CallSid"],
         }
 
