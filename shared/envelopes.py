@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared.events import SCHEMA_VERSION, Event, EventType, turn_created_event
 from shared.models import (
     Approval,
     Channel,
@@ -23,8 +24,6 @@ from shared.models import (
     ToolCall,
     Turn,
 )
-
-SCHEMA_VERSION = 1
 
 
 class Identifier(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,71 +157,6 @@ class OutboundEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     attachments: tuple[Attachment, ...] = ()
     author_kind: str = "agent"
     created_at: datetime
-
-
-# Every event type the gateway emits (producers are typed against this list). `Event.type` stays a
-# string on the wire and when decoding, so a consumer running an older build does not reject an
-# event type added later.
-EventType = Literal[
-    "turn.created",
-    "conversation.created",
-    "conversation.status_changed",
-    "handoff.started",
-    "handoff.assigned",
-    "handoff.resolved",
-    "handoff.unclaimed",
-    "approval.requested",
-    "approval.resolved",
-    "approval.cancelled",
-    "agent.failed",
-    "voice.transfer_unavailable",
-    "end_user.opted_out",
-    "end_user.opted_in",
-    "end_user.help_requested",
-    "message.status",
-    "delivery.failed",
-    "email.bounced",
-    "email.auto_reply_dropped",
-]
-
-
-class Event(msgspec.Struct, frozen=True, kw_only=True):
-    """Something that happened, for audit, customer webhooks and analytics (`gw.evt.<type>`)."""
-
-    id: str
-    v: int = SCHEMA_VERSION
-    type: str
-    occurred_at: datetime
-    conversation_id: str | None = None
-    session_type: SessionType | None = None
-    actor: str = "system"
-    data: dict[str, Any] = {}
-
-
-def turn_created_event(
-    turn: Turn, session_type: SessionType, channel: Channel | None = None
-) -> Event:
-    """The `turn.created` event of a turn. Built from the turn alone (and its conversation's
-    channel), so the event published when the turn is appended and the one the audit log shows
-    later are the same. It carries the text and the channel: a webhook receiver needs both and
-    should not have to call back for them."""
-    author = turn.author
-    return Event(
-        id=f"evt_turn.created_{turn.id}",
-        type="turn.created",
-        occurred_at=turn.created_at,
-        conversation_id=turn.conversation_id,
-        session_type=session_type,
-        actor=author.id if author.kind == "operator" and author.id else author.kind,
-        data={
-            "seq": turn.seq,
-            "role": turn.role,
-            "turn_id": turn.id,
-            "author": author.kind,
-            "channel": turn.channel or channel,
-            "text": turn.content,
-        },
-    )
 
 
 class TurnReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -377,6 +311,7 @@ __all__ = [
     "DeadLetter",
     "EraseEndUser",
     "Event",
+    "EventType",
     "Evidence",
     "Identifier",
     "InboundEnvelope",
@@ -388,4 +323,5 @@ __all__ = [
     "TurnReply",
     "email_thread_key",
     "sms_thread_key",
+    "turn_created_event",
 ]

@@ -16,12 +16,12 @@ from shared.bus import Bus
 from shared.envelopes import (
     Command,
     CommandResult,
-    Event,
     InboundMessage,
     StreamDelta,
     TurnReply,
 )
 from shared.errors import TurnTimeout, Unavailable, error_from_code
+from shared.events import EventData, make_event, type_of
 from shared.ids import new_id, reply_key
 from shared.models import Conversation, utcnow
 from shared.ratelimit import Limit, RateLimiter
@@ -96,17 +96,17 @@ class Gateway:
             )
         return result
 
-    async def audit(self, event_type: str, key: str, actor: str, data: dict[str, Any]) -> None:
+    async def audit(self, data: EventData, key: str, actor: str) -> None:
         """Publish an audit event that belongs to no conversation (webhooks get it: `live`).
         `key` makes its id, so a retried request's event is stored once (JetStream dedupe)."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-        event = Event(
+        event_type = type_of(data)
+        event = make_event(
+            data,
             id=f"evt_{event_type}_{digest}",
-            type=event_type,
             occurred_at=utcnow(),
             session_type="live",
             actor=actor,
-            data=data,
         )
         await self.bus.publish(self.subjects.event(event_type), _enc.encode(event), msg_id=event.id)
 

@@ -17,6 +17,7 @@ from services.core import replies
 from services.core.conversations import Conversations
 from shared.envelopes import ApprovalDecided
 from shared.errors import Conflict, NotFound
+from shared.events import ApprovalResolved
 from shared.models import Approval, Author, Conversation, utcnow
 
 log = logging.getLogger("switchboard.core.approvals")
@@ -46,15 +47,14 @@ async def resolve(
 async def _decided(c: Conversations, approval: Approval) -> None:
     conv = await c.store.get_conversation(approval.conversation_id)
     await c.outbox.emit(
-        "approval.resolved",
+        ApprovalResolved(
+            approval_id=approval.id,
+            status=approval.status,
+            note=approval.note,
+            reviewer_name=approval.reviewer_name,
+        ),
         conv,
         approval.reviewer or "system",
-        {
-            "approval_id": approval.id,
-            "status": approval.status,
-            "note": approval.note,
-            "reviewer_name": approval.reviewer_name,
-        },
         key=approval.id,
     )
     await publish_decided(c, approval.id, conv)

@@ -25,6 +25,13 @@ from services.core.lifecycle import transition
 from services.core.outbox import Outbox, usage_channel
 from shared.bus import Bus
 from shared.errors import Conflict, InvalidRequest
+from shared.events import (
+    ApprovalCancelled,
+    ConversationCreated,
+    ConversationStatusChanged,
+    HandoffResolved,
+    HandoffStarted,
+)
 from shared.ids import new_id
 from shared.models import (
     Author,
@@ -115,15 +122,14 @@ class Conversations:
         if session_type == "live":
             await self.store.count_usage(channel, conversations=1)
         await self.outbox.emit(
-            "conversation.created",
+            ConversationCreated(
+                channel=channel,
+                end_user_id=end_user_id,
+                agent_id=agent.id,
+                pinned_revision_id=conv.pinned_revision_id,
+            ),
             conv,
             actor,
-            {
-                "channel": channel,
-                "end_user_id": end_user_id,
-                "agent_id": agent.id,
-                "pinned_revision_id": conv.pinned_revision_id,
-            },
             key=conv.id,
         )
         log.info("conversation opened", extra={"conversation_id": conv.id, "channel": channel})
@@ -132,10 +138,7 @@ class Conversations:
     async def change_status(self, conv: Conversation, to: Status, reason: str, actor: str) -> None:
         previous = await transition(self.store, conv.id, to, reason)
         await self.outbox.emit(
-            "conversation.status_changed",
-            conv,
-            actor,
-            {"from": previous, "to": to, "reason": reason},
+            ConversationStatusChanged(from_=previous, to=to, reason=reason), conv, actor
         )
         if to == "closed":
             await self.settle_on_close(conv.id, actor)
@@ -146,10 +149,9 @@ class Conversations:
         current = await self.store.get_conversation(cid)
         if current.handoff_id and await self.store.resolve_handoff(current.handoff_id, "closed"):
             await self.outbox.emit(
-                "handoff.resolved",
+                HandoffResolved(handoff_id=current.handoff_id, outcome="closed"),
                 current,
                 actor,
-                {"handoff_id": current.handoff_id, "outcome": "closed"},
                 key=current.handoff_id,
             )
         if current.approval_id:
@@ -161,10 +163,9 @@ class Conversations:
                 return  # decided already
             await self.store.mark_applied(approval.id)
             await self.outbox.emit(
-                "approval.cancelled",
+                ApprovalCancelled(approval_id=approval.id, reason="conversation_closed"),
                 current,
                 actor,
-                {"approval_id": approval.id, "reason": "conversation_closed"},
                 key=approval.id,
             )
 
@@ -189,10 +190,7 @@ class Conversations:
         appended = await self.store.append_turn(note, allowed=("waiting_for_human",))
         await self.outbox.record_turn(conv, msgspec.structs.replace(note, seq=appended.seq))
         await self.outbox.emit(
-            "handoff.started",
-            conv,
-            actor,
-            {"reason": reason, "seq": appended.seq, "handoff_id": record.id},
+            HandoffStarted(reason=reason, seq=appended.seq, handoff_id=record.id), conv, actor
         )
 
     async def record_handoff(self, conv: Conversation, reason: str, actor: str) -> Handoff:

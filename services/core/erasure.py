@@ -34,7 +34,7 @@ from nats.js.errors import NotFoundError
 
 from services.core.conversations import Conversations
 from shared.bus import Bus
-from shared.envelopes import Event
+from shared.events import ConversationErased, EndUserErased, make_event
 from shared.ids import new_id
 from shared.models import utcnow
 
@@ -58,7 +58,10 @@ async def erase_end_user(c: Conversations, end_user_id: str, actor: str) -> dict
     await c.store.scrub_webhook_logs({conv.id for conv in conversations})
     await c.store.erase_end_user_record(user)
     counts = {"conversations": len(conversations), "turns": turns, "stream_messages": removed}
-    await _audit(c, "end_user.erased", actor, {"end_user_id": user.id, **counts})
+    erased = EndUserErased(
+        end_user_id=user.id, conversations=len(conversations), turns=turns, stream_messages=removed
+    )
+    await _audit(c, erased, actor)
     log.info("end user erased", extra={"end_user_id": user.id, **counts})
     return counts
 
@@ -81,9 +84,8 @@ async def sweep_retention(c: Conversations, days: float, limit: int = 500) -> in
         turns = await c.store.erase_conversation(conv)
         await _audit(
             c,
-            "conversation.erased",
+            ConversationErased(conversation_id=conv.id, reason="retention", turns=turns),
             "retention",
-            {"conversation_id": conv.id, "reason": "retention", "turns": turns},
         )
     log.info("retention sweep", extra={"conversations": len(stale), "stream_messages": removed})
     return len(stale)
@@ -134,17 +136,12 @@ async def scrub_streams(bus: Bus, needles: set[str]) -> int:
     return removed
 
 
-async def _audit(c: Conversations, event_type: str, actor: str, data: dict[str, object]) -> None:
+async def _audit(c: Conversations, data: EndUserErased | ConversationErased, actor: str) -> None:
     """An audit event without personal data: ids and counts only. `live`, so webhooks get it."""
-    event = Event(
-        id=new_id("evt"),
-        type=event_type,
-        occurred_at=utcnow(),
-        session_type="live",
-        actor=actor,
-        data=dict(data),
+    event = make_event(
+        data, id=new_id("evt"), occurred_at=utcnow(), session_type="live", actor=actor
     )
     await c.store.record_erasure(event)
     await c.bus.publish(
-        c.bus.subjects.event(event_type), msgspec.json.encode(event), msg_id=event.id
+        c.bus.subjects.event(event.type), msgspec.json.encode(event), msg_id=event.id
     )

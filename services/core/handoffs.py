@@ -15,6 +15,7 @@ import time
 from services.core.conversations import Conversations
 from shared.envelopes import ClaimHandoff
 from shared.errors import Forbidden
+from shared.events import HandoffAssigned, HandoffResolved, HandoffUnclaimed
 from shared.ids import ulid
 from shared.models import Author, Conversation, Handoff
 
@@ -27,15 +28,14 @@ async def claim(c: Conversations, cmd: ClaimHandoff) -> Handoff:
     )
     conv = await c.store.get_conversation(handoff.conversation_id)
     await c.outbox.emit(
-        "handoff.assigned",
+        HandoffAssigned(
+            handoff_id=handoff.id,
+            assignee=handoff.assignee,
+            assignee_name=handoff.assignee_name,
+            reassigned=cmd.force,
+        ),
         conv,
         cmd.operator_id,
-        {
-            "handoff_id": handoff.id,
-            "assignee": handoff.assignee,
-            "assignee_name": handoff.assignee_name,
-            "reassigned": cmd.force,
-        },
     )
     return handoff
 
@@ -71,10 +71,9 @@ async def hand_back(c: Conversations, conv: Conversation, outcome: str, actor: s
     current = await c.store.get_conversation(conv.id)
     if current.handoff_id and await c.store.resolve_handoff(current.handoff_id, outcome):
         await c.outbox.emit(
-            "handoff.resolved",
+            HandoffResolved(handoff_id=current.handoff_id, outcome=outcome),
             current,
             actor,
-            {"handoff_id": current.handoff_id, "outcome": outcome},
             key=current.handoff_id,
         )
     await c.change_status(conv, "active", outcome, actor)
@@ -123,10 +122,9 @@ async def sweep_unclaimed(c: Conversations) -> int:
         handoff = await c.store.get_handoff(handoff_id)
         conv = await c.store.get_conversation(handoff.conversation_id)
         await c.outbox.emit(
-            "handoff.unclaimed",
+            HandoffUnclaimed(handoff_id=handoff_id, requested_at=handoff.requested_at.isoformat()),
             conv,
             "system",
-            {"handoff_id": handoff_id, "requested_at": handoff.requested_at.isoformat()},
             key=handoff_id,
         )
         log.info("handoff unclaimed", extra={"conversation_id": conv.id, "handoff_id": handoff_id})
@@ -138,10 +136,9 @@ async def sweep_unclaimed(c: Conversations) -> int:
         if not await c.store.resolve_handoff(handoff_id, "returned_to_agent", only_if="requested"):
             continue
         await c.outbox.emit(
-            "handoff.resolved",
+            HandoffResolved(handoff_id=handoff_id, outcome="returned_to_agent"),
             conv,
             "system",
-            {"handoff_id": handoff_id, "outcome": "returned_to_agent"},
             key=handoff_id,
         )
         await c.say(

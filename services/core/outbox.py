@@ -20,7 +20,6 @@ from services.core.audience import WebhookAudience
 from shared.bus import Bus
 from shared.envelopes import (
     Event,
-    EventType,
     InboundMessage,
     OutboundEnvelope,
     Resume,
@@ -30,6 +29,19 @@ from shared.envelopes import (
     turn_created_event,
 )
 from shared.errors import SwitchboardError
+from shared.events import (
+    ApprovalCancelled,
+    ApprovalRequested,
+    ApprovalResolved,
+    ConversationStatusChanged,
+    EventData,
+    HandoffAssigned,
+    HandoffResolved,
+    HandoffStarted,
+    HandoffUnclaimed,
+    make_event,
+    type_of,
+)
 from shared.ids import new_id
 from shared.models import Channel, Conversation, SessionType, Status, Turn, utcnow
 from shared.store import Store
@@ -38,8 +50,19 @@ from shared.telemetry import Metrics
 log = logging.getLogger("switchboard.core")
 _enc = msgspec.json.Encoder()
 _WORDS = re.compile(r"\S+\s*")
-# What operators' screens follow, besides every `turn.created` (see `tell_operators`).
-OPERATOR_EVENTS = ("handoff.", "approval.", "conversation.status_changed")
+
+
+def for_operators(data: EventData) -> bool:
+    """What operators' screens follow, besides every `turn.created` (see `tell_operators`)."""
+    match data:
+        case HandoffStarted() | HandoffAssigned() | HandoffResolved() | HandoffUnclaimed():
+            return True
+        case ApprovalRequested() | ApprovalResolved() | ApprovalCancelled():
+            return True
+        case ConversationStatusChanged():
+            return True
+        case _:
+            return False
 
 
 def usage_channel(conv: Conversation, turn: Turn) -> Channel | None:
@@ -170,10 +193,9 @@ class Outbox:
 
     async def emit(
         self,
-        event_type: EventType,
+        data: EventData,
         conv: Conversation | None,
         actor: str,
-        data: dict[str, Any],
         key: str | None = None,
         session_type: SessionType | None = None,
     ) -> Event:
@@ -181,14 +203,14 @@ class Outbox:
 
         With `key`, a redelivered step re-emits the same id, deduplicated in both places.
         """
-        event = Event(
+        event_type = type_of(data)
+        event = make_event(
+            data,
             id=f"evt_{event_type}_{key}" if key else new_id("evt"),
-            type=event_type,
             occurred_at=utcnow(),
             conversation_id=conv.id if conv else None,
             session_type=conv.session_type if conv else session_type,
             actor=actor,
-            data=data,
         )
         work: list[Awaitable[Any]] = []
         if self.audience.wants(event.session_type):
@@ -197,7 +219,7 @@ class Outbox:
                     self.subjects.event(event_type), _enc.encode(event), msg_id=event.id
                 )
             )
-        if event_type.startswith(OPERATOR_EVENTS):
+        if for_operators(data):
             work.append(self.tell_operators(event))
         if conv is not None:
             work.append(self.store.record_event(conv.id, event))

@@ -33,6 +33,7 @@ from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from services.core.outbox import usage_channel
 from shared.envelopes import StreamDelta, ThreadHints
+from shared.events import AgentFailed, ApprovalRequested, VoiceTransferUnavailable
 from shared.ids import reply_key
 from shared.models import Approval, Author, Conversation, Status, ToolCall, Turn, utcnow
 
@@ -107,15 +108,14 @@ async def produce(
     c.metrics.latency.labels(f"agent_{revision.runtime}").observe(time.perf_counter() - started)
     if answer.failure is not None:
         await c.outbox.emit(
-            "agent.failed",
+            AgentFailed(
+                runtime=revision.runtime,
+                reason=answer.failure,
+                attempts=answer.attempts,
+                seq=user_turn.seq,
+            ),
             conv,
             "agent",
-            {
-                "runtime": revision.runtime,
-                "reason": answer.failure,
-                "attempts": answer.attempts,
-                "seq": user_turn.seq,
-            },
             key=key.replace(":", "_"),
         )
     return answer
@@ -216,7 +216,7 @@ async def answer(
     """Record the agent's reply and deliver it, unless a human took over meanwhile."""
     if reply.handoff and conv.channel == "voice" and not await _queue_number(c, conv):
         # Nobody to dial: the caller stays with the agent, and the gap is on record.
-        await c.outbox.emit("voice.transfer_unavailable", conv, "agent", {}, key=reply_key)
+        await c.outbox.emit(VoiceTransferUnavailable(), conv, "agent", key=reply_key)
         reply = Answer(
             text="I'm sorry, nobody from our team is available to take your call right now. "
             "I'll keep helping you myself.",
@@ -356,16 +356,15 @@ async def request_approval(
     await c.store.set_approval_id(conv.id, approval.id)
     await c.change_status(conv, "awaiting_approval", f"approval {approval.id}", "agent")
     await c.outbox.emit(
-        "approval.requested",
+        ApprovalRequested(
+            approval_id=approval.id,
+            tool=call.name,
+            arguments=call.arguments,
+            approver_role=policy.approver_role,
+            timeout_at=approval.timeout_at.isoformat(),
+        ),
         conv,
         "agent",
-        {
-            "approval_id": approval.id,
-            "tool": call.name,
-            "arguments": call.arguments,
-            "approver_role": policy.approver_role,
-            "timeout_at": approval.timeout_at.isoformat(),
-        },
         key=approval.id,
     )
 

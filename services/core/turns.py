@@ -11,15 +11,10 @@ from services.core import handoffs, replies, routing
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from services.core.outbox import usage_channel
-from shared.envelopes import ChannelKeyword, EventType, InboundMessage, TurnReply
+from shared.envelopes import ChannelKeyword, InboundMessage, TurnReply
 from shared.errors import ConversationClosed, NotFound, Undeliverable
+from shared.events import EndUserHelpRequested, EndUserOptedIn, EndUserOptedOut
 from shared.models import Author, Conversation, Turn, utcnow
-
-_KEYWORD_EVENTS: dict[str, EventType] = {
-    "stop": "end_user.opted_out",
-    "start": "end_user.opted_in",
-    "help": "end_user.help_requested",
-}
 
 
 async def apply_message(c: Conversations, env: InboundMessage) -> None:
@@ -96,11 +91,18 @@ async def apply_keyword(c: Conversations, env: ChannelKeyword) -> None:
     user_id, _ = await c.store.resolve_identity(env.sender.kind, theirs)
     if env.keyword in ("stop", "start"):
         await c.store.set_opted_out(env.channel, ours, theirs, env.keyword == "stop")
+    kind: type[EndUserOptedOut | EndUserOptedIn | EndUserHelpRequested]
+    match env.keyword:
+        case "stop":
+            kind = EndUserOptedOut
+        case "start":
+            kind = EndUserOptedIn
+        case "help":
+            kind = EndUserHelpRequested
     await c.outbox.emit(
-        _KEYWORD_EVENTS[env.keyword],
+        kind(channel=env.channel, end_user_id=user_id, our_address=ours),
         None,
         "end_user",
-        {"channel": env.channel, "end_user_id": user_id, "our_address": ours},
         key=env.id,
         session_type=env.session_type,
     )

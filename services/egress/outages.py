@@ -13,7 +13,8 @@ import time
 import msgspec
 
 from shared.bus import Bus, Delivery
-from shared.envelopes import Event, OutboundEnvelope
+from shared.envelopes import OutboundEnvelope
+from shared.events import DeliveryFailed, make_event
 from shared.models import Delivery as DeliveryRecord
 from shared.models import utcnow
 from shared.store import Store
@@ -102,21 +103,20 @@ class FailedDeliveries:
                 updated_at=now,
             )
         )
-        event = Event(
+        event = make_event(
+            DeliveryFailed(
+                turn_id=out.turn_id,
+                channel=out.channel,
+                seq=out.seq,
+                reason=reason[:500],
+                attempts=delivery.attempt,
+            ),
             # One per stored message: a rerun of this hook is deduped, a replay's failure is new.
             id=f"evt_delivery.failed_{out.turn_id}_{int(delivery.stored_at * 1000)}",
-            type="delivery.failed",
             occurred_at=now,
             conversation_id=out.conversation_id,
             session_type=out.session_type,
             actor="egress",
-            data={
-                "turn_id": out.turn_id,
-                "channel": out.channel,
-                "seq": out.seq,
-                "reason": reason[:500],
-                "attempts": delivery.attempt,
-            },
         )
         await self.store.record_event(out.conversation_id, event)
         await self.bus.publish(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
 
 import msgspec
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -16,13 +15,12 @@ from shared import tracing
 from shared.bus import Bus
 from shared.envelopes import (
     Attachment,
-    Event,
-    EventType,
     InboundMessage,
     ThreadHints,
     email_thread_key,
 )
 from shared.errors import InvalidRequest
+from shared.events import EmailAutoReplyDropped, EmailBounced, make_event, type_of
 from shared.identity import make_identifier, redact
 from shared.models import utcnow
 from shared.settings import EmailSettings
@@ -97,7 +95,9 @@ class InboundMail:
                 return "250 2.0.0 OK: bounce recorded"
             reason = loop_reason(mail, mail_from)
             if reason is not None:
-                await self.event("email.auto_reply_dropped", mail, {"reason": reason})
+                await self.event(
+                    EmailAutoReplyDropped(message_id=mail.message_id, reason=reason), mail
+                )
                 return "250 2.0.0 OK: automatic message noted, not answered"
             try:
                 env = self.envelope(mail, raw, envelope.rcpt_tos)
@@ -170,29 +170,31 @@ class InboundMail:
                 )
                 failed.append(delivery.turn_id)
         await self.event(
-            "email.bounced",
+            EmailBounced(
+                message_id=mail.message_id,
+                message_ids=list(mail.bounced_message_ids),
+                failed_turns=failed,
+            ),
             mail,
-            {"message_ids": list(mail.bounced_message_ids), "failed_turns": failed},
             conversation_id=conversation_id,
         )
 
     async def event(
         self,
-        event_type: EventType,
+        data: EmailBounced | EmailAutoReplyDropped,
         mail: ParsedMail,
-        data: dict[str, Any],
         conversation_id: str | None = None,
     ) -> None:
         key = hashlib.sha256((mail.message_id or repr(data)).encode()).hexdigest()[:32]
-        event = Event(
+        event_type = type_of(data)
+        event = make_event(
+            data,
             id=f"evt_{event_type}_{key}",
-            type=event_type,
             occurred_at=utcnow(),
             actor="email",
             conversation_id=conversation_id,
             # Without a session type, webhook fan-out would drop it as if it were a test session.
             session_type=await self.store.session_type_of(conversation_id),
-            data={"message_id": mail.message_id, **data},
         )
         await self.bus.publish(
             self.bus.subjects.event(event_type), _enc.encode(event), msg_id=event.id

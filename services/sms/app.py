@@ -18,8 +18,9 @@ from litestar.datastructures import State
 from twilio.twiml.messaging_response import MessagingResponse
 
 from services.sms.messages import envelope_from_form
-from shared.envelopes import ChannelKeyword, Event
+from shared.envelopes import ChannelKeyword
 from shared.errors import InvalidRequest
+from shared.events import MessageStatus, make_event
 from shared.http import probe_handlers, provider_webhook_error, serve_until, trace_requests
 from shared.identity import redact
 from shared.models import DELIVERY_RANK, utcnow
@@ -95,20 +96,19 @@ def create_app(settings: SmsSettings) -> Litestar:
         error_code = form.get("ErrorCode") or None
         delivery = await store.delivery_by_provider_id(sid)
         session_type = await store.session_type_of(delivery.conversation_id if delivery else None)
-        event = Event(
+        event = make_event(
+            MessageStatus(
+                provider_id=sid,
+                status=state,
+                error_code=error_code,
+                turn_id=delivery.turn_id if delivery else None,
+            ),
             id=f"evt_delivery_{sid}_{state}",
-            type="message.status",
             occurred_at=utcnow(),
             actor="twilio",
             conversation_id=delivery.conversation_id if delivery else None,
             # Without a session type, webhook fan-out would drop it as if it were a test session.
             session_type=session_type,
-            data={
-                "provider_id": sid,
-                "status": state,
-                "error_code": error_code,
-                "turn_id": delivery.turn_id if delivery else None,
-            },
         )
         await bus.publish(subjects.event("message.status"), _enc.encode(event), msg_id=event.id)
         if delivery is None:

@@ -25,6 +25,7 @@ from services.api.schemas import (
 )
 from shared.envelopes import EraseEndUser, Event
 from shared.errors import InvalidRequest, NotFound
+from shared.events import EndUserIdentityLinked, IdentityRef
 from shared.identity import kind_for_channel, make_identifier, normalize_phone
 from shared.ids import new_id
 from shared.models import (
@@ -59,10 +60,11 @@ class IdentityController(Controller):
         ident = make_identifier(kind_for_channel(data.channel), data.identifier)
         user, _ = await gateway.store.link_identity(data.end_user_id, ident.kind, ident.normalized)
         await gateway.audit(
-            "end_user.identity_linked",
+            EndUserIdentityLinked(
+                end_user_id=user.id, identity=IdentityRef(kind=ident.kind, value=ident.normalized)
+            ),
             f"{user.id}|{ident.kind}|{ident.normalized}",
             request.state.api_key.id,
-            {"end_user_id": user.id, "identity": {"kind": ident.kind, "value": ident.normalized}},
         )
         return user
 
