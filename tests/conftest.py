@@ -169,6 +169,9 @@ class SmtpSink:
             self._server = None
 
 
+ALL_SERVICES = frozenset({"api", "sms", "voice", "email", "egress"})
+
+
 @dataclass
 class Stack:
     api: httpx.AsyncClient
@@ -176,11 +179,40 @@ class Stack:
     core: Any
     base_url: str
     servers: Servers
-    sms_url: str
-    twilio: Any  # the FakeTwilio: what was sent, and faults to inject
-    smtp_port: int  # our inbound SMTP server
-    relay: Any  # the SMTP sink egress relays through: `relay.messages`
-    voice_url: str
+    started: frozenset[str]  # which of ALL_SERVICES run beside core (`@pytest.mark.services`)
+    _sms_url: str | None = None
+    _twilio: Any = None  # the FakeTwilio: what was sent, and faults to inject
+    _smtp_port: int | None = None  # our inbound SMTP server
+    _relay: Any = None  # the SMTP sink egress relays through: `relay.messages`
+    _voice_url: str | None = None
+
+    def _needs(self, service: str, value: Any) -> Any:
+        if value is None:
+            raise AssertionError(
+                f"this test's stack has no {service}: started {sorted(self.started)};"
+                f" name it in @pytest.mark.services(...)"
+            )
+        return value
+
+    @property
+    def sms_url(self) -> str:
+        return str(self._needs("sms", self._sms_url))
+
+    @property
+    def voice_url(self) -> str:
+        return str(self._needs("voice", self._voice_url))
+
+    @property
+    def smtp_port(self) -> int:
+        return int(self._needs("email", self._smtp_port))
+
+    @property
+    def twilio(self) -> Any:
+        return self._needs("sms, voice or egress (the Twilio fake)", self._twilio)
+
+    @property
+    def relay(self) -> Any:
+        return self._needs("egress (the SMTP relay sink)", self._relay)
 
     def client(self, key: str | None) -> httpx.AsyncClient:
         headers = {"x-api-key": key} if key else {}
@@ -221,10 +253,13 @@ def core_settings(servers: Servers, namespace: str, **overrides: Any) -> Any:
 async def stack(
     servers: Servers, namespace: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[Stack]:
-    """Every service running in this process against the real servers, on real sockets, with
-    the Twilio fake standing in for Twilio's cloud and an SMTP sink for the relay.
+    """Core and the services the test names, running in this process against the real servers,
+    on real sockets, with the Twilio fake standing in for Twilio's cloud and an SMTP sink for the
+    relay (started only when sms, voice or egress is).
 
-    `@pytest.mark.core_settings(**overrides)` starts core with those settings (no restart)."""
+    `@pytest.mark.services("api", ...)` names the services beside core (default: all of
+    ALL_SERVICES); `@pytest.mark.core_settings(**overrides)` starts core with those settings
+    (no restart)."""
     from services.api.app import create_app
     from services.core.app import Core
     from services.egress.app import Egress
@@ -241,39 +276,62 @@ async def stack(
         VoiceSettings,
     )
 
+    named = request.node.get_closest_marker("services")
+    wanted = frozenset(named.args) if named else ALL_SERVICES
+    assert wanted <= ALL_SERVICES, f"unknown services: {sorted(wanted - ALL_SERVICES)}"
+    assert "api" in wanted, "every stack test talks to the API"
     env = {**settings_env(servers, namespace), "email_domains": EMAIL_DOMAINS}
-    fake = build({TWILIO_SID: TWILIO_TOKEN})
-    fake_server = await serve(fake, "127.0.0.1", 0)
-    relay = SmtpSink()
-    await relay.start()
-    twilio = twilio_env(f"http://127.0.0.1:{fake_server.port}")
+    starts: list[Awaitable[None]] = []
+    stops: dict[str, Callable[[], Awaitable[None]]] = {}
+    fake = fake_server = relay = twilio = None
+    if wanted & {"sms", "voice", "egress"}:
+        fake = build({TWILIO_SID: TWILIO_TOKEN})
+        fake_server = await serve(fake, "127.0.0.1", 0)
+        twilio = twilio_env(f"http://127.0.0.1:{fake_server.port}")
     marker = request.node.get_closest_marker("core_settings")
     core = Core(core_settings(servers, namespace, **(marker.kwargs if marker else {})))
     await core.start()  # first: it seeds the demo agent the others expect
-    egress = Egress(
-        EgressSettings(
-            **env,
-            **twilio,
-            egress_health_port=0,
-            webhook_backoff_seconds=0.05,
-            webhook_max_attempts=4,
-            egress_retry_base_seconds=0.1,  # held replies (provider refusals) retry quickly
-            smtp_relay_port=relay.port,
+    if "egress" in wanted:
+        relay = SmtpSink()
+        await relay.start()
+        egress = Egress(
+            EgressSettings(
+                **env,
+                **twilio,
+                egress_health_port=0,
+                webhook_backoff_seconds=0.05,
+                webhook_max_attempts=4,
+                egress_retry_base_seconds=0.1,  # held replies (provider refusals) retry quickly
+                smtp_relay_port=relay.port,
+            )
         )
-    )
-    sms = HttpServer(create_sms_app(SmsSettings(**env, **twilio)), "127.0.0.1", 0)
-    voice = HttpServer(
-        create_voice_app(VoiceSettings(**env, **twilio, human_queue_number=HUMAN_QUEUE)),
-        "127.0.0.1",
-        0,
-    )
+        starts.append(egress.start())
+        stops["egress"] = egress.stop
+    sms = voice = mail = None
+    if "sms" in wanted:
+        sms = HttpServer(create_sms_app(SmsSettings(**env, **twilio)), "127.0.0.1", 0)
+        starts.append(sms.start())
+        stops["sms"] = sms.stop
+    if "voice" in wanted:
+        voice = HttpServer(
+            create_voice_app(VoiceSettings(**env, **twilio, human_queue_number=HUMAN_QUEUE)),
+            "127.0.0.1",
+            0,
+        )
+        starts.append(voice.start())
+        stops["voice"] = voice.stop
     api = HttpServer(
         create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
     )
-    mail = EmailService(
-        EmailSettings(**env, smtp_port=0, email_health_port=0, email_max_bytes=EMAIL_MAX_BYTES)
-    )
-    await asyncio.gather(egress.start(), sms.start(), api.start(), mail.start(), voice.start())
+    starts.append(api.start())
+    stops["api"] = api.stop
+    if "email" in wanted:
+        mail = EmailService(
+            EmailSettings(**env, smtp_port=0, email_health_port=0, email_max_bytes=EMAIL_MAX_BYTES)
+        )
+        starts.append(mail.start())
+        stops["email"] = mail.stop
+    await asyncio.gather(*starts)
     base_url = f"http://127.0.0.1:{api.port}"
     async with httpx.AsyncClient(
         base_url=base_url, headers={"x-api-key": ADMIN_KEY}, timeout=20
@@ -284,25 +342,21 @@ async def stack(
             core=core,
             base_url=base_url,
             servers=servers,
-            sms_url=f"http://127.0.0.1:{sms.port}",
-            twilio=fake,
-            smtp_port=mail.port,
-            relay=relay,
-            voice_url=f"http://127.0.0.1:{voice.port}",
+            started=wanted,
+            _sms_url=f"http://127.0.0.1:{sms.port}" if sms else None,
+            _twilio=fake,
+            _smtp_port=mail.port if mail else None,
+            _relay=relay,
+            _voice_url=f"http://127.0.0.1:{voice.port}" if voice else None,
         )
         yield stack
-    await asyncio.gather(
-        _stopped("api", api.stop()),
-        _stopped("sms", sms.stop()),
-        _stopped("email", mail.stop()),
-        _stopped("egress", egress.stop()),
-        _stopped("voice", voice.stop()),
-    )
-    await asyncio.gather(
-        _stopped("core", stack.core.stop()),
-        _stopped("twilio-fake", fake_server.stop()),
-        _stopped("relay", relay.stop()),
-    )
+    await asyncio.gather(*(_stopped(name, stop()) for name, stop in stops.items()))
+    last = [_stopped("core", stack.core.stop())]
+    if fake_server is not None:
+        last.append(_stopped("twilio-fake", fake_server.stop()))
+    if relay is not None:
+        last.append(_stopped("relay", relay.stop()))
+    await asyncio.gather(*last)
 
 
 async def _stopped(name: str, stopping: Awaitable[None], timeout: float = 20.0) -> None:

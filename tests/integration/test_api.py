@@ -10,6 +10,8 @@ import redis.asyncio as redis
 
 from tests.conftest import Stack, make_key
 
+pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
+
 
 async def open_conversation(api: httpx.AsyncClient, **body: object) -> dict[str, object]:
     response = await api.post("/v1/conversations", json=body)

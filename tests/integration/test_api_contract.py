@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
+
 from tests.conftest import Stack
+
+pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
 
 IDEMPOTENT = {
     ("post", "/v1/conversations"),

@@ -19,6 +19,8 @@ from shared.http import HttpServer
 from shared.settings import ApiSettings
 from tests.conftest import ADMIN_KEY, EMAIL_DOMAINS, Stack, eventually, settings_env
 
+pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
+
 
 @pytest.fixture
 async def replica(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[str]]]:

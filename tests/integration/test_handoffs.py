@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import Stack, eventually
 from tests.integration.test_human_in_the_loop import (
@@ -15,6 +16,8 @@ from tests.integration.test_human_in_the_loop import (
     status,
     transcript,
 )
+
+pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
 
 
 async def operator_key(stack: Stack, display_name: str, scope: str = "operator") -> str:

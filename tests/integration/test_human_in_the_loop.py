@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import Stack, eventually, make_key
+
+pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
 
 
 async def open_conversation(stack: Stack, **body: Any) -> dict[str, Any]:

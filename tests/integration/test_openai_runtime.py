@@ -21,7 +21,7 @@ from tests.integration.test_runtimes import (
 )
 
 KEY_ENV = "SWITCHBOARD_TEST_MODEL_KEY"
-pytestmark = pytest.mark.core_settings(**FAST)
+pytestmark = [pytest.mark.core_settings(**FAST), pytest.mark.services("api")]
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import pytest
 from tests.agent_fakes import FakeServers
 from tests.conftest import Stack, eventually
 
+pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
+
 
 @pytest.fixture
 async def fakes() -> AsyncIterator[FakeServers]:
