@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from services.supervisor.embedded import free_port
+from shared.store import Store
 from tests.conftest import (
     ADMIN_KEY,
     TWILIO_SID,
@@ -151,3 +152,11 @@ async def launch_fleet(
 async def fleet(servers: Servers, namespace: str, tmp_path: Path) -> AsyncIterator[Fleet]:
     async with launch_fleet(servers.nats_url, servers.redis_url, namespace, tmp_path) as fleet:
         yield fleet
+
+
+@pytest.fixture
+async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
+    """The store the fleet writes, read directly to check what happened."""
+    store = Store(servers.redis_url, namespace)
+    yield store
+    await store.close()

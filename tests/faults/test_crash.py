@@ -47,13 +47,6 @@ async def load_fleet(servers: Servers, namespace: str, tmp_path: Path) -> AsyncI
         yield fleet
 
 
-@pytest.fixture
-async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
-    store = Store(servers.redis_url, namespace)
-    yield store
-    await store.close()
-
-
 async def test_kill_9_core_mid_2000_turns_loses_and_doubles_nothing(
     load_fleet: Fleet, store: Store
 ) -> None:

@@ -36,13 +36,6 @@ async def replicas(servers: Servers, namespace: str, tmp_path: Path) -> AsyncIte
         yield fleet
 
 
-@pytest.fixture
-async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
-    store = Store(servers.redis_url, namespace)
-    yield store
-    await store.close()
-
-
 @contextlib.asynccontextmanager
 async def slow_bot(seconds: float, answered: list[str]) -> AsyncIterator[str]:
     """A bot for the `http` runtime that takes `seconds` over every answer (each one appended to

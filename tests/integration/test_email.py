@@ -71,6 +71,22 @@ async def replies(stack: Stack, n: int) -> list[Any]:
     return stack.relay.messages if len(stack.relay.messages) >= n else None  # type: ignore[no-any-return]
 
 
+def bounce(message_id: str, dsn_id: str) -> bytes:
+    """A mailer daemon's delivery status notification: the mail `message_id` failed (5.1.1)."""
+    return (
+        "From: MAILER-DAEMON@example.com\r\nTo: support@acme.test\r\n"
+        f"Subject: Undelivered Mail Returned to Sender\r\nMessage-ID: {dsn_id}\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nDelivery failed.\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; example.com\r\n"
+        "\r\nFinal-Recipient: rfc822; jane@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Message-ID: {message_id}\r\nSubject: Re: Refund question\r\n"
+        "--B--\r\n"
+    ).encode()
+
+
 async def test_new_mail_gets_a_threaded_reply_and_the_reply_continues_the_conversation(
     stack: Stack,
 ) -> None:
@@ -198,18 +214,7 @@ async def test_an_empty_return_path_is_never_answered(stack: Stack) -> None:
 async def test_a_bounce_marks_the_delivery_failed_and_is_no_turn(stack: Stack) -> None:
     await send(stack, mail("what are your hours?"))
     answer = (await eventually(lambda: replies(stack, 1), what="the reply"))[0]
-    dsn = (
-        "From: MAILER-DAEMON@example.com\r\nTo: support@acme.test\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\nMessage-ID: <dsn1@example.com>\r\n"
-        "MIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
-        "--B\r\nContent-Type: text/plain\r\n\r\nDelivery failed.\r\n"
-        "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; example.com\r\n"
-        "\r\nFinal-Recipient: rfc822; jane@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"Message-ID: {answer['Message-ID']}\r\nSubject: Re: Refund question\r\n"
-        "--B--\r\n"
-    ).encode()
+    dsn = bounce(answer["Message-ID"], dsn_id="<dsn1@example.com>")
     assert (await send(stack, dsn, sender=""))[0] == 250
     conv = (await email_conversations(stack))[0]
 

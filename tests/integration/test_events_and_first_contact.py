@@ -11,7 +11,7 @@ import pytest
 
 from shared.http import HttpServer
 from tests.conftest import Stack, eventually
-from tests.integration.test_email import mail, send
+from tests.integration.test_email import bounce, mail, send
 from tests.integration.test_sms import ALICE, OUR_NUMBER, post_signed, sent_messages, sms_form
 from tests.integration.test_streaming_webhooks_sessions import Receiver, verify
 
@@ -107,18 +107,7 @@ async def test_an_email_bounce_reaches_webhooks(stack: Stack, hook: Receiver) ->
     await send(stack, mail("what are your hours?"))
     await eventually(lambda: _ready(stack.relay.messages), what="the mail reply")
     answer = stack.relay.messages[0]
-    dsn = (
-        "From: MAILER-DAEMON@example.com\r\nTo: support@acme.test\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\nMessage-ID: <dsn2@example.com>\r\n"
-        "MIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
-        "--B\r\nContent-Type: text/plain\r\n\r\nDelivery failed.\r\n"
-        "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; example.com\r\n"
-        "\r\nFinal-Recipient: rfc822; jane@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"Message-ID: {answer['Message-ID']}\r\nSubject: Re: Refund question\r\n"
-        "--B--\r\n"
-    ).encode()
+    dsn = bounce(answer["Message-ID"], dsn_id="<dsn2@example.com>")
     assert (await send(stack, dsn, sender=""))[0] == 250
 
     async def bounced() -> list[dict[str, Any]]:

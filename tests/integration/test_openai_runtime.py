@@ -4,32 +4,24 @@ wire format (streamed chunks, `tool_calls` in pieces), with tools under the revi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tests.agent_fakes import FakeServers
-from tests.conftest import Stack, eventually
+from tests.conftest import Stack
 from tests.integration.test_runtimes import (
     FAST,
-    assistant_turns,
+    approve_pending,
     events_of,
     make_agent,
     open_conversation,
     say,
+    second_reply,
 )
 
 KEY_ENV = "SWITCHBOARD_TEST_MODEL_KEY"
 pytestmark = [pytest.mark.core_settings(**FAST), pytest.mark.services("api")]
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[FakeServers]:
-    servers = FakeServers()
-    await servers.start()
-    yield servers
-    await servers.stop()
 
 
 @pytest.fixture
@@ -122,21 +114,10 @@ async def test_a_refund_the_model_chooses_waits_for_approval_runs_once_and_the_r
     assert offered[0]["function"]["name"] == "issue_refund"
     assert offered[0]["function"]["parameters"]["required"] == ["order_id"]
 
-    pending = (await agents.api.get("/v1/approvals", params={"status": "pending"})).json()
-    [approval] = [a for a in pending["items"] if a["conversation_id"] == cid]
+    approval = await approve_pending(agents, cid)
     assert approval["payload"]["tool"] == "issue_refund"
     assert approval["payload"]["arguments"] == {"order_id": "12345"}
-    response = await agents.api.post(
-        f"/v1/conversations/{cid}/approvals/{approval['id']}/resolve",
-        json={"decision": "approve"},
-    )
-    assert response.status_code == 200, response.text
-
-    async def replied() -> list[str]:
-        turns = await assistant_turns(agents, cid)
-        return turns if len(turns) == 2 else []
-
-    replies = await eventually(replied, what="the model's reply after the approved refund")
+    replies = await second_reply(agents, cid, what="the model's reply after the approved refund")
     assert replies[1] == "Your refund is done, reference rf_12345_ok."
     assert list(fakes.fakes.tool_calls.values()) == [1]  # ran once
     [tool_request] = fakes.fakes.seen("/refund")

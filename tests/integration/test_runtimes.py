@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -21,14 +20,6 @@ from tests.conftest import Stack, eventually
 SECRET = "bot-secret-0123456789"
 # Small budgets so failures reach the fallback quickly.
 FAST = {"agent_turn_budget_seconds": 1.5, "agent_retry_backoff_seconds": 0.05}
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[FakeServers]:
-    servers = FakeServers()
-    await servers.start()
-    yield servers
-    await servers.stop()
 
 
 pytestmark = pytest.mark.core_settings(**FAST)
@@ -60,6 +51,28 @@ async def say(stack: Stack, cid: str, text: str) -> dict[str, Any]:
 async def assistant_turns(stack: Stack, cid: str) -> list[str]:
     turns = await stack.core.store.turns_after(cid, 0, 100)
     return [t.content for t in turns if t.role == "assistant"]
+
+
+async def approve_pending(stack: Stack, cid: str) -> dict[str, Any]:
+    """Approve the conversation's one pending approval; returns the approval as it was listed."""
+    pending = (await stack.api.get("/v1/approvals", params={"status": "pending"})).json()
+    [approval] = [a for a in pending["items"] if a["conversation_id"] == cid]
+    response = await stack.api.post(
+        f"/v1/conversations/{cid}/approvals/{approval['id']}/resolve",
+        json={"decision": "approve"},
+    )
+    assert response.status_code == 200, response.text
+    return dict(approval)
+
+
+async def second_reply(stack: Stack, cid: str, what: str) -> list[str]:
+    """Wait for the conversation's second assistant turn; returns both."""
+
+    async def replied() -> list[str]:
+        turns = await assistant_turns(stack, cid)
+        return turns if len(turns) == 2 else []
+
+    return await eventually(replied, what=what)
 
 
 async def events_of(stack: Stack, cid: str, event_type: str) -> list[dict[str, Any]]:
@@ -354,19 +367,8 @@ async def test_a_bots_call_held_for_approval_runs_once_approved_and_the_bot_writ
     held = await say(agents, cid, "use issue_refund 67890")
     assert held["session_status"] == "awaiting_approval"
     assert fakes.fakes.tool_calls == {}
-    pending = (await agents.api.get("/v1/approvals", params={"status": "pending"})).json()
-    [approval] = [a for a in pending["items"] if a["conversation_id"] == cid]
-    response = await agents.api.post(
-        f"/v1/conversations/{cid}/approvals/{approval['id']}/resolve",
-        json={"decision": "approve"},
-    )
-    assert response.status_code == 200, response.text
-
-    async def replied() -> list[str]:
-        turns = await assistant_turns(agents, cid)
-        return turns if len(turns) == 2 else []
-
-    replies = await eventually(replied, what="the bot's reply after the approval")
+    await approve_pending(agents, cid)
+    replies = await second_reply(agents, cid, what="the bot's reply after the approval")
     result = {"refunded": True, "order_id": "67890", "refund_id": "rf_67890_ok"}
     assert replies[1] == f"issue_refund approved: {json.dumps(result)}"
     assert list(fakes.fakes.tool_calls.values()) == [1]

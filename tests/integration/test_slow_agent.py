@@ -4,7 +4,6 @@ whose call for one conversation is held on an event the test controls."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,14 +13,6 @@ from tests.agent_fakes import FakeServers
 from tests.conftest import Stack, eventually
 
 pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[FakeServers]:
-    servers = FakeServers()
-    await servers.start()
-    yield servers
-    await servers.stop()
 
 
 async def open_conversation(stack: Stack, agent_id: str) -> str:
