@@ -20,8 +20,6 @@ from shared.bus import Bus
 from shared.http import HttpServer, probe_app
 from shared.settings import CommonSettings
 from shared.store import Store
-from shared.streams import StreamLimits
-from shared.subjects import Subjects
 from shared.telemetry import Metrics
 
 
@@ -36,15 +34,8 @@ class Service:
     ) -> None:
         self.name = name
         self.metrics = Metrics(name)
-        self.subjects = Subjects(settings.namespace, settings.partitions)
-        self.bus = Bus(
-            settings.nats_url,
-            self.subjects,
-            name=f"switchboard-{name}",
-            replicas=settings.stream_replicas,
-            limits=StreamLimits.of(settings),
-            metrics=self.metrics,
-        )
+        self.bus = Bus.of(settings, f"switchboard-{name}", self.metrics)
+        self.subjects = self.bus.subjects
         self.store = Store(settings.redis_url, settings.namespace)
         self._checks = checks or {}
         self.probes = (

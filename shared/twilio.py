@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from litestar import Request
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.request_validator import RequestValidator
@@ -43,6 +44,20 @@ def check_signature(
         _refuse("the webhook's AccountSid is not one of ours", "unknown_account", url)
     if not RequestValidator(token).validate(url, dict(params), signature):
         _refuse("X-Twilio-Signature does not match this request", "mismatch", url)
+
+
+async def signed_form(
+    request: Request[Any, Any, Any], settings: TwilioSettings, public_url: str
+) -> dict[str, str]:
+    """A webhook's form, once Twilio's signature over (public URL + path + query, params) checks
+    out; `public_url` is the service's own, as configured at Twilio."""
+    form = await request.form()
+    params = {k: str(form.get(k)) for k in form}
+    url = public_url + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    check_signature(settings, url, params, request.headers.get("x-twilio-signature"))
+    return params
 
 
 def _refuse(message: str, reason: str, url: str) -> NoReturn:

@@ -27,23 +27,12 @@ from shared.models import DELIVERY_RANK, utcnow
 from shared.ratelimit import Limit, RateLimiter
 from shared.service import Service
 from shared.settings import SmsSettings
-from shared.twilio import check_signature, warn_if_unsigned
+from shared.twilio import signed_form, warn_if_unsigned
 
 log = logging.getLogger("switchboard.sms")
 _enc = msgspec.json.Encoder()
 MAX_BODY = 64 * 1024
 TWIML = "text/xml"
-
-
-async def signed_form(request: Request[Any, Any, Any], settings: SmsSettings) -> dict[str, str]:
-    """The form, once Twilio's signature over (public URL + path + query, params) checks out."""
-    form = await request.form()
-    params = {k: str(form.get(k)) for k in form}
-    url = settings.public_sms_url() + request.url.path
-    if request.url.query:
-        url += "?" + request.url.query
-    check_signature(settings, url, params, request.headers.get("x-twilio-signature"))
-    return params
 
 
 def create_app(settings: SmsSettings) -> Litestar:
@@ -63,7 +52,7 @@ def create_app(settings: SmsSettings) -> Litestar:
 
     @post("/twilio/sms", status_code=200, media_type=TWIML)
     async def inbound(request: Request[Any, Any, Any]) -> Response[str]:
-        form = await signed_form(request, settings)
+        form = await signed_form(request, settings, settings.public_sms_url())
         env = envelope_from_form(form)
         sender = env.sender.normalized if env.sender else ""
         if not isinstance(env, ChannelKeyword):  # STOP / START / HELP are always honoured
@@ -89,7 +78,7 @@ def create_app(settings: SmsSettings) -> Litestar:
     @post("/twilio/sms/status", status_code=200, media_type=TWIML)
     async def status(request: Request[Any, Any, Any]) -> Response[str]:
         """Delivery status of one of our messages: queued → sent → delivered / failed."""
-        form = await signed_form(request, settings)
+        form = await signed_form(request, settings, settings.public_sms_url())
         sid, state = form.get("MessageSid", ""), form.get("MessageStatus", "")
         if not sid or state not in DELIVERY_RANK:
             raise InvalidRequest("MessageSid and a known MessageStatus are required")

@@ -12,8 +12,6 @@ import logging
 
 from shared.bus import Bus, DeadLetterEntry
 from shared.settings import CommonSettings, load_settings
-from shared.streams import StreamLimits
-from shared.subjects import Subjects
 
 
 def run(action: str, letter_id: str | None, replay_all: bool, as_json: bool) -> int:
@@ -23,13 +21,7 @@ def run(action: str, letter_id: str | None, replay_all: bool, as_json: bool) -> 
 
 async def _run(action: str, letter_id: str | None, replay_all: bool, as_json: bool) -> int:
     settings = load_settings(CommonSettings)
-    bus = Bus(
-        settings.nats_url,
-        Subjects(settings.namespace, settings.partitions),
-        name="switchboard-dead",
-        replicas=settings.stream_replicas,
-        limits=StreamLimits.of(settings),  # ensure_streams must not undo the configured limits
-    )
+    bus = Bus.of(settings, "switchboard-dead")
     try:
         await bus.connect(connect_timeout=3.0)
     except Exception as exc:

@@ -7,21 +7,14 @@ from collections.abc import Callable
 
 from shared.bus import Bus
 from shared.settings import CommonSettings, load_settings
-from shared.streams import NotDrained, StreamLimits
+from shared.streams import NotDrained
 from shared.streams import migrate_streams as migrate
-from shared.subjects import Subjects
 
 
 def migrate_streams(say: Callable[[str], None]) -> int:
     """`switchboard streams migrate` against NATS_URL: see shared/streams.py, "Upgrades"."""
     settings = load_settings(CommonSettings)
-    bus = Bus(
-        settings.nats_url,
-        Subjects(settings.namespace, settings.partitions),
-        name="switchboard-streams",
-        replicas=settings.stream_replicas,
-        limits=StreamLimits.of(settings),
-    )
+    bus = Bus.of(settings, "switchboard-streams")
 
     async def run() -> list[str]:
         await bus.connect()

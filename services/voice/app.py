@@ -35,7 +35,8 @@ from shared.ids import reply_key
 from shared.models import Turn, utcnow
 from shared.service import Service
 from shared.settings import VoiceSettings
-from shared.twilio import check_signature, warn_if_unsigned
+from shared.twilio import signed_form as signed_twilio_form
+from shared.twilio import warn_if_unsigned
 
 log = logging.getLogger("switchboard.voice")
 _enc = msgspec.json.Encoder()
@@ -57,12 +58,7 @@ def create_app(settings: VoiceSettings) -> Litestar:
             yield
 
     async def signed_form(request: Request[Any, Any, Any]) -> dict[str, str]:
-        form = await request.form()
-        params = {k: str(form.get(k)) for k in form}
-        url = settings.public_voice_url() + request.url.path
-        if request.url.query:
-            url += "?" + request.url.query
-        check_signature(settings, url, params, request.headers.get("x-twilio-signature"))
+        params = await signed_twilio_form(request, settings, settings.public_voice_url())
         if not params.get("CallSid"):
             raise InvalidRequest("CallSid is required")
         return params

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -21,6 +21,7 @@ from nats.js.api import (
 from shared import tracing
 from shared.bus.types import NOT_STORED
 from shared.errors import Unavailable
+from shared.settings import CommonSettings
 from shared.streams import StreamLimits, ensure_streams, stream_configs
 from shared.subjects import Subjects
 from shared.telemetry import Metrics
@@ -58,6 +59,19 @@ class BusConnection:
         # because JetStream's delivery count also counts an outage's redeliveries.
         self._failures: dict[tuple[str, str, int], int] = {}
         self._stopping = asyncio.Event()
+
+    @classmethod
+    def of(cls, settings: CommonSettings, name: str, metrics: Metrics | None = None) -> Self:
+        """The bus a process opens from its settings: NATS_URL, namespace and partitions, stream
+        replicas and limits (ensure_streams must not undo the configured limits)."""
+        return cls(
+            settings.nats_url,
+            Subjects(settings.namespace, settings.partitions),
+            name=name,
+            metrics=metrics,
+            replicas=settings.stream_replicas,
+            limits=StreamLimits.of(settings),
+        )
 
     # Life cycle -------------------------------------------------------------------------------
 
