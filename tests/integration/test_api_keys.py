@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,30 +14,9 @@ import httpx
 import pytest
 
 from services.api import auth
-from services.api.app import create_app
-from shared.http import HttpServer
-from shared.settings import ApiSettings
-from tests.conftest import ADMIN_KEY, EMAIL_DOMAINS, Stack, eventually, settings_env
+from tests.conftest import ADMIN_KEY, Stack, eventually
 
 pytestmark = pytest.mark.services("api")  # API, core and the servers: no channel, no egress
-
-
-@pytest.fixture
-async def replica(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[str]]]:
-    """Another API replica on the same servers (its own key cache)."""
-    servers: list[HttpServer] = []
-
-    async def start(bootstrap: str = ADMIN_KEY) -> str:
-        env = {**settings_env(stack.servers, stack.namespace), "email_domains": EMAIL_DOMAINS}
-        settings = ApiSettings(**env, api_port=0, bootstrap_api_key=bootstrap)
-        server = HttpServer(create_app(settings), "127.0.0.1", 0)
-        await server.start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.port}"
-
-    yield start
-    for server in servers:
-        await server.stop()
 
 
 async def new_key(stack: Stack, **body: Any) -> dict[str, Any]:
@@ -72,11 +51,11 @@ async def test_keys_are_listed_with_their_last_use_and_never_their_secret(stack:
 
 
 async def test_a_revoked_key_is_refused_at_once_on_every_replica(
-    stack: Stack, replica: Callable[..., Awaitable[str]], monkeypatch: pytest.MonkeyPatch
+    stack: Stack, api_replica: Callable[..., Awaitable[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Caches that would keep a key for an hour: only the revocation broadcast can empty them.
     monkeypatch.setattr(auth, "CACHE_SECONDS", 3600.0)
-    other = await replica()
+    other = await api_replica()
     key = await new_key(stack)
     assert (await whoami(stack.base_url, key["key"])).status_code == 200
     assert (await whoami(other, key["key"])).status_code == 200  # cached on both replicas now
@@ -118,10 +97,10 @@ async def test_a_key_past_its_expiry_is_refused_with_key_expired(stack: Stack) -
 
 
 async def test_changing_the_bootstrap_key_revokes_the_previous_one(
-    stack: Stack, replica: Callable[..., Awaitable[str]]
+    stack: Stack, api_replica: Callable[..., Awaitable[str]]
 ) -> None:
     assert (await whoami(stack.base_url, ADMIN_KEY)).status_code == 200
-    restarted = await replica(bootstrap="sk_test_admin_rotated")
+    restarted = await api_replica(bootstrap_api_key="sk_test_admin_rotated")
     old = await whoami(restarted, ADMIN_KEY)
     assert (old.status_code, old.json()["error"]["code"]) == (401, "key_revoked")
     assert (await whoami(restarted, "sk_test_admin_rotated")).json()["id"] == "key_bootstrap"
@@ -133,7 +112,7 @@ async def test_changing_the_bootstrap_key_revokes_the_previous_one(
     listed = await whoami(restarted, "sk_test_admin_rotated")
     assert listed.status_code == 200
     # Starting again with the same secret changes nothing.
-    await replica(bootstrap="sk_test_admin_rotated")
+    await api_replica(bootstrap_api_key="sk_test_admin_rotated")
     assert (await whoami(restarted, "sk_test_admin_rotated")).status_code == 200
 
 
@@ -184,7 +163,7 @@ async def test_visibility_own_is_for_client_keys_only(stack: Stack) -> None:
 
 
 async def test_keys_stored_before_the_id_index_are_listed_revoked_and_replaced(
-    stack: Stack, replica: Callable[..., Awaitable[str]]
+    stack: Stack, api_replica: Callable[..., Awaitable[str]]
 ) -> None:
     """Records as the previous version wrote them: only `apikey:<hash>` and the id set."""
     store, r = stack.core.store, stack.core.store.connection.redis
@@ -205,7 +184,7 @@ async def test_keys_stored_before_the_id_index_are_listed_revoked_and_replaced(
     await r.hdel(f"{ns}:apikey-ids", "key_bootstrap")  # as if the current one were legacy too
     assert (await whoami(stack.base_url, "sk_legacy_client")).status_code == 200
     # A bootstrap key set after the upgrade revokes every older bootstrap secret.
-    upgraded = await replica(bootstrap="sk_after_upgrade")
+    upgraded = await api_replica(bootstrap_api_key="sk_after_upgrade")
     for old in ("sk_legacy_bootstrap", ADMIN_KEY):
         refused = await whoami(upgraded, old)
         assert (refused.status_code, refused.json()["error"]["code"]) == (401, "key_revoked"), old

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -34,28 +34,10 @@ from tests.twilio_forms import post_twilio, sms_form
 OUR_NUMBER = "+15550001111"
 
 
-@pytest.fixture
-async def api_with_limits(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[str]]]:
-    """Start a second API replica on the same servers with the limits a test chooses."""
-    servers: list[HttpServer] = []
-
-    async def start(**limits: int) -> str:
-        env = {**settings_env(stack.servers, stack.namespace), "email_domains": EMAIL_DOMAINS}
-        settings = ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY, **limits)
-        server = HttpServer(create_app(settings), "127.0.0.1", 0)
-        await server.start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.port}"
-
-    yield start
-    for server in servers:
-        await server.stop()
-
-
 async def test_an_api_key_over_its_rate_gets_429_with_retry_after(
-    stack: Stack, api_with_limits: Callable[..., Awaitable[str]]
+    stack: Stack, api_replica: Callable[..., Awaitable[str]]
 ) -> None:
-    limited_api = await api_with_limits(rate_limit_per_key_per_second=5)
+    limited_api = await api_replica(rate_limit_per_key_per_second=5)
     key = await make_key(stack, "client")
     async with httpx.AsyncClient(base_url=limited_api, headers={"x-api-key": key}) as client:
         # One burst: the window starts at the first hit and lasts a second.
@@ -73,9 +55,9 @@ async def test_an_api_key_over_its_rate_gets_429_with_retry_after(
 
 
 async def test_an_end_user_over_the_turn_rate_gets_429_and_nothing_is_stored(
-    stack: Stack, api_with_limits: Callable[..., Awaitable[str]]
+    stack: Stack, api_replica: Callable[..., Awaitable[str]]
 ) -> None:
-    limited_api = await api_with_limits(rate_limit_turns_per_end_user_per_minute=3)
+    limited_api = await api_replica(rate_limit_turns_per_end_user_per_minute=3)
     async with httpx.AsyncClient(
         base_url=limited_api, headers={"x-api-key": ADMIN_KEY}, timeout=20
     ) as client:
