@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import Stack, eventually
 from tests.integration.test_human_in_the_loop import (
+    demo_like_agent,
     open_conversation,
     request_refund,
     say,
@@ -193,21 +194,9 @@ async def test_an_unclaimed_handoff_raises_an_event_and_returns_to_the_agent_if_
     stack: Stack,
 ) -> None:
     await stack.restart_core(handoff_unclaimed_seconds=0.5)
-    demo = (await stack.api.get("/v1/agents/agent_acme_support/revisions")).json()["items"][0]
-    created = await stack.api.post(
-        "/v1/agents",
-        json={
-            "name": "Impatient",
-            "revision": {
-                "knowledge_base": demo["knowledge_base"],
-                "tools": demo["tools"],
-                "on_unclaimed": "return_to_agent",
-            },
-        },
-    )
-    assert created.status_code == 201, created.text
+    impatient = await demo_like_agent(stack, "Impatient", on_unclaimed="return_to_agent")
     waiting_cid, waiting = await handed_off(stack)  # the demo revision: `wait`
-    cid, handoff = await handed_off(stack, agent_id=created.json()["id"])
+    cid, handoff = await handed_off(stack, agent_id=impatient)
     assert (await say(stack, cid, "what are your hours?")).status_code == 202
 
     async def back_with_the_agent() -> bool:

@@ -31,22 +31,31 @@ async def status(stack: Stack, cid: str) -> str:
     return (await stack.api.get(f"/v1/conversations/{cid}")).json()["status"]  # type: ignore[no-any-return]
 
 
-async def agent_with_refund_policy(stack: Stack, **policy: Any) -> str:
-    """An agent like the demo one whose refund policy the test chooses."""
+async def demo_like_agent(stack: Stack, name: str, **revision: Any) -> str:
+    """A new agent with the demo one's knowledge base and tools, plus the test's revision fields."""
     demo = (await stack.api.get("/v1/agents/agent_acme_support/revisions")).json()["items"][0]
     created = await stack.api.post(
         "/v1/agents",
         json={
-            "name": "Refunds",
+            "name": name,
             "revision": {
                 "knowledge_base": demo["knowledge_base"],
                 "tools": demo["tools"],
-                "policies": [{"tool": "issue_refund", "decision": "require_approval", **policy}],
+                **revision,
             },
         },
     )
     assert created.status_code == 201, created.text
     return created.json()["id"]  # type: ignore[no-any-return]
+
+
+async def agent_with_refund_policy(stack: Stack, **policy: Any) -> str:
+    """An agent like the demo one whose refund policy the test chooses."""
+    return await demo_like_agent(
+        stack,
+        "Refunds",
+        policies=[{"tool": "issue_refund", "decision": "require_approval", **policy}],
+    )
 
 
 # Handoff and hand-back -------------------------------------------------------------------------
