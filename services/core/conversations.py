@@ -46,7 +46,7 @@ from shared.models import (
     utcnow,
 )
 from shared.settings import CoreSettings
-from shared.store import Store
+from shared.store import Appended, Store
 from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.core")
@@ -245,14 +245,29 @@ class Conversations:
             channel=conv.channel,
             tool_calls=tool_calls,
         )
+        turn, _ = await self.append(conv, turn, allowed=allowed, key=key)
+        return turn
+
+    async def append(
+        self,
+        conv: Conversation,
+        turn: Turn,
+        *,
+        allowed: tuple[Status, ...],
+        key: str | None,
+        queue_if_inactive: bool = False,
+    ) -> tuple[Turn, Appended]:
+        """Append a turn (deduplicated by `key`) and record it (events, webhooks) the first time;
+        the turn comes back with its `seq`."""
         appended = await self.store.append_turn(
             turn,
             allowed=allowed,
             dedupe_key=key,
             dedupe_ttl=self.settings.dedupe_ttl_seconds,
+            queue_if_inactive=queue_if_inactive,
             usage_channel=usage_channel(conv, turn),
         )
         turn = msgspec.structs.replace(turn, seq=appended.seq)
         if not appended.duplicate:
             await self.outbox.record_turn(conv, turn)
-        return turn
+        return turn, appended

@@ -31,7 +31,6 @@ from services.core.agent.tools import policy_for
 from services.core.context import build_context
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from services.core.outbox import usage_channel
 from shared.envelopes import StreamDelta, ThreadHints
 from shared.events import AgentFailed, ApprovalRequested, VoiceTransferUnavailable
 from shared.ids import reply_key
@@ -240,16 +239,7 @@ async def answer(
         envelope_id=user_turn.envelope_id,
         channel=conv.channel,
     )
-    appended = await c.store.append_turn(
-        turn,
-        allowed=ACCEPTS_USER_TURNS,
-        dedupe_key=reply_key,
-        dedupe_ttl=c.settings.dedupe_ttl_seconds,
-        usage_channel=usage_channel(conv, turn),
-    )
-    turn = msgspec.structs.replace(turn, seq=appended.seq)
-    if not appended.duplicate:
-        await c.outbox.record_turn(conv, turn)
+    turn, appended = await c.append(conv, turn, allowed=ACCEPTS_USER_TURNS, key=reply_key)
     # The ownership re-check: the append saw the status atomically. A reply produced while a
     # handoff or an approval began is kept in the transcript but never sent.
     deliver = appended.status == "active"

@@ -5,12 +5,9 @@ before it, then answer it or tell the waiting request that it is queued.
 
 from __future__ import annotations
 
-import msgspec
-
 from services.core import handoffs, replies, routing
 from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
-from services.core.outbox import usage_channel
 from shared.envelopes import ChannelKeyword, InboundMessage, TurnReply
 from shared.errors import ConversationClosed, NotFound, Undeliverable
 from shared.events import EndUserHelpRequested, EndUserOptedIn, EndUserOptedOut
@@ -37,22 +34,15 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
         message_id=env.thread.message_id if env.channel == "email" and env.thread else None,
     )
     try:
-        appended = await c.store.append_turn(
-            user_turn,
-            allowed=ACCEPTS_USER_TURNS,
-            dedupe_key=env.id,
-            dedupe_ttl=c.settings.dedupe_ttl_seconds,
-            queue_if_inactive=True,
-            usage_channel=usage_channel(conv, user_turn),
+        user_turn, appended = await c.append(
+            conv, user_turn, allowed=ACCEPTS_USER_TURNS, key=env.id, queue_if_inactive=True
         )
     except ConversationClosed as exc:
         await c.outbox.reject(env, exc)
         return
-    user_turn = msgspec.structs.replace(user_turn, seq=appended.seq)
-    if not appended.duplicate:
-        await c.outbox.record_turn(conv, user_turn)
-        if env.original_text is not None:  # email: the turn is the new text; keep the whole
-            await c.store.put_original(conv.id, appended.seq, env.original_text)
+    if not appended.duplicate and env.original_text is not None:
+        # Email: the turn is the new text; keep the whole.
+        await c.store.put_original(conv.id, appended.seq, env.original_text)
     status = appended.status
     if status == "active" and not appended.duplicate and appended.pending:
         # Messages queued while a human or an approval had the conversation come first.
