@@ -9,14 +9,14 @@ from tests.agent_fakes import FakeServers
 from tests.conftest import Stack, eventually, make_key
 from tests.integration.test_email import mail, send
 from tests.integration.test_events_and_first_contact import hook, received, subscribe
-from tests.integration.test_runtimes import agents, fakes, http_revision
+from tests.integration.test_runtimes import agents, http_revision
 from tests.integration.test_sms import conversations, post_signed, sent_messages
 from tests.integration.test_streaming_webhooks_sessions import Receiver
 from tests.integration.test_voice import OUR_NUMBER as VOICE_NUMBER
 from tests.integration.test_voice import Call, spoken, voice_conversation
 from tests.twilio_forms import sms_form
 
-__all__ = ["agents", "fakes", "hook"]  # fixtures: the runtimes' bots, a webhook receiver
+__all__ = ["agents", "hook"]  # fixtures: the runtimes' agents, a webhook receiver (fakes: conftest)
 
 ALICE_PHONE = "+14155550123"
 
