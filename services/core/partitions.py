@@ -13,7 +13,10 @@ The delivery contract, per inbound partition (`gw.in.*.<p>`, durable consumer `c
   conversation overtakes it: while NATS or Valkey is down it is held without counting (the outage
   says nothing about the message); any other error counts as a delivery, retried with backoff,
   and after `max_deliver` deliveries it goes to DEAD with the reason and its conversation moves on.
-  An undecodable message or an unknown schema version goes to DEAD at once.
+  An undecodable message or an unknown schema version goes to DEAD at once. A message that goes
+  back to JetStream unapplied (nak'd as the lease runs out, or an ack/nak that failed so we cannot
+  tell) takes the rest of its conversation's queue back with it, so no later message of that
+  conversation is applied before it returns.
 - **Long calls are not redelivered.** Every message held longer than `ack_wait / 3` (running, or
   queued behind its conversation's running one) is sent `in_progress` every `ack_wait / 3`, in
   stream order, so JetStream keeps it with us however long the agent takes.
@@ -290,23 +293,39 @@ class PartitionConsumer:
                 held = queue[0]
                 held.started = True  # from here on it is finished, never nak'd by a wind-down
                 # Shielded: stopping waits for the message in hand to be finished and acked.
-                await asyncio.shield(self._apply_one(held))
+                settled = await asyncio.shield(self._apply_one(held))
                 queue.popleft()
                 self.held.pop(held.seq, None)
                 self._room.set()
+                if not settled:
+                    # It went back to JetStream unapplied (or we cannot tell): nothing of its
+                    # conversation may overtake it, so the rest of the queue goes back too.
+                    await self._release(queue)
         finally:
             if not queue:
                 self.queues.pop(key, None)
             self.workers.pop(key, None)
 
-    async def _apply_one(self, held: Held) -> None:
+    async def _release(self, queue: deque[Held]) -> None:
+        """Give back, in stream order, messages of a conversation whose earlier message went back
+        unapplied. They come back after it: to a take-over (which waits for every pending
+        message and sorts them) or, nak'd at once, behind its own redelivery's dedupe."""
+        while queue:
+            held = queue.popleft()
+            self.held.pop(held.seq, None)
+            with contextlib.suppress(Exception):
+                await held.msg.nak()
+        self._room.set()
+
+    async def _apply_one(self, held: Held) -> bool:
+        """True when the message is settled here (applied and acked, or dead-lettered)."""
         # The message's trace (from its headers) is current while it is applied and answered.
         with tracing.traced(f"apply {held.msg.subject}", held.msg.headers or {}):
-            await self._apply_one_traced(held)
+            return await self._apply_one_traced(held)
 
-    async def _apply_one_traced(self, held: Held) -> None:
+    async def _apply_one_traced(self, held: Held) -> bool:
         try:
-            await self._apply_until_settled(held)
+            return await self._apply_until_settled(held)
         except Exception as exc:
             # Acking, nak-ing or dead-lettering failed (NATS went away mid-step): not acked, so
             # it comes back; the store dedupes it by envelope id.
@@ -316,22 +335,23 @@ class PartitionConsumer:
                 exc,
                 extra={"partition": self.partition, "stream_seq": held.seq},
             )
+            return False
 
-    async def _apply_until_settled(self, held: Held) -> None:
+    async def _apply_until_settled(self, held: Held) -> bool:
         if held.env is None:
             await self._dead_letter(held, held.problem or "undeliverable")
-            return
+            return True
         pause = 0.1
         while True:
             try:
                 await self.apply(held.env)
             except Undeliverable as exc:
                 await self._dead_letter(held, exc.reason)
-                return
+                return True
             except TRANSIENT as exc:
                 if self._leaving():
                     await held.msg.nak()  # the next owner takes it, in order
-                    return
+                    return False
                 log.warning(
                     "dependency unavailable, holding the message: %s: %s",
                     type(exc).__name__,
@@ -344,7 +364,7 @@ class PartitionConsumer:
             except Exception as exc:
                 if held.attempt >= self.max_deliver:
                     await self._dead_letter(held, f"max_deliver: {type(exc).__name__}: {exc}")
-                    return
+                    return True
                 log.warning(
                     "apply failed, retrying in place",
                     exc_info=True,
@@ -352,12 +372,12 @@ class PartitionConsumer:
                 )
                 if self._leaving():
                     await held.msg.nak()
-                    return
+                    return False
                 await asyncio.sleep(short_backoff(held.attempt))
                 held.attempt += 1
                 continue
             await held.msg.ack()  # a lost ack means a redelivery, which the store dedupes
-            return
+            return True
 
     async def _dead_letter(self, held: Held, reason: str) -> None:
         await self.bus.dead_letter(held.msg.subject, held.msg.data, reason, held.attempt)
