@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import pytest
+from redis import exceptions as redis_errors
 
 from services.core.partitions import PartitionConsumer
 from shared.bus import Bus
@@ -226,3 +227,44 @@ async def test_replicas_split_the_partitions_and_take_over_a_silent_one(
         assert second.owned() == set()  # its own clock tells the silent one it owns nothing
     finally:
         await store.close()
+
+
+async def test_a_message_given_back_as_the_lease_runs_out_takes_its_conversation_with_it(
+    bus: Bus,
+) -> None:
+    """Valkey goes away and the lease runs out while message 1 is held: it is nak'd for the next
+    owner. Valkey is back at once, but message 2 of the same conversation must not be applied by
+    the old owner ahead of message 1's return (found as an out-of-order SMS thread in the
+    restart fault test)."""
+    applied: list[str] = []
+    lease = {"remaining": FOREVER}
+    valkey_down = asyncio.Event()
+    valkey_down.set()
+
+    async def apply(env: InboundEnvelope) -> None:
+        if text_of(env) == "1" and valkey_down.is_set():
+            lease["remaining"] = 0.0  # the renewal could not reach Valkey in time
+            valkey_down.clear()  # ... and Valkey is back right after this attempt
+            raise redis_errors.ConnectionError("valkey restarting")
+        applied.append(text_of(env))
+
+    old = PartitionConsumer(
+        bus,
+        0,
+        apply,
+        in_flight=16,
+        max_deliver=5,
+        ack_wait=5.0,
+        lease_remaining=lambda: lease["remaining"],
+        fetch_timeout=0.5,
+    )
+    for text in ("1", "2", "3"):
+        await send(bus, "conv_a", text)
+    await old.start()
+    await eventually(lambda: old.done, what="the old owner letting go")
+    assert applied == [], "the old owner applied a later message after giving message 1 back"
+    new = consumer(bus, apply)  # the next owner (or this replica once it has the lease again)
+    await new.start()
+    await eventually(lambda: len(applied) == 3, what="every message applied by the next owner")
+    assert applied == ["1", "2", "3"]
+    await new.stop(grace=5)
