@@ -16,7 +16,10 @@ The delivery contract, per inbound partition (`gw.in.*.<p>`, durable consumer `c
   An undecodable message or an unknown schema version goes to DEAD at once. A message that goes
   back to JetStream unapplied (nak'd as the lease runs out, or an ack/nak that failed so we cannot
   tell) takes the rest of its conversation's queue back with it, so no later message of that
-  conversation is applied before it returns.
+  conversation is applied before it returns. A delivery lost in flight (the connection or a NATS
+  node went away between the server sending it and us reading it) shows as a gap in the
+  consumer's delivery sequence: nothing more is applied until it is back (after its ack wait),
+  and then everything pending is queued in stream order, as in a take-over.
 - **Long calls are not redelivered.** Every message held longer than `ack_wait / 3` (running, or
   queued behind its conversation's running one) is sent `in_progress` every `ack_wait / 3`, in
   stream order, so JetStream keeps it with us however long the agent takes.
@@ -117,6 +120,7 @@ class PartitionConsumer:
         self._sub: JetStreamContext.PullSubscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._fetching: asyncio.Future[list[Msg]] | None = None
+        self._last_delivery: int | None = None  # the consumer's delivery sequence we last saw
 
     async def start(self) -> None:
         config = ConsumerConfig(
@@ -177,6 +181,16 @@ class PartitionConsumer:
                     break  # stop() cut an idle fetch short
                 finally:
                     self._fetching = None
+                if self._lost_a_delivery(msgs):
+                    # A delivery between the last one we saw and these never reached us (the
+                    # connection or a NATS node went away with it); it comes back after its ack
+                    # wait. Until it is in our hands nothing may be applied out of order.
+                    log.warning(
+                        "a delivery was lost in flight; waiting for it before applying more",
+                        extra={"partition": self.partition},
+                    )
+                    await self._take_over(first=msgs)
+                    continue
                 for msg in msgs:
                     held = self._hold(msg)
                     if held is not None:
@@ -222,9 +236,24 @@ class PartitionConsumer:
             await asyncio.sleep(0.5)
             return []
 
-    async def _take_over(self) -> None:
+    def _lost_a_delivery(self, msgs: list[Msg]) -> bool:
+        """True if the consumer delivered something between the last message we got and these
+        that we never got: its delivery sequence counts every delivery, ours and lost ones."""
+        lost = False
+        for msg in msgs:
+            delivered = msg.metadata.sequence.consumer
+            if self._last_delivery is not None and delivered > self._last_delivery + 1:
+                lost = True
+            self._last_delivery = max(self._last_delivery or 0, delivered)
+        return lost
+
+    async def _take_over(self, first: list[Msg] | None = None) -> None:
         """Hold back until every message pending on the consumer is ours, then queue in order."""
         stash: list[Held] = []
+        for msg in first or []:
+            held = self._hold(msg)
+            if held is not None:
+                stash.append(held)
         while self._may_fetch():
             try:
                 info = await self.bus.js.consumer_info(self.stream, self.durable)
@@ -233,9 +262,14 @@ class PartitionConsumer:
                 await asyncio.sleep(0.5)
                 continue
             if (info.num_ack_pending or 0) <= len(self.held):
+                # From here on, a gap in the delivery sequence is a delivery lost in flight.
+                delivered = info.delivered.consumer_seq if info.delivered else None
+                self._last_delivery = max(self._last_delivery or 0, delivered or 0)
                 break
             room = self.in_flight - len(self.held)
-            for msg in await self._fetch(max(room, 1), timeout=0.2):
+            fetched = await self._fetch(max(room, 1), timeout=0.2)
+            self._lost_a_delivery(fetched)  # keeps the delivery count current
+            for msg in fetched:
                 held = self._hold(msg)
                 if held is not None:
                     stash.append(held)

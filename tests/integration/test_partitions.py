@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 from redis import exceptions as redis_errors
 
 from services.core.partitions import PartitionConsumer
@@ -268,3 +269,40 @@ async def test_a_message_given_back_as_the_lease_runs_out_takes_its_conversation
     await eventually(lambda: len(applied) == 3, what="every message applied by the next owner")
     assert applied == ["1", "2", "3"]
     await new.stop(grace=5)
+
+
+async def test_a_delivery_lost_in_flight_is_waited_for_before_the_conversation_moves_on(
+    bus: Bus,
+) -> None:
+    """The server delivers message 1 but the connection (or a NATS node) loses it on the way:
+    JetStream redelivers it only after its ack wait. Messages 2 and 3 of the same conversation
+    arrive meanwhile and must wait for it (found as an out-of-order SMS thread when a node of a
+    three-node NATS cluster stopped under load)."""
+    applied: list[str] = []
+
+    async def apply(env: InboundEnvelope) -> None:
+        applied.append(text_of(env))
+
+    worker = consumer(bus, apply, ack_wait=1.0)
+    await worker.start()
+    assert worker._sub is not None
+    real_fetch = worker._sub.fetch
+    dropped: list[str] = []
+
+    async def lossy_fetch(batch: int = 1, timeout: float | None = 5) -> list[Msg]:
+        msgs = await real_fetch(batch, timeout=timeout)
+        if not dropped and msgs:
+            dropped.append(msgs[0].data.decode())  # delivered by the server, never read by us
+            return msgs[1:]
+        return msgs
+
+    worker._sub.fetch = lossy_fetch  # type: ignore[method-assign]
+    try:
+        await send(bus, "conv_a", "1")
+        await eventually(lambda: bool(dropped), what="message 1 lost in flight")
+        for text in ("2", "3"):
+            await send(bus, "conv_a", text)
+        await eventually(lambda: len(applied) >= 3, what=f"every message applied: {applied}")
+        assert applied == ["1", "2", "3"]
+    finally:
+        await worker.stop(grace=5)
