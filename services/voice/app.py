@@ -143,10 +143,6 @@ def create_app(settings: VoiceSettings) -> Litestar:
         if cid is None:
             return twiml(speech.sorry())
         key = hashlib.sha256(f"{form['CallSid']}|{turn or said}".encode()).hexdigest()[:32]
-        answered_before = await store.seen_seq(cid, reply_key(f"env_voice_{key}"))
-        earlier = await store.get_turn(cid, answered_before) if answered_before else None
-        if earlier is not None:  # Twilio retried a request we answered: say the same again
-            return twiml(await speak(earlier) or speech.reply("Is there anything else?"))
         env = InboundMessage(
             id=f"env_voice_{key}",
             text=said,
@@ -159,10 +155,19 @@ def create_app(settings: VoiceSettings) -> Litestar:
             reply = _reply.decode(msg.data)
             return reply if reply.envelope_id == env.id else None
 
+        # Listening before publishing: the reply cannot overtake us.
         async with bus.listen(subjects.reply(cid), ours) as replies:
-            await bus.publish(
+            ack = await bus.publish(
                 subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
             )
+            if ack.duplicate:
+                # Twilio retried a request JetStream already holds: if core answered it, say the
+                # same again (the answer is stored before its reply is published, and we listen
+                # since before that check); else the reply of the delivery in flight comes here.
+                answered = await store.seen_seq(cid, reply_key(env.id))
+                earlier = await store.get_turn(cid, answered) if answered else None
+                if earlier is not None:
+                    return twiml(await speak(earlier) or speech.reply("Is there anything else?"))
             try:
                 reply = await asyncio.wait_for(replies.get(), settings.voice_reply_budget_seconds)
             except TimeoutError:
