@@ -16,6 +16,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from tests.conftest import Stack, eventually
 from tests.integration.test_sms import post_signed, sent_messages, sms_form
+from tests.twilio_forms import ALICE
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -141,6 +142,7 @@ async def test_an_operator_takes_an_sms_conversation_and_approves_a_refund_in_th
     await expect(approval.get_by_test_id("approval-tool")).to_have_text("issue_refund")
     await expect(approval.get_by_test_id("approval-arguments")).to_contain_text('"12345"')
     await expect(approval).to_contain_text("left")
+    await expect(approval).to_contain_text(f"from {ALICE}")  # who asked, not an id
     await approval.get_by_test_id("approval-note").fill("customer is a regular")
     await approval.get_by_test_id("approve").click()
     await expect(ana.get_by_test_id("notice")).to_have_text("Approved: issue_refund.")

@@ -201,7 +201,10 @@ async function loadInbox() {
   const inbox = await attempt("load the inbox", () => api("GET", "/v1/inbox"));
   if (!inbox) return;
   state.inbox = inbox;
-  $("inbox-count").textContent = inbox.handoffs.filter((h) => h.handoff.status === "requested").length || "";
+  // The badge counts what waits for someone: unclaimed handoffs (the list also shows claimed ones).
+  const unclaimed = inbox.handoffs.filter((h) => h.handoff.status === "requested").length;
+  $("inbox-count").textContent = unclaimed || "";
+  $("inbox-count").title = unclaimed ? `${unclaimed} unclaimed` : "";
   $("approval-count").textContent = inbox.approvals.length || "";
   clear($("handoffs")).append(
     ...inbox.handoffs.map(({ handoff, user_address, last_message }) =>
@@ -239,13 +242,24 @@ async function loadInbox() {
 // Approvals --------------------------------------------------------------------------------------
 
 async function loadApprovals() {
-  const page = await attempt("load approvals", () => api("GET", "/v1/approvals?status=pending&limit=100"));
+  // The inbox names who asked (their number or address); an approval alone knows only its
+  // conversation.
+  const [page, inbox] = await Promise.all([
+    attempt("load approvals", () => api("GET", "/v1/approvals?status=pending&limit=100")),
+    attempt("load the inbox", () => api("GET", "/v1/inbox")),
+  ]);
   if (!page) return;
+  const askers = new Map(
+    (inbox ? inbox.approvals : []).map(({ approval, user_address, end_user_id }) =>
+      [approval.id, who(user_address, end_user_id)]),
+  );
   $("approval-count").textContent = page.items.length || "";
-  clear($("approval-list")).append(...page.items.map(approvalItem));
+  clear($("approval-list")).append(
+    ...page.items.map((approval) => approvalItem(approval, askers.get(approval.id) || approval.conversation_id)),
+  );
 }
 
-function approvalItem(approval) {
+function approvalItem(approval, asker) {
   const note = el("input", { type: "text", placeholder: "Note (optional)", "data-testid": "approval-note", maxlength: 2000 });
   const decide = (decision) => async (event) => {
     event.preventDefault();
@@ -267,7 +281,7 @@ function approvalItem(approval) {
     " ",
     el("span", { class: "meta", "data-until": approval.timeout_at }, timeLeft(approval.timeout_at)),
     el("pre", { "data-testid": "approval-arguments" }, JSON.stringify(approval.payload.arguments || {}, null, 2)),
-    el("p", { class: "meta" }, "from ", conversationLink(approval.conversation_id, approval.conversation_id),
+    el("p", { class: "meta" }, "from ", conversationLink(approval.conversation_id, asker),
       ` · needs ${approval.approver_role} · asked ${since(approval.created_at)} ago`),
     el(
       "form",
