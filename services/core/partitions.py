@@ -34,6 +34,11 @@ The delivery contract, per inbound partition (`gw.in.*.<p>`, durable consumer `c
 - **Stopping or handing a partition back.** No new fetch; messages not started are nak'd at once
   (the next owner gets them without waiting); messages being applied finish and are acked within
   the grace; then the lease is released.
+
+The fetch loop (fetching inside the lease, the delivery-sequence gap, take-over waiting, queuing
+what is pending in stream order) is `partition_fetch.PartitionFetch`; this module is what happens
+to a message once it is in our hands: its conversation's queue, applying, acking, retrying,
+dead-lettering, `in_progress`, and giving back what was not applied.
 """
 
 from __future__ import annotations
@@ -44,52 +49,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-import msgspec
-from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
+from services.core.partition_fetch import Held, PartitionFetch
 from shared import tracing
 from shared.bus import TRANSIENT, Bus, Undeliverable, short_backoff
-from shared.envelopes import SCHEMA_VERSION, InboundEnvelope
+from shared.envelopes import InboundEnvelope
 
 log = logging.getLogger("switchboard.core.partitions")
 
-_inbound = msgspec.json.Decoder(InboundEnvelope)
-
 Apply = Callable[[InboundEnvelope], Awaitable[None]]
-# A fetch ends at least this long before the lease could: time for its messages to arrive.
-FETCH_MARGIN = 0.25
 
 
-@dataclass(eq=False)
-class Held:
-    """One message in our hands, from delivery until it is acked, nak'd or dead-lettered."""
+class PartitionConsumer(PartitionFetch):
+    """One partition's messages, applied one at a time per conversation as `PartitionFetch`
+    hands them over; conversations proceed independently of each other."""
 
-    msg: Msg
-    seq: int  # stream sequence: the order JetStream stored it in
-    key: str
-    env: InboundEnvelope | None
-    problem: str | None  # why it cannot be applied (undecodable, unknown version)
-    attempt: int
-    touched: float  # monotonic: delivery or last in_progress
-    started: bool = False
-
-
-def _read(msg: Msg) -> tuple[InboundEnvelope | None, str | None]:
-    try:
-        env = _inbound.decode(msg.data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        return None, f"undecodable: {exc}"
-    if env.v > SCHEMA_VERSION:
-        return None, f"unknown_version: v={env.v}"
-    return env, None
-
-
-class PartitionConsumer:
     def __init__(
         self,
         bus: Bus,
@@ -102,204 +76,18 @@ class PartitionConsumer:
         lease_remaining: Callable[[], float],
         fetch_timeout: float = 1.0,
     ) -> None:
-        self.bus = bus
-        self.partition = partition
+        super().__init__(
+            bus,
+            partition,
+            in_flight=in_flight,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait,
+            lease_remaining=lease_remaining,
+            fetch_timeout=fetch_timeout,
+        )
         self.apply = apply
-        self.in_flight = in_flight
-        self.max_deliver = max_deliver
-        self.ack_wait = ack_wait
-        self.lease_remaining = lease_remaining
-        self.fetch_timeout = fetch_timeout
-        self.stream = bus.subjects.inbound_stream
-        self.durable = f"core-p{partition}"
-        self.held: dict[int, Held] = {}
         self.queues: dict[str, deque[Held]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
-        self.stopping = asyncio.Event()
-        self._room = asyncio.Event()
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._fetching: asyncio.Future[list[Msg]] | None = None
-        self._last_delivery: int | None = None  # the consumer's delivery sequence we last saw
-
-    async def start(self) -> None:
-        config = ConsumerConfig(
-            durable_name=self.durable,
-            filter_subject=self.bus.subjects.inbound_partition(self.partition),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self.ack_wait,
-            max_ack_pending=self.in_flight,
-            # The server's cap sits above ours so the last attempt is always ours to dead-letter.
-            max_deliver=self.max_deliver + 1,
-        )
-        await self.bus.js.add_consumer(self.stream, config)  # creates, or updates the limits
-        self._sub = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
-        self._task = asyncio.create_task(self._run(), name=f"core-partition:{self.partition}")
-
-    async def stop(self, grace: float) -> None:
-        """Stop fetching, nak what has not started, let what runs finish (up to `grace`)."""
-        self.stopping.set()
-        self._room.set()
-        if self._fetching is not None:
-            # Waiting in a fetch holds nothing; a message it was about to get stays pending on
-            # the consumer and comes back to the next owner after the ack wait.
-            self._fetching.cancel()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), grace)
-            except TimeoutError:
-                log.warning("partition %s did not finish in time; cancelling", self.partition)
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-
-    @property
-    def done(self) -> bool:
-        return self._task is not None and self._task.done()
-
-    # The fetch loop -----------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(), name=f"core-heartbeat:{self.partition}")
-        try:
-            await self._take_over()
-            while self._may_fetch():
-                room = self.in_flight - len(self.held)
-                if room <= 0:
-                    self._room.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._room.wait(), self.fetch_timeout)
-                    continue
-                self._fetching = asyncio.ensure_future(self._fetch(room))
-                try:
-                    msgs = await self._fetching
-                except asyncio.CancelledError:
-                    me = asyncio.current_task()
-                    if me is not None and me.cancelling():
-                        raise
-                    break  # stop() cut an idle fetch short
-                finally:
-                    self._fetching = None
-                if self._lost_a_delivery(msgs):
-                    # A delivery between the last one we saw and these never reached us (the
-                    # connection or a NATS node went away with it); it comes back after its ack
-                    # wait. Until it is in our hands nothing may be applied out of order.
-                    log.warning(
-                        "a delivery was lost in flight; waiting for it before applying more",
-                        extra={"partition": self.partition},
-                    )
-                    await self._take_over(first=msgs)
-                    continue
-                for msg in msgs:
-                    held = self._hold(msg)
-                    if held is not None:
-                        self._dispatch(held)
-        finally:
-            if not self.stopping.is_set():
-                log.warning(
-                    "partition lease ran out; letting go", extra={"partition": self.partition}
-                )
-            await self._wind_down()
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-            if self._sub is not None:
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
-
-    def _may_fetch(self) -> bool:
-        """Still ours: not stopping, and the lease has not run out (a renewal may be late)."""
-        return not self._leaving()
-
-    def _fetch_budget(self) -> float:
-        """How long the next fetch may wait: it must end (its messages in our hands) inside the
-        lease, with a margin for the messages' flight."""
-        budget = min(self.fetch_timeout, self.lease_remaining() - FETCH_MARGIN)
-        return budget if budget >= 0.05 else 0.0
-
-    def _leaving(self) -> bool:
-        return self.stopping.is_set() or self.lease_remaining() <= 0
-
-    async def _fetch(self, room: int, timeout: float | None = None) -> list[Msg]:
-        assert self._sub is not None
-        try:
-            budget = self._fetch_budget()
-            if budget <= 0:  # too close to the lease's end to fetch: wait for the renewal
-                await asyncio.sleep(0.05)
-                return []
-            return await self._sub.fetch(room, timeout=min(timeout or budget, budget))
-        except NatsTimeout:
-            return []
-        except Exception as exc:  # connection loss: the client reconnects by itself
-            log.warning("fetch failed: %s", exc, extra={"partition": self.partition})
-            await asyncio.sleep(0.5)
-            return []
-
-    def _lost_a_delivery(self, msgs: list[Msg]) -> bool:
-        """True if the consumer delivered something between the last message we got and these
-        that we never got: its delivery sequence counts every delivery, ours and lost ones."""
-        lost = False
-        for msg in msgs:
-            delivered = msg.metadata.sequence.consumer
-            if self._last_delivery is not None and delivered > self._last_delivery + 1:
-                lost = True
-            self._last_delivery = max(self._last_delivery or 0, delivered)
-        return lost
-
-    async def _take_over(self, first: list[Msg] | None = None) -> None:
-        """Hold back until every message pending on the consumer is ours, then queue in order."""
-        stash: list[Held] = []
-        for msg in first or []:
-            held = self._hold(msg)
-            if held is not None:
-                stash.append(held)
-        while self._may_fetch():
-            try:
-                info = await self.bus.js.consumer_info(self.stream, self.durable)
-            except Exception as exc:
-                log.warning("consumer info failed: %s", exc, extra={"partition": self.partition})
-                await asyncio.sleep(0.5)
-                continue
-            if (info.num_ack_pending or 0) <= len(self.held):
-                # From here on, a gap in the delivery sequence is a delivery lost in flight.
-                delivered = info.delivered.consumer_seq if info.delivered else None
-                self._last_delivery = max(self._last_delivery or 0, delivered or 0)
-                break
-            room = self.in_flight - len(self.held)
-            fetched = await self._fetch(max(room, 1), timeout=0.2)
-            self._lost_a_delivery(fetched)  # keeps the delivery count current
-            for msg in fetched:
-                held = self._hold(msg)
-                if held is not None:
-                    stash.append(held)
-        for held in sorted(stash, key=lambda h: h.seq):
-            self._dispatch(held)
-        if stash:
-            log.info(
-                "partition taken over with %d pending messages",
-                len(stash),
-                extra={"partition": self.partition},
-            )
-
-    def _hold(self, msg: Msg) -> Held | None:
-        seq = msg.metadata.sequence.stream
-        already = self.held.get(seq)
-        if already is not None:  # redelivered while we hold it: keep one, answer on the newest
-            already.msg = msg
-            return None
-        env, problem = _read(msg)
-        held = Held(
-            msg=msg,
-            seq=seq,
-            key=env.routing_key if env is not None else f"\0undeliverable:{seq}",
-            env=env,
-            problem=problem,
-            attempt=msg.metadata.num_delivered or 1,
-            touched=time.monotonic(),
-        )
-        self.held[seq] = held
-        return held
 
     def _dispatch(self, held: Held) -> None:
         queue = self.queues.setdefault(held.key, deque())

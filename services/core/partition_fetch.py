@@ -1,0 +1,294 @@
+"""The fetch loop of core's partition consumer: what it takes from JetStream, and in what order.
+
+Its share of the delivery contract (the whole contract is in `partitions`):
+
+- **One owner, inside the lease.** It pulls from the durable consumer `core-p<p>` only while
+  this replica holds the partition's lease, and every fetch ends (its messages in our hands) at
+  least `FETCH_MARGIN` before the lease could run out. Up to `in_flight` messages are in our
+  hands at once (the consumer's `max_ack_pending`); when they are, it waits for room.
+- **Take-over waits for everything pending.** Before anything is applied, every message still
+  pending on the consumer (the previous owner's unacked messages, redelivered when their ack
+  wait runs out or at once if it nak'd them) is fetched into our hands; then what we hold is
+  queued in stream order. So a conversation's message 2 is never applied before a message 1
+  that a crashed owner held but had not finished.
+- **A lost delivery holds the partition.** A delivery lost in flight (the connection or a NATS
+  node went away between the server sending it and us reading it) shows as a gap in the
+  consumer's delivery sequence: the loop goes back to take-over waiting until it is back (after
+  its ack wait), then queues everything pending in stream order.
+- **Redelivery of a message we hold is not a second message.** It is recognised by its stream
+  sequence; we keep one and answer on the newest delivery.
+
+What happens to a message once it is in our hands (the queue per conversation, acking, retries,
+dead letters, winding down) is the subclass's: `PartitionConsumer` in `partitions`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from shared.bus import Bus
+from shared.envelopes import SCHEMA_VERSION, InboundEnvelope
+
+log = logging.getLogger("switchboard.core.partitions")
+
+_inbound = msgspec.json.Decoder(InboundEnvelope)
+
+# A fetch ends at least this long before the lease could: time for its messages to arrive.
+FETCH_MARGIN = 0.25
+
+
+@dataclass(eq=False)
+class Held:
+    """One message in our hands, from delivery until it is acked, nak'd or dead-lettered."""
+
+    msg: Msg
+    seq: int  # stream sequence: the order JetStream stored it in
+    key: str
+    env: InboundEnvelope | None
+    problem: str | None  # why it cannot be applied (undecodable, unknown version)
+    attempt: int
+    touched: float  # monotonic: delivery or last in_progress
+    started: bool = False
+
+
+def _read(msg: Msg) -> tuple[InboundEnvelope | None, str | None]:
+    try:
+        env = _inbound.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return None, f"undecodable: {exc}"
+    if env.v > SCHEMA_VERSION:
+        return None, f"unknown_version: v={env.v}"
+    return env, None
+
+
+class PartitionFetch(abc.ABC):
+    """Pulls one partition's messages into `held` and hands each to `_dispatch` in order."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        partition: int,
+        *,
+        in_flight: int,
+        max_deliver: int,
+        ack_wait: float,
+        lease_remaining: Callable[[], float],
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.bus = bus
+        self.partition = partition
+        self.in_flight = in_flight
+        self.max_deliver = max_deliver
+        self.ack_wait = ack_wait
+        self.lease_remaining = lease_remaining
+        self.fetch_timeout = fetch_timeout
+        self.stream = bus.subjects.inbound_stream
+        self.durable = f"core-p{partition}"
+        self.held: dict[int, Held] = {}
+        self.stopping = asyncio.Event()
+        self._room = asyncio.Event()
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._fetching: asyncio.Future[list[Msg]] | None = None
+        self._last_delivery: int | None = None  # the consumer's delivery sequence we last saw
+
+    @abc.abstractmethod
+    def _dispatch(self, held: Held) -> None:
+        """Queue a message now in our hands behind its conversation's earlier ones."""
+
+    @abc.abstractmethod
+    async def _heartbeat(self) -> None:
+        """Runs as long as the fetch loop: keeps what we hold from being redelivered."""
+
+    @abc.abstractmethod
+    async def _wind_down(self) -> None:
+        """The fetch loop has ended: give back what has not started, finish what runs."""
+
+    async def start(self) -> None:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=self.bus.subjects.inbound_partition(self.partition),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait,
+            max_ack_pending=self.in_flight,
+            # The server's cap sits above ours so the last attempt is always ours to dead-letter.
+            max_deliver=self.max_deliver + 1,
+        )
+        await self.bus.js.add_consumer(self.stream, config)  # creates, or updates the limits
+        self._sub = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        self._task = asyncio.create_task(self._run(), name=f"core-partition:{self.partition}")
+
+    async def stop(self, grace: float) -> None:
+        """Stop fetching, nak what has not started, let what runs finish (up to `grace`)."""
+        self.stopping.set()
+        self._room.set()
+        if self._fetching is not None:
+            # Waiting in a fetch holds nothing; a message it was about to get stays pending on
+            # the consumer and comes back to the next owner after the ack wait.
+            self._fetching.cancel()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                log.warning("partition %s did not finish in time; cancelling", self.partition)
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def _run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"core-heartbeat:{self.partition}")
+        try:
+            await self._take_over()
+            while self._may_fetch():
+                room = self.in_flight - len(self.held)
+                if room <= 0:
+                    self._room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), self.fetch_timeout)
+                    continue
+                self._fetching = asyncio.ensure_future(self._fetch(room))
+                try:
+                    msgs = await self._fetching
+                except asyncio.CancelledError:
+                    me = asyncio.current_task()
+                    if me is not None and me.cancelling():
+                        raise
+                    break  # stop() cut an idle fetch short
+                finally:
+                    self._fetching = None
+                if self._lost_a_delivery(msgs):
+                    # A delivery between the last one we saw and these never reached us (the
+                    # connection or a NATS node went away with it); it comes back after its ack
+                    # wait. Until it is in our hands nothing may be applied out of order.
+                    log.warning(
+                        "a delivery was lost in flight; waiting for it before applying more",
+                        extra={"partition": self.partition},
+                    )
+                    await self._take_over(first=msgs)
+                    continue
+                for msg in msgs:
+                    held = self._hold(msg)
+                    if held is not None:
+                        self._dispatch(held)
+        finally:
+            if not self.stopping.is_set():
+                log.warning(
+                    "partition lease ran out; letting go", extra={"partition": self.partition}
+                )
+            await self._wind_down()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+
+    def _may_fetch(self) -> bool:
+        """Still ours: not stopping, and the lease has not run out (a renewal may be late)."""
+        return not self._leaving()
+
+    def _fetch_budget(self) -> float:
+        """How long the next fetch may wait: it must end (its messages in our hands) inside the
+        lease, with a margin for the messages' flight."""
+        budget = min(self.fetch_timeout, self.lease_remaining() - FETCH_MARGIN)
+        return budget if budget >= 0.05 else 0.0
+
+    def _leaving(self) -> bool:
+        return self.stopping.is_set() or self.lease_remaining() <= 0
+
+    async def _fetch(self, room: int, timeout: float | None = None) -> list[Msg]:
+        assert self._sub is not None
+        try:
+            budget = self._fetch_budget()
+            if budget <= 0:  # too close to the lease's end to fetch: wait for the renewal
+                await asyncio.sleep(0.05)
+                return []
+            return await self._sub.fetch(room, timeout=min(timeout or budget, budget))
+        except NatsTimeout:
+            return []
+        except Exception as exc:  # connection loss: the client reconnects by itself
+            log.warning("fetch failed: %s", exc, extra={"partition": self.partition})
+            await asyncio.sleep(0.5)
+            return []
+
+    def _lost_a_delivery(self, msgs: list[Msg]) -> bool:
+        """True if the consumer delivered something between the last message we got and these
+        that we never got: its delivery sequence counts every delivery, ours and lost ones."""
+        lost = False
+        for msg in msgs:
+            delivered = msg.metadata.sequence.consumer
+            if self._last_delivery is not None and delivered > self._last_delivery + 1:
+                lost = True
+            self._last_delivery = max(self._last_delivery or 0, delivered)
+        return lost
+
+    async def _take_over(self, first: list[Msg] | None = None) -> None:
+        """Hold back until every message pending on the consumer is ours, then queue in order."""
+        stash: list[Held] = []
+        for msg in first or []:
+            held = self._hold(msg)
+            if held is not None:
+                stash.append(held)
+        while self._may_fetch():
+            try:
+                info = await self.bus.js.consumer_info(self.stream, self.durable)
+            except Exception as exc:
+                log.warning("consumer info failed: %s", exc, extra={"partition": self.partition})
+                await asyncio.sleep(0.5)
+                continue
+            if (info.num_ack_pending or 0) <= len(self.held):
+                # From here on, a gap in the delivery sequence is a delivery lost in flight.
+                delivered = info.delivered.consumer_seq if info.delivered else None
+                self._last_delivery = max(self._last_delivery or 0, delivered or 0)
+                break
+            room = self.in_flight - len(self.held)
+            fetched = await self._fetch(max(room, 1), timeout=0.2)
+            self._lost_a_delivery(fetched)  # keeps the delivery count current
+            for msg in fetched:
+                held = self._hold(msg)
+                if held is not None:
+                    stash.append(held)
+        for held in sorted(stash, key=lambda h: h.seq):
+            self._dispatch(held)
+        if stash:
+            log.info(
+                "partition taken over with %d pending messages",
+                len(stash),
+                extra={"partition": self.partition},
+            )
+
+    def _hold(self, msg: Msg) -> Held | None:
+        seq = msg.metadata.sequence.stream
+        already = self.held.get(seq)
+        if already is not None:  # redelivered while we hold it: keep one, answer on the newest
+            already.msg = msg
+            return None
+        env, problem = _read(msg)
+        held = Held(
+            msg=msg,
+            seq=seq,
+            key=env.routing_key if env is not None else f"\0undeliverable:{seq}",
+            env=env,
+            problem=problem,
+            attempt=msg.metadata.num_delivered or 1,
+            touched=time.monotonic(),
+        )
+        self.held[seq] = held
+        return held
