@@ -57,7 +57,7 @@ def trace_requests(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         parent = next((v.decode() for k, v in scope["headers"] if k == b"traceparent"), None)
-        with tracing.traced(f"{scope.get('method', 'HTTP')} {scope['path']}", parent):
+        with tracing.traced(f"{scope.get('method', 'HTTP')} {scope['path']}", parent, "server"):
             await app(scope, receive, send)
 
     return middleware

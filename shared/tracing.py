@@ -6,8 +6,10 @@ current, and a consumer makes the message's trace current while its handler runs
 made meanwhile carries `trace_id`, so one query by trace id shows an SMS from the webhook to the
 Twilio send. https://www.w3.org/TR/trace-context/#traceparent-header
 
-With `OTEL_EXPORTER_OTLP_ENDPOINT` set (and opentelemetry-sdk with its OTLP exporter installed),
-each ingress request and each consumed message is also exported as a span of that trace.
+With `OTEL_EXPORTER_OTLP_ENDPOINT` set, each ingress request and each consumed message is also
+exported over OTLP/HTTP as a span of that trace, the child of the span whose `traceparent` it
+carried, under `service.name` `switchboard-<service>`; a span never becomes the child of one that
+merely happens to be current, so the exported traces are the ones in the logs.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
-import importlib
 import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 HEADER = "traceparent"
 _FORMAT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -74,14 +78,23 @@ def headers() -> dict[str, str]:
     return {HEADER: trace.traceparent} if trace else {}
 
 
+# What an exported span is to its trace: an ingress request served, a message consumed, …
+SpanKind = Literal["server", "consumer", "internal"]
+
+
 @contextlib.contextmanager
-def traced(name: str, parent: str | Mapping[str, str] | None = None) -> Iterator[TraceContext]:
+def traced(
+    name: str, parent: str | Mapping[str, str] | None = None, kind: SpanKind | None = None
+) -> Iterator[TraceContext]:
     """Make a trace current for the block: the parent's (a `traceparent` or headers holding one)
-    continued with a new span, or a new trace when there is none or it is invalid."""
+    continued with a new span, or a new trace when there is none or it is invalid. The span is a
+    `consumer` one for a message's headers, `internal` otherwise, unless `kind` says."""
+    if kind is None:
+        kind = "internal" if parent is None or isinstance(parent, str) else "consumer"
     if parent is not None and not isinstance(parent, str):
         parent = parent.get(HEADER) or parent.get(HEADER.title())
     upstream = parse(parent)
-    with _export_span(name, upstream) as exported:
+    with _export_span(name, upstream, kind) as exported:
         if exported is not None:
             trace = exported
         elif upstream is not None:
@@ -119,7 +132,7 @@ install_log_records()
 
 # Optional OpenTelemetry export ------------------------------------------------------------------
 
-_tracer: Any = None
+_tracer: Tracer | None = None
 _otel_checked = False
 _service_name = "switchboard"
 
@@ -130,48 +143,58 @@ def set_service(name: str) -> None:
     _service_name = f"switchboard-{name}"
 
 
-def _otel_tracer() -> Any:
-    """The OTLP-exporting tracer, built on first use when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+def _otel_tracer() -> Tracer | None:
+    """The OTLP-exporting tracer, built on first use when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+
+    The exporter reads the standard variables itself (OTEL_EXPORTER_OTLP_HEADERS, …_TIMEOUT,
+    …_COMPRESSION; OTEL_BSP_SCHEDULE_DELAY for how long spans wait to be sent in a batch)."""
     global _tracer, _otel_checked
     if _otel_checked:
         return _tracer
     _otel_checked = True
     if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return None
-    try:  # imported only now: without the variable, nothing of OpenTelemetry is loaded
-        exporter = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-        resources = importlib.import_module("opentelemetry.sdk.resources")
-        sdk = importlib.import_module("opentelemetry.sdk.trace")
-        export = importlib.import_module("opentelemetry.sdk.trace.export")
-    except ImportError:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-sdk is not installed")
-        return None
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None  # the SDK's own off switch: its spans would carry no ids at all
+    # Imported only now: without the variable, nothing of OpenTelemetry is loaded.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     service = os.environ.get("OTEL_SERVICE_NAME", _service_name)
-    provider = sdk.TracerProvider(resource=resources.Resource.create({"service.name": service}))
-    provider.add_span_processor(export.BatchSpanProcessor(exporter.OTLPSpanExporter()))
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     atexit.register(provider.shutdown)  # spans still batched go out when the process ends
     _tracer = provider.get_tracer("switchboard")
     return _tracer
 
 
 @contextlib.contextmanager
-def _export_span(name: str, upstream: TraceContext | None) -> Iterator[TraceContext | None]:
+def _export_span(
+    name: str, upstream: TraceContext | None, kind: SpanKind
+) -> Iterator[TraceContext | None]:
     """An exported span for the block when OpenTelemetry is on; yields its context (or None)."""
     tracer = _otel_tracer()
     if tracer is None:
         yield None
         return
-    otel = importlib.import_module("opentelemetry.trace")
+    from opentelemetry import trace as otel
+    from opentelemetry.context import Context
 
-    context = None
-    if upstream is not None:  # the upstream process's span is this span's parent
+    # The upstream process's span is this span's parent; without one the span starts a new
+    # trace, as it does without OpenTelemetry (never a child of whatever span is current).
+    context = Context()
+    if upstream is not None:
         parent = otel.SpanContext(
             int(upstream.trace_id, 16),
             int(upstream.span_id, 16),
             is_remote=True,
             trace_flags=otel.TraceFlags(int(upstream.flags, 16)),
         )
-        context = otel.set_span_in_context(otel.NonRecordingSpan(parent))
-    with tracer.start_as_current_span(name, context=context) as span:
+        context = otel.set_span_in_context(otel.NonRecordingSpan(parent), context)
+    with tracer.start_as_current_span(
+        name, context=context, kind=otel.SpanKind[kind.upper()]
+    ) as span:
         ids = span.get_span_context()  # a new trace's id is the one OpenTelemetry chose
         yield TraceContext(f"{ids.trace_id:032x}", f"{ids.span_id:016x}", f"{ids.trace_flags:02x}")

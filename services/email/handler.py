@@ -74,7 +74,8 @@ class InboundMail:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        with tracing.traced("smtp DATA"):  # one trace per message, from here to the reply
+        # One trace per message, from here to the reply.
+        with tracing.traced("smtp DATA", kind="server"):
             return await self.accept(envelope)
 
     async def accept(self, envelope: Envelope) -> str:

@@ -179,7 +179,7 @@ class BusConnection:
         self, subject: str, queue: str, handler: Callable[[Msg], Awaitable[None]]
     ) -> None:
         async def traced_handler(msg: Msg) -> None:
-            with tracing.traced(f"serve {msg.subject}", msg.headers or {}):
+            with tracing.traced(f"serve {msg.subject}", msg.headers or {}, "server"):
                 await handler(msg)
 
         await self.nc.subscribe(subject, queue=queue, cb=traced_handler)

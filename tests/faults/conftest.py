@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,9 +108,16 @@ class Fleet:
 
 @contextlib.asynccontextmanager
 async def launch_fleet(
-    nats_url: str, redis_url: str, namespace: str, logs: Path, **settings: str
+    nats_url: str,
+    redis_url: str,
+    namespace: str,
+    logs: Path,
+    only: tuple[str, ...] = SERVICES,
+    extra_env: Mapping[str, str] | None = None,
+    **settings: str,
 ) -> AsyncIterator[Fleet]:
-    """Start every service (core first: it creates the streams and seeds the demo agent)."""
+    """Start every service, or `only` those (core first: it creates the streams and seeds the
+    demo agent); `extra_env` adds variables as they are, `settings` as SWITCHBOARD_ ones."""
     from services.twilio_fake.app import build, serve
 
     fake = build({TWILIO_SID: TWILIO_TOKEN})
@@ -133,14 +140,16 @@ async def launch_fleet(
         "SWITCHBOARD_LOG_FORMAT": "text",
         **{f"SWITCHBOARD_{name}_PORT": str(port) for name, port in ports.items()},
         **{f"SWITCHBOARD_{k.upper()}": v for k, v in settings.items()},
+        **(extra_env or {}),
     }
     fleet = Fleet(env, ports, logs, fake=fake, relay=relay)
     try:
         fleet.start("core")
         await fleet.ready("core")
-        for name in SERVICES[1:]:
+        others = [name for name in only if name != "core"]
+        for name in others:
             fleet.start(name)
-        await asyncio.gather(*(fleet.ready(name) for name in SERVICES[1:]))
+        await asyncio.gather(*(fleet.ready(name) for name in others))
         yield fleet
     finally:
         fleet.stop_all()
