@@ -11,7 +11,6 @@ from typing import Any
 import msgspec
 from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from nats.aio.msg import Msg
 
@@ -22,6 +21,7 @@ from services.api.openapi import complete_document, openapi_config, swagger_asse
 from services.api.routes.admin import AgentController, IdentityController, KeyController
 from services.api.routes.conversations import ConversationController
 from services.api.routes.dead_letters import DeadLetterController
+from services.api.routes.dependencies import APP_DEPENDENCIES
 from services.api.routes.handoffs import EventStreamController, HandoffController, InboxController
 from services.api.routes.operators import ApprovalController, OperatorController
 from services.api.routes.platform import SimulationController, WebhookController
@@ -165,9 +165,6 @@ def create_app(settings: ApiSettings) -> Litestar:
             finally:
                 await revocations.unsubscribe()
 
-    def provide_gateway(state: State) -> Gateway:
-        return state.gateway  # type: ignore[no-any-return]
-
     app = Litestar(
         route_handlers=[
             ConversationController,
@@ -190,7 +187,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         lifespan=[lifespan],
         middleware=[trace_requests],
         guards=[require_scope],
-        dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
+        dependencies=APP_DEPENDENCIES,
         state=State({"gateway": gateway, "keyring": keyring, "metrics": metrics}),
         exception_handlers={
             SwitchboardError: on_domain_error,

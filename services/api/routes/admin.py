@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, delete, get, post
 from litestar.params import Parameter
 
 from services.api.auth import KeyRing, sees_only_its_own
@@ -30,6 +30,7 @@ from shared.identity import kind_for_channel, make_identifier, normalize_phone
 from shared.ids import new_id
 from shared.models import (
     Agent,
+    ApiKey,
     EndUser,
     HttpRuntimeConfig,
     OpenAIRuntimeConfig,
@@ -51,9 +52,7 @@ class IdentityController(Controller):
         return ResolvedIdentity(end_user_id=user_id, created=created)
 
     @post("/identity/link", status_code=200, opt={"scope": "operator", "errors": (404, 409)})
-    async def link(
-        self, data: LinkIdentity, gateway: Gateway, request: Request[Any, Any, Any]
-    ) -> EndUser:
+    async def link(self, data: LinkIdentity, gateway: Gateway, caller: ApiKey) -> EndUser:
         """Link an identity to an existing end user, so the same person is known on that channel
         too (audited as `end_user.identity_linked`). An identifier that already belongs to another
         end user is 409 `identity_conflict` naming both, never a merge; linking twice is a no-op."""
@@ -64,18 +63,15 @@ class IdentityController(Controller):
                 end_user_id=user.id, identity=IdentityRef(kind=ident.kind, value=ident.normalized)
             ),
             f"{user.id}|{ident.kind}|{ident.normalized}",
-            request.state.api_key.id,
+            caller.id,
         )
         return user
 
     @get("/end-users/{end_user_id:str}")
-    async def end_user(
-        self, end_user_id: str, gateway: Gateway, request: Request[Any, Any, Any]
-    ) -> EndUser:
+    async def end_user(self, end_user_id: str, gateway: Gateway, caller: ApiKey) -> EndUser:
         """A client key with `own` visibility sees only end users it opened a conversation with."""
-        key = request.state.api_key
-        if sees_only_its_own(key) and not await gateway.store.key_opened_conversation_with(
-            key.id, end_user_id
+        if sees_only_its_own(caller) and not await gateway.store.key_opened_conversation_with(
+            caller.id, end_user_id
         ):
             raise NotFound(
                 f"end user {end_user_id} not found", details={"end_user_id": end_user_id}
@@ -84,14 +80,14 @@ class IdentityController(Controller):
 
     @delete("/end-users/{end_user_id:str}", status_code=200, opt={"scope": "admin"})
     async def erase_end_user(
-        self, end_user_id: str, gateway: Gateway, request: Request[Any, Any, Any]
+        self, end_user_id: str, gateway: Gateway, caller: ApiKey
     ) -> ErasedEndUser:
         """Erase the end user: their conversations (turns, originals, delivery records and
         addresses), identities and record, in Valkey and in the messages JetStream still holds.
         What remains is an `end_user.erased` event with these counts."""
         result = await gateway.run(
             "erase_end_user",
-            EraseEndUser(end_user_id=end_user_id, actor=request.state.api_key.id),
+            EraseEndUser(end_user_id=end_user_id, actor=caller.id),
             timeout=gateway.settings.erasure_timeout_seconds,
         )
         return ErasedEndUser(end_user_id=end_user_id, **result.counts)
@@ -230,10 +226,7 @@ class KeyController(Controller):
     tags = ["api-keys"]
 
     @post("/api-keys", status_code=201)
-    async def create_key(
-        self, data: CreateApiKey, request: Request[Any, Any, Any]
-    ) -> CreatedApiKey:
-        keyring: KeyRing = request.app.state.keyring
+    async def create_key(self, data: CreateApiKey, keyring: KeyRing) -> CreatedApiKey:
         if data.expires_at is not None and data.expires_at <= utcnow():
             raise InvalidRequest(
                 "expires_at must be in the future",
@@ -283,22 +276,18 @@ class KeyController(Controller):
         )
 
     @delete("/api-keys/{key_id:str}", status_code=204)
-    async def revoke_key(
-        self, key_id: str, gateway: Gateway, request: Request[Any, Any, Any]
-    ) -> None:
+    async def revoke_key(self, key_id: str, gateway: Gateway, keyring: KeyRing) -> None:
         """Revoke a key: from now on it answers 401 `key_revoked`, on every API replica."""
         await gateway.store.revoke_api_key(key_id)
-        keyring: KeyRing = request.app.state.keyring
         keyring.forget(key_id)
         await gateway.bus.publish_core(gateway.subjects.key_revoked, key_id.encode())
 
     @get("/whoami", opt={"scope": "client"})
-    async def whoami(self, request: Request[Any, Any, Any]) -> WhoAmI:
-        key = request.state.api_key
+    async def whoami(self, caller: ApiKey) -> WhoAmI:
         return WhoAmI(
-            id=key.id,
-            name=key.name,
-            scopes=list(key.scopes),
-            visibility=key.visibility,
-            display_name=key.display_name,
+            id=caller.id,
+            name=caller.name,
+            scopes=list(caller.scopes),
+            visibility=caller.visibility,
+            display_name=caller.display_name,
         )

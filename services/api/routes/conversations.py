@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import HeaderParameter, Parameter
+from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from services.api.auth import sees_only_its_own
 from services.api.gateway import Gateway
+from services.api.routes.dependencies import (
+    TURN_CONVERSATION,
+    VISIBLE_CONVERSATION,
+    IdempotencyKey,
+    Limit,
+)
 from services.api.schemas import (
     CloseRequest,
     CreateConversation,
@@ -26,7 +32,6 @@ from shared.envelopes import CloseConversation, Event, OpenConversation, StreamD
 from shared.errors import (
     AddressRequired,
     InvalidRequest,
-    NotFound,
     SwitchboardError,
     error_body_of,
     error_from_code,
@@ -44,17 +49,6 @@ from shared.models import (
     Turn,
 )
 
-Limit = Annotated[int, Parameter(ge=1, le=100)]
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(
-        name="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="A retry with the same key and body is the same request, answered once; the "
-        "same key with another body is 422 `idempotency_key_reused` (kept for 24 h).",
-    ),
-]
 _enc = msgspec.json.Encoder()
 REACHED_BY: dict[str, IdentifierKind] = {"sms": "phone", "email": "email"}
 
@@ -63,24 +57,24 @@ class ConversationController(Controller):
     path = "/v1/conversations"
     opt = {"scope": "client"}
     tags = ["conversations"]
+    dependencies = VISIBLE_CONVERSATION
 
     @post("/", status_code=201, opt={"errors": (404, 409)})
     async def create(
         self,
         data: CreateConversation,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
+        caller: ApiKey,
         idempotency_key: IdempotencyKey = None,
     ) -> Conversation:
-        key_id = request.state.api_key.id
         if idempotency_key is None:
-            return await _create_conversation(data, gateway, key_id)
-        scope, body = f"conversations:{key_id}", _enc.encode(data)
+            return await _create_conversation(data, gateway, caller.id)
+        scope, body = f"conversations:{caller.id}", _enc.encode(data)
         earlier = await gateway.store.claim_idempotency_key(scope, idempotency_key, body)
         if earlier is not None:  # a retry: the conversation the first request opened
             return await gateway.store.get_conversation(earlier)
         try:
-            conv = await _create_conversation(data, gateway, key_id)
+            conv = await _create_conversation(data, gateway, caller.id)
         except BaseException:
             await gateway.store.release_idempotency_key(scope, idempotency_key)
             raise
@@ -91,7 +85,7 @@ class ConversationController(Controller):
     async def list_conversations(
         self,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
+        caller: ApiKey,
         channel: Channel | None = None,
         status: Status | None = None,
         session_type: SessionType | None = None,
@@ -109,42 +103,37 @@ class ConversationController(Controller):
             }.items()
             if v
         }
-        key = request.state.api_key
         page = await gateway.store.list_conversations(
             cursor=cursor,
             limit=limit,
             filters=filters,
-            created_by=key.id if sees_only_its_own(key) else None,
+            created_by=caller.id if sees_only_its_own(caller) else None,
         )
         return ItemList(items=page.items, next_cursor=page.next_cursor)
 
     @get("/{conversation_id:str}")
-    async def get_conversation(
-        self, conversation_id: str, gateway: Gateway, request: Request[Any, Any, Any]
-    ) -> Conversation:
-        return await visible_conversation(gateway, conversation_id, request)
+    async def get_conversation(self, conversation: Conversation) -> Conversation:
+        return conversation
 
     @post("/{conversation_id:str}/close", status_code=200, opt={"errors": (409,)})
     async def close(
         self,
-        conversation_id: str,
+        conversation: Conversation,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
+        caller: ApiKey,
         data: CloseRequest | None = None,
     ) -> Conversation:
         reason = data.reason if data else "closed_by_client"
-        await visible_conversation(gateway, conversation_id, request)
         return await gateway.command(
             "close_conversation",
-            CloseConversation(
-                conversation_id=conversation_id, reason=reason, actor=request.state.api_key.id
-            ),
+            CloseConversation(conversation_id=conversation.id, reason=reason, actor=caller.id),
         )
 
     @post(
         "/{conversation_id:str}/turns",
         status_code=200,
         opt={"limits_with_conversation": True, "errors": (409, 504)},
+        dependencies=TURN_CONVERSATION,
         responses={
             202: ResponseSpec(
                 data_container=QueuedTurn,
@@ -154,15 +143,13 @@ class ConversationController(Controller):
     )
     async def post_turn(
         self,
-        conversation_id: str,
+        conversation: Conversation,
         data: PostTurn,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[TurnResult | QueuedTurn]:
-        conv = await _open_conversation(gateway, conversation_id, request, data, idempotency_key)
         reply = await gateway.post_turn(
-            conv,
+            conversation,
             data.user_message,
             idempotency_key=idempotency_key,
             metadata=data.metadata,
@@ -174,6 +161,7 @@ class ConversationController(Controller):
         "/{conversation_id:str}/turns/stream",
         status_code=200,
         opt={"limits_with_conversation": True, "errors": (409,)},
+        dependencies=TURN_CONVERSATION,
         responses={
             200: ResponseSpec(
                 data_container=str,
@@ -186,17 +174,15 @@ class ConversationController(Controller):
     )
     async def stream_turn(
         self,
-        conversation_id: str,
+        conversation: Conversation,
         data: PostTurn,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
         idempotency_key: IdempotencyKey = None,
     ) -> ServerSentEvent:
         """Server-sent events: `delta` frames with pieces of the reply, then `complete` with the
         same body as the sync endpoint (or the queued body), or `error` with the error shape."""
-        conv = await _open_conversation(gateway, conversation_id, request, data, idempotency_key)
         feed = gateway.turn_feed(
-            conv,
+            conversation,
             data.user_message,
             stream=True,
             metadata=data.metadata,
@@ -222,18 +208,16 @@ class ConversationController(Controller):
     @get("/{conversation_id:str}/messages")
     async def messages(
         self,
-        conversation_id: str,
+        conversation: Conversation,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
         since_seq: Annotated[int, Parameter(ge=0)] = 0,
         limit: Limit = 100,
     ) -> Messages:
         """Polling: the status and every message after `since_seq`. `next_seq` never rewinds."""
-        conv = await visible_conversation(gateway, conversation_id, request)
-        turns = await gateway.store.turns_after(conv.id, since_seq, limit)
+        turns = await gateway.store.turns_after(conversation.id, since_seq, limit)
         return Messages(
-            conversation_id=conv.id,
-            session_status=conv.status,
+            conversation_id=conversation.id,
+            session_status=conversation.status,
             messages=turns,
             next_seq=turns[-1].seq if turns else since_seq,
         )
@@ -241,41 +225,34 @@ class ConversationController(Controller):
     @get("/{conversation_id:str}/events")
     async def events(
         self,
-        conversation_id: str,
+        conversation: Conversation,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
         cursor: str | None = None,
         limit: Limit = 100,
     ) -> ItemList[Event]:
         """The audit trail: every state change, with who, what and when."""
-        conv = await visible_conversation(gateway, conversation_id, request)
         offset = int(cursor) if cursor and cursor.isdigit() else 0
-        items = await gateway.store.list_events(conv.id, offset, limit + 1)
+        items = await gateway.store.list_events(conversation.id, offset, limit + 1)
         more = len(items) > limit
         return ItemList(items=items[:limit], next_cursor=str(offset + limit) if more else None)
 
     @get("/{conversation_id:str}/turns")
     async def list_turns(
         self,
-        conversation_id: str,
+        conversation: Conversation,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
         cursor: Annotated[int, Parameter(ge=0)] = 0,
         limit: Limit = 50,
     ) -> ItemList[Turn]:
         """The transcript in seq order; `cursor` is the last seq already seen."""
-        conv = await visible_conversation(gateway, conversation_id, request)
-        turns = await gateway.store.turns_after(conv.id, cursor, limit)
-        more = bool(turns) and turns[-1].seq < conv.last_seq
+        turns = await gateway.store.turns_after(conversation.id, cursor, limit)
+        more = bool(turns) and turns[-1].seq < conversation.last_seq
         return ItemList(items=turns, next_cursor=str(turns[-1].seq) if more else None)
 
     @get("/{conversation_id:str}/deliveries")
-    async def deliveries(
-        self, conversation_id: str, gateway: Gateway, request: Request[Any, Any, Any]
-    ) -> ItemList[Delivery]:
+    async def deliveries(self, conversation: Conversation, gateway: Gateway) -> ItemList[Delivery]:
         """How each outbound message fared with its provider: status, provider ids, errors."""
-        conv = await visible_conversation(gateway, conversation_id, request)
-        return ItemList(items=await gateway.store.list_deliveries(conv.id))
+        return ItemList(items=await gateway.store.list_deliveries(conversation.id))
 
 
 async def _create_conversation(
@@ -350,39 +327,3 @@ def _turn_body(reply: TurnReply, include_evidence: bool) -> tuple[TurnResult | Q
 
 def _json(value: object) -> str:
     return msgspec.json.encode(value).decode()
-
-
-async def _open_conversation(
-    gateway: Gateway,
-    conversation_id: str,
-    request: Request[Any, Any, Any],
-    data: PostTurn,
-    idempotency_key: str | None,
-) -> Conversation:
-    """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when the key
-    or the conversation's end user is over its limit, 422 when `idempotency_key` came before with
-    another body (the same body is a retry: the envelope id derived from the key replays it)."""
-    key = request.state.api_key
-    conv = await gateway.conversation_for_turn(conversation_id, key.id)
-    _check_visible(key, conv)
-    if conv.status == "closed":
-        raise error_from_code("conversation_closed", "conversation is closed", {"status": "closed"})
-    if idempotency_key is not None:
-        await gateway.store.remember_idempotency_key(
-            f"turns:{conv.id}", idempotency_key, _enc.encode(data)
-        )
-    return conv
-
-
-async def visible_conversation(
-    gateway: Gateway, conversation_id: str, request: Request[Any, Any, Any]
-) -> Conversation:
-    """The conversation, if the calling key may see it (404 otherwise, as if it did not exist)."""
-    conv = await gateway.store.get_conversation(conversation_id)
-    _check_visible(request.state.api_key, conv)
-    return conv
-
-
-def _check_visible(key: ApiKey, conv: Conversation) -> None:
-    if sees_only_its_own(key) and conv.created_by != key.id:
-        raise NotFound(f"conversation {conv.id} not found", details={"conversation_id": conv.id})

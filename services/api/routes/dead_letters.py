@@ -8,12 +8,10 @@ had in fact been applied from doubling a turn or a reply.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from litestar import Controller, get, post
-from litestar.params import Parameter
 
 from services.api.gateway import Gateway
+from services.api.routes.dependencies import Limit
 from services.api.schemas import (
     DeadLetterReplayed,
     DeadLettersReplayed,
@@ -22,8 +20,6 @@ from services.api.schemas import (
 )
 from shared.bus import DeadLetterEntry
 from shared.errors import Conflict, InvalidRequest, NotFound
-
-Limit = Annotated[int, Parameter(ge=1, le=100)]
 
 
 def _view(entry: DeadLetterEntry) -> DeadLetterView:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, get, post
-from litestar.params import Parameter
+from litestar import Controller, get, post
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.aio.msg import Msg
 
 from services.api.auth import allows
 from services.api.gateway import Gateway
+from services.api.routes.dependencies import Limit
 from services.api.schemas import (
     ClaimRequest,
     Inbox,
@@ -24,9 +23,8 @@ from services.api.schemas import (
 )
 from shared.envelopes import ClaimHandoff, Event
 from shared.errors import Forbidden, Unavailable
-from shared.models import Conversation, Handoff, HandoffStatus, Turn
+from shared.models import ApiKey, Conversation, Handoff, HandoffStatus, Turn
 
-Limit = Annotated[int, Parameter(ge=1, le=100)]
 # Event types an operator's screen cares about; everything else stays off the wire.
 CONSOLE_EVENTS = ("handoff.", "approval.", "conversation.status_changed", "turn.created")
 KEEPALIVE_SECONDS = 15.0
@@ -62,21 +60,20 @@ class HandoffController(Controller):
         self,
         handoff_id: str,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
+        caller: ApiKey,
         data: ClaimRequest | None = None,
     ) -> Handoff:
         """Assign the handoff to the calling operator. Someone else's claim is 409 naming the
         holder; an admin may take it over with `{"reassign": true}`."""
-        key = request.state.api_key
         force = bool(data and data.reassign)
-        if force and not allows(key, "admin"):
+        if force and not allows(caller, "admin"):
             raise Forbidden("only an admin may reassign a handoff", details={"needed": "admin"})
         result = await gateway.run(
             "claim_handoff",
             ClaimHandoff(
                 handoff_id=handoff_id,
-                operator_id=key.id,
-                operator_name=key.operator_name,
+                operator_id=caller.id,
+                operator_name=caller.operator_name,
                 force=force,
             ),
         )

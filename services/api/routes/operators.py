@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from litestar import Controller, Request, get, post
-from litestar.params import Parameter
+from litestar import Controller, get, post
 
 from services.api.auth import allows
 from services.api.gateway import Gateway
+from services.api.routes.dependencies import Limit
 from services.api.schemas import HandoffRequest, HumanTurnRequest, ItemList, ResolveApprovalRequest
 from shared.envelopes import HumanTurn, ResolveApproval, StartHandoff
 from shared.errors import Forbidden, NotFound
-from shared.models import Approval, Conversation
-
-Limit = Annotated[int, Parameter(ge=1, le=100)]
+from shared.models import ApiKey, Approval, Conversation
 
 
 class OperatorController(Controller):
@@ -27,7 +25,7 @@ class OperatorController(Controller):
         self,
         conversation_id: str,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
+        caller: ApiKey,
         data: HandoffRequest | None = None,
     ) -> Conversation:
         """An operator takes over: `active` → `waiting_for_human`; the AI stops answering."""
@@ -37,8 +35,8 @@ class OperatorController(Controller):
             StartHandoff(
                 conversation_id=conversation_id,
                 reason=reason,
-                actor=request.state.api_key.id,
-                actor_name=request.state.api_key.operator_name,
+                actor=caller.id,
+                actor_name=caller.operator_name,
             ),
         )
 
@@ -48,7 +46,7 @@ class OperatorController(Controller):
         conversation_id: str,
         data: HumanTurnRequest,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
+        caller: ApiKey,
     ) -> Conversation:
         """The operator's message goes to the end user on the conversation's own channel;
         `hand_back: true` returns control to the agent, which answers what queued meanwhile."""
@@ -59,8 +57,8 @@ class OperatorController(Controller):
                 content=data.content,
                 hand_back=data.hand_back,
                 close=data.close,
-                operator_id=request.state.api_key.id,
-                operator_name=request.state.api_key.operator_name,
+                operator_id=caller.id,
+                operator_name=caller.operator_name,
             ),
         )
 
@@ -71,13 +69,12 @@ class OperatorController(Controller):
         approval_id: str,
         data: ResolveApprovalRequest,
         gateway: Gateway,
-        request: Request[Any, Any, Any],
+        caller: ApiKey,
     ) -> Approval:
-        key = request.state.api_key
         approval = await gateway.store.get_approval(approval_id)
         if approval.conversation_id != conversation_id:
             raise NotFound(f"approval {approval_id} not found in conversation {conversation_id}")
-        if not allows(key, approval.approver_role):
+        if not allows(caller, approval.approver_role):
             raise Forbidden(
                 f"this approval needs the {approval.approver_role} role",
                 details={"needed": approval.approver_role},
@@ -90,8 +87,8 @@ class OperatorController(Controller):
                 decision=data.decision,
                 note=data.note,
                 # Who decided is the calling key; a `reviewer` in the body is ignored.
-                reviewer=key.id,
-                reviewer_name=key.operator_name,
+                reviewer=caller.id,
+                reviewer_name=caller.operator_name,
             ),
         )
         assert result.approval is not None

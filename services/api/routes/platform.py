@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, delete, get, post
 
 from services.api.gateway import Gateway
 from services.api.schemas import (
@@ -19,7 +18,7 @@ from services.api.schemas import (
 )
 from shared.envelopes import Simulate
 from shared.ids import new_id
-from shared.models import WebhookDelivery, WebhookSubscription, utcnow
+from shared.models import ApiKey, WebhookDelivery, WebhookSubscription, utcnow
 
 SIMULATION_TIMEOUT = 60.0
 
@@ -77,7 +76,7 @@ class SimulationController(Controller):
 
     @post("/simulations", status_code=201, opt={"scope": "client", "errors": (404,)})
     async def simulate(
-        self, data: CreateSimulation, gateway: Gateway, request: Request[Any, Any, Any]
+        self, data: CreateSimulation, gateway: Gateway, caller: ApiKey
     ) -> SimulationResult:
         """Replay user turns against a revision. Read-only: no channel egress, no webhooks, and
         tools that change the world are not run."""
@@ -87,7 +86,7 @@ class SimulationController(Controller):
                 agent_id=data.agent_id,
                 revision_id=data.revision_id,
                 user_turns=tuple(data.user_turns),
-                actor=request.state.api_key.id,
+                actor=caller.id,
             ),
             timeout=SIMULATION_TIMEOUT,
         )
