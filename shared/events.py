@@ -46,6 +46,13 @@ class TurnCreated(_Data, frozen=True, kw_only=True, tag="turn.created"):
     text: str
 
 
+class TurnNotice(_Data, frozen=True, kw_only=True, tag="turn.created"):
+    """`turn.created` as operators' screens get it (`gw.ops.turn.created`): the seq alone, no
+    text; the console reads the turn itself from the API."""
+
+    seq: int
+
+
 class ConversationCreated(_Data, frozen=True, kw_only=True, tag="conversation.created"):
     channel: Channel
     end_user_id: str
@@ -234,13 +241,13 @@ EventType = Literal[
 ]
 
 
-def type_of(data: EventData) -> EventType:
+def type_of(data: EventData | TurnNotice) -> EventType:
     """The event type a payload belongs to (its tag)."""
     return cast(EventType, data.__struct_config__.tag)
 
 
 def make_event(
-    data: EventData,
+    data: EventData | TurnNotice,
     *,
     id: str,
     occurred_at: datetime,

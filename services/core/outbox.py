@@ -39,6 +39,7 @@ from shared.events import (
     HandoffResolved,
     HandoffStarted,
     HandoffUnclaimed,
+    TurnNotice,
     make_event,
     type_of,
 )
@@ -157,7 +158,15 @@ class Outbox:
                     self.subjects.event(event.type), _enc.encode(event), msg_id=event.id
                 )
             )
-        work.append(self.tell_operators(msgspec.structs.replace(event, data={"seq": turn.seq})))
+        notice = make_event(
+            TurnNotice(seq=turn.seq),
+            id=event.id,
+            occurred_at=event.occurred_at,
+            conversation_id=event.conversation_id,
+            session_type=event.session_type,
+            actor=event.actor,
+        )
+        work.append(self.tell_operators(notice))
         await asyncio.gather(*work)
 
     async def reject(self, env: InboundMessage, exc: SwitchboardError) -> None:

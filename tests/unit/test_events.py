@@ -181,3 +181,11 @@ def test_a_known_type_with_a_payload_that_does_not_fit_falls_back_to_none() -> N
         data={"handoff_id": "h1", "outcome": "closed", "added_later": True},
     )
     assert typed_data(newer) == ev.HandoffResolved(handoff_id="h1", outcome="closed")
+
+
+def test_the_operators_turn_notice_is_turn_created_with_the_seq_alone() -> None:
+    notice = make_event(ev.TurnNotice(seq=4), id="evt_turn.created_t1", occurred_at=AT)
+    assert msgspec.json.encode(notice) == msgspec.json.encode(
+        Event(id="evt_turn.created_t1", type="turn.created", occurred_at=AT, data={"seq": 4})
+    )
+    assert typed_data(notice) is None  # not a whole turn.created: no consumer mistakes it for one

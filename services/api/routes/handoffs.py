@@ -25,11 +25,8 @@ from shared.envelopes import ClaimHandoff, Event
 from shared.errors import Forbidden, Unavailable
 from shared.models import ApiKey, Conversation, Handoff, HandoffStatus, Turn
 
-# Event types an operator's screen cares about; everything else stays off the wire.
-CONSOLE_EVENTS = ("handoff.", "approval.", "conversation.status_changed", "turn.created")
 KEEPALIVE_SECONDS = 15.0
 _event = msgspec.json.Decoder(Event)
-_enc = msgspec.json.Encoder()
 
 
 class HandoffController(Controller):
@@ -150,17 +147,21 @@ class EventStreamController(Controller):
         """Server-sent events for operators' screens: one frame per handoff, approval, status
         change and new turn (`event:` is the event type, `data:` the event; a `turn.created`
         carries only the seq: read the turn from the API). A `resync` frame says frames were
-        dropped for a slow reader: reload what you show."""
-        queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=1000)
+        dropped for a slow reader: reload what you show.
+
+        Core chooses what operators follow (`for_operators` in its outbox) and alone publishes
+        on this feed; every event on it is passed on as core wrote it, so an event type or a
+        field that a newer core adds reaches the console without this API knowing it."""
+        queue: asyncio.Queue[tuple[Event, bytes] | None] = asyncio.Queue(maxsize=1000)
 
         async def on_event(msg: Msg) -> None:
             try:
                 event = _event.decode(msg.data)
             except msgspec.DecodeError:
-                return
-            if event.type.startswith(CONSOLE_EVENTS):
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(event) if queue.qsize() < 999 else queue.put_nowait(None)
+                return  # not an event at all: nothing a screen could use
+            with contextlib.suppress(asyncio.QueueFull):
+                item = (event, msg.data)
+                queue.put_nowait(item) if queue.qsize() < 999 else queue.put_nowait(None)
 
         sub = await gateway.bus.nc.subscribe(gateway.subjects.operator_events_all, cb=on_event)
 
@@ -169,16 +170,15 @@ class EventStreamController(Controller):
                 yield ServerSentEventMessage(event="ready", data="{}")
                 while True:
                     try:
-                        event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                        item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
                     except TimeoutError:
                         yield ServerSentEventMessage(comment="keepalive")
                         continue
-                    if event is None:
+                    if item is None:
                         yield ServerSentEventMessage(event="resync", data="{}")
                         continue
-                    yield ServerSentEventMessage(
-                        event=event.type, id=event.id, data=_enc.encode(event).decode()
-                    )
+                    event, raw = item
+                    yield ServerSentEventMessage(event=event.type, id=event.id, data=raw.decode())
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
