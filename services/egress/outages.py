@@ -120,7 +120,7 @@ class FailedDeliveries:
         )
         await self.store.record_event(out.conversation_id, event)
         await self.bus.publish(
-            self.bus.subjects.event("delivery.failed"), _enc.encode(event), msg_id=event.id
+            self.bus.subjects.event(event.type), _enc.encode(event), msg_id=event.id
         )
         log.warning(
             "delivery failed",

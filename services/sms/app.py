@@ -99,7 +99,7 @@ def create_app(settings: SmsSettings) -> Litestar:
             # Without a session type, webhook fan-out would drop it as if it were a test session.
             session_type=session_type,
         )
-        await bus.publish(subjects.event("message.status"), _enc.encode(event), msg_id=event.id)
+        await bus.publish(subjects.event(event.type), _enc.encode(event), msg_id=event.id)
         if delivery is None:
             log.info("status for an unknown message", extra={"provider_id": sid})
         elif DELIVERY_RANK[state] >= DELIVERY_RANK.get(delivery.status, 0):
