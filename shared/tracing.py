@@ -144,7 +144,8 @@ def set_service(name: str) -> None:
 
 
 def _otel_tracer() -> Tracer | None:
-    """The OTLP-exporting tracer, built on first use when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    """The OTLP-exporting tracer, built on first use when OTEL_EXPORTER_OTLP_ENDPOINT (or
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, a full URL for traces alone) is set.
 
     The exporter reads the standard variables itself (OTEL_EXPORTER_OTLP_HEADERS, …_TIMEOUT,
     …_COMPRESSION; OTEL_BSP_SCHEDULE_DELAY for how long spans wait to be sent in a batch)."""
@@ -152,7 +153,10 @@ def _otel_tracer() -> Tracer | None:
     if _otel_checked:
         return _tracer
     _otel_checked = True
-    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    if not (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
         return None
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None  # the SDK's own off switch: its spans would carry no ids at all

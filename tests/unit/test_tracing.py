@@ -103,6 +103,7 @@ def test_no_export_without_the_endpoint_or_with_the_sdk_switched_off(
     monkeypatch.setattr(tracing, "_tracer", None)
     monkeypatch.setattr(tracing, "_otel_checked", False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     assert tracing._otel_tracer() is None
     monkeypatch.setattr(tracing, "_otel_checked", False)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
