@@ -17,6 +17,7 @@ pieces to clients it is never retried (they would see the text twice): it fails 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +28,10 @@ from services.core.agent.context import AgentContext
 from services.core.agent.runtime import (
     AgentReply,
     AttemptFailed,
+    Attempts,
     Budget,
     DeltaSink,
     ProposedToolCall,
-    retry_within_budget,
 )
 from shared.models import HttpRuntimeConfig
 from shared.signing import signature_headers
@@ -70,24 +71,14 @@ class HttpRuntime:
         self.config = config
         self.secret = secret
         self.http = http
-        self.budget = budget
+        self.attempts = Attempts(budget, config.timeout_seconds, failures=(httpx.HTTPError,))
 
     async def reply(self, context: AgentContext, on_delta: DeltaSink | None = None) -> AgentReply:
         body = _enc.encode(context)
         turn = f"{context.conversation.id}:{context.message.seq}:{len(context.tool_results)}"
 
-        async def attempt(sent: list[str]) -> AgentReply:
-            try:
-                return await self._attempt(body, turn, on_delta, sent)
-            except httpx.HTTPError as exc:
-                raise AttemptFailed(type(exc).__name__) from exc
-
-        return await retry_within_budget(
-            self.budget,
-            self.config.timeout_seconds,
-            attempt,
-            conversation_id=context.conversation.id,
-        )
+        attempt = functools.partial(self._attempt, body, turn, on_delta)
+        return await self.attempts.within_budget(attempt, conversation_id=context.conversation.id)
 
     async def _attempt(
         self, body: bytes, turn: str, on_delta: DeltaSink | None, sent: list[str]

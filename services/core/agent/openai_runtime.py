@@ -11,6 +11,7 @@ time, and never stored. Failures are retried within the turn's budget like the `
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, cast
@@ -23,11 +24,11 @@ from services.core.agent.context import AgentContext
 from services.core.agent.runtime import (
     AgentReply,
     AttemptFailed,
+    Attempts,
     Budget,
     DeltaSink,
     ProposedToolCall,
     RuntimeFailed,
-    retry_within_budget,
 )
 from shared.models import OpenAIRuntimeConfig
 
@@ -97,7 +98,10 @@ class OpenAIRuntime:
 
     def __init__(self, config: OpenAIRuntimeConfig, budget: Budget) -> None:
         self.config = config
-        self.budget = budget
+        # The SDK's own errors, and an answer whose tool arguments do not parse, are retried.
+        self.attempts = Attempts(
+            budget, config.timeout_seconds, failures=(openai.OpenAIError, ValueError, KeyError)
+        )
         self._client: AsyncOpenAI | None = None
         self._key: str | None = None
 
@@ -121,26 +125,24 @@ class OpenAIRuntime:
             await self._client.close()
 
     async def reply(self, context: AgentContext, on_delta: DeltaSink | None = None) -> AgentReply:
-        client = self.client()
-
-        async def attempt(sent: list[str]) -> AgentReply:
-            try:
-                return await self._attempt(client, context, on_delta, sent)
-            except openai.APIStatusError as exc:
-                code = exc.status_code
-                retryable = code >= 500 or code == 429
-                raise AttemptFailed(f"http_{code}", retryable=retryable) from exc
-            except (openai.OpenAIError, ValueError, KeyError) as exc:
-                raise AttemptFailed(type(exc).__name__) from exc
-
-        return await retry_within_budget(
-            self.budget,
-            self.config.timeout_seconds,
-            attempt,
-            conversation_id=context.conversation.id,
-        )
+        attempt = functools.partial(self._attempt, self.client(), context, on_delta)
+        return await self.attempts.within_budget(attempt, conversation_id=context.conversation.id)
 
     async def _attempt(
+        self,
+        client: AsyncOpenAI,
+        context: AgentContext,
+        on_delta: DeltaSink | None,
+        sent: list[str],
+    ) -> AgentReply:
+        try:
+            return await self._stream(client, context, on_delta, sent)
+        except openai.APIStatusError as exc:
+            code = exc.status_code
+            retryable = code >= 500 or code == 429
+            raise AttemptFailed(f"http_{code}", retryable=retryable) from exc
+
+    async def _stream(
         self,
         client: AsyncOpenAI,
         context: AgentContext,

@@ -77,6 +77,31 @@ class AttemptFailed(Exception):
         self.retryable = retryable
 
 
+@dataclass(frozen=True)
+class Attempts:
+    """How a runtime calls its bot or model: each attempt bounded by `timeout`, retried with
+    backoff while the turn's `budget` lasts. An exception of one of the `failures` types (the
+    client library's transport and protocol errors) is a failed, retryable attempt named by its
+    type; an attempt raises `AttemptFailed` itself for anything it judges otherwise."""
+
+    budget: Budget
+    timeout: float
+    failures: tuple[type[Exception], ...] = ()
+
+    async def within_budget(
+        self, attempt: Callable[[list[str]], Awaitable[AgentReply]], *, conversation_id: str
+    ) -> AgentReply:
+        async def named(sent: list[str]) -> AgentReply:
+            try:
+                return await attempt(sent)
+            except self.failures as exc:
+                raise AttemptFailed(type(exc).__name__) from exc
+
+        return await retry_within_budget(
+            self.budget, self.timeout, named, conversation_id=conversation_id
+        )
+
+
 async def retry_within_budget(
     budget: Budget,
     attempt_timeout: float,

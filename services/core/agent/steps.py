@@ -28,7 +28,7 @@ from services.core.agent.tools import (
     ToolRunner,
     policy_for,
 )
-from shared.models import Evidence, Policy, Revision, ToolCall
+from shared.models import Decision, Evidence, Policy, Revision, ToolCall
 
 # Rounds of tool calls one turn may take before core stops asking.
 MAX_STEPS = 5
@@ -166,24 +166,14 @@ async def run_steps(
         for call in reply.tool_calls:
             call_id = call.id or f"call_{len(outcomes) + 1}"
             policy = policy_for(revision, call.name)
+            decision: Decision
+            result: Any
             if call.name not in known or (
                 call.name not in TOOLS and not _has_url(revision, call.name)
             ):
-                outcome = ToolOutcome(
-                    id=call_id,
-                    name=call.name,
-                    arguments=call.arguments,
-                    decision="deny",
-                    result={"error": "unknown_tool"},
-                )
+                decision, result = "deny", {"error": "unknown_tool"}
             elif policy.decision == "deny":
-                outcome = ToolOutcome(
-                    id=call_id,
-                    name=call.name,
-                    arguments=call.arguments,
-                    decision="deny",
-                    result={"error": "denied by policy"},
-                )
+                decision, result = "deny", {"error": "denied by policy"}
             elif policy.decision == "require_approval" and approvals:
                 records.append(
                     ToolCall(name=call.name, arguments=call.arguments, decision="require_approval")
@@ -198,14 +188,10 @@ async def run_steps(
                 )
             elif policy.decision == "require_approval":
                 # A turn resumed after one approval does not wait for a second one.
-                outcome = ToolOutcome(
-                    id=call_id,
-                    name=call.name,
-                    arguments=call.arguments,
-                    decision="require_approval",
-                    result={"error": "needs approval: ask for it in a new message"},
-                )
+                decision = "require_approval"
+                result = {"error": "needs approval: ask for it in a new message"}
             else:
+                decision = "allow"
                 result = await run_tool_once(
                     runner,
                     ledger,
@@ -217,13 +203,13 @@ async def run_steps(
                     simulate=simulate,
                     secrets=secrets,
                 )
-                outcome = ToolOutcome(
-                    id=call_id,
-                    name=call.name,
-                    arguments=call.arguments,
-                    decision="allow",
-                    result=result,
-                )
+            outcome = ToolOutcome(
+                id=call_id,
+                name=call.name,
+                arguments=call.arguments,
+                decision=decision,
+                result=result,
+            )
             outcomes.append(outcome)
             records.append(
                 ToolCall(
