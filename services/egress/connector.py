@@ -53,6 +53,31 @@ class ChannelContext:
             max_delay=self.settings.egress_retry_max_delay_seconds,
         )
 
+    def one_at_a_time(
+        self,
+        durable: str,
+        filter_subject: str,
+        handler: Handler,
+        *,
+        max_deliver: int,
+        ack_wait: float,
+        horizon: float,
+    ) -> Consumer:
+        """A consumer of replies to a provider that sends one at a time (so they leave in
+        order), holds through the provider's outage up to `horizon`, and marks a reply that
+        finally failed."""
+        return Consumer(
+            stream=self.subjects.outbound_stream,
+            durable=durable,
+            filter_subject=filter_subject,
+            handler=handler,
+            max_ack_pending=1,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait,
+            hold=self.hold(horizon),
+            on_dead=self.on_dead,
+        )
+
 
 class Connector(Protocol):
     def consumers(self, egress: ChannelContext) -> list[Consumer]: ...

@@ -52,16 +52,13 @@ class EmailSender:
     def consumers(self, egress: ChannelContext) -> list[Consumer]:
         settings, subjects = egress.settings, egress.subjects
         return [
-            Consumer(
-                stream=subjects.outbound_stream,
-                durable="egress-email",
-                filter_subject=subjects.outbound("email") + ".*",
-                handler=self.deliver,
-                max_ack_pending=1,
+            egress.one_at_a_time(
+                "egress-email",
+                subjects.outbound("email") + ".*",
+                self.deliver,
                 max_deliver=settings.email_max_attempts,
                 ack_wait=settings.smtp_relay_timeout_seconds * 2 + 10,
-                hold=egress.hold(settings.email_retry_horizon_seconds),
-                on_dead=egress.on_dead,
+                horizon=settings.email_retry_horizon_seconds,
             )
         ]
 

@@ -63,16 +63,13 @@ class SmsSender:
         """One ordered consumer per partition: a recipient's replies leave in order."""
         settings, subjects = egress.settings, egress.subjects
         return [
-            Consumer(
-                stream=subjects.outbound_stream,
-                durable=f"egress-sms-p{partition}",
-                filter_subject=subjects.outbound_partition("sms", partition),
-                handler=self.deliver,
-                max_ack_pending=1,
+            egress.one_at_a_time(
+                f"egress-sms-p{partition}",
+                subjects.outbound_partition("sms", partition),
+                self.deliver,
                 max_deliver=settings.sms_max_attempts,
                 ack_wait=settings.twilio_timeout_seconds * 3 + 10,
-                hold=egress.hold(settings.sms_retry_horizon_seconds),
-                on_dead=egress.on_dead,
+                horizon=settings.sms_retry_horizon_seconds,
             )
             for partition in range(settings.partitions)
         ]
