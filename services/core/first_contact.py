@@ -2,8 +2,8 @@
 
 An SMS or email conversation opened with the end user's address gets our side of the channel
 too (our number, our support address), the same routing key inbound traffic from that person
-would have, and the indexes their replies are matched by: the (end user, our number) index for
-SMS, a reply token for email. So an operator's or agent's first message is delivered, and the
+would have, and the indexes their replies are matched by: the thread of (their number, our number)
+for SMS, a reply token for email. So an operator's or agent's first message is delivered, and the
 answer continues the same conversation.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from services.core.conversations import Conversations
-from shared.envelopes import OpenConversation
+from shared.envelopes import OpenConversation, sms_thread_key
 from shared.errors import AddressRequired, ConversationExists, NotFound
 from shared.models import Conversation
 
@@ -39,9 +39,15 @@ async def open_conversation(c: Conversations, cmd: OpenConversation) -> Conversa
             actor=cmd.actor,
         )
     ours = our_address(c, cmd.channel)
+    # SMS: the thread of the person's texts from that number to ours (as the SMS ingress keys it).
+    thread = sms_thread_key(cmd.user_address, ours) if cmd.channel == "sms" else None
     previous = None
-    if cmd.channel == "sms":
-        previous = await c.store.open_conversation_id(cmd.end_user_id, "sms", ours)
+    if thread is not None:
+        previous = await c.store.thread_conversation("sms", thread)
+        if previous is None:  # a thread an older version indexed by end user
+            previous = await c.store.adopt_legacy_thread(
+                "sms", thread, cmd.end_user_id, ours, cmd.user_address
+            )
         await _refuse_if_open(c, previous)
     conv = await c.open(
         channel=cmd.channel,
@@ -56,14 +62,12 @@ async def open_conversation(c: Conversations, cmd: OpenConversation) -> Conversa
         routing_key=f"{cmd.user_address}|{ours}",
         actor=cmd.actor,
     )
-    if cmd.channel == "sms":
-        winner = await c.store.claim_open_conversation(
-            cmd.end_user_id, "sms", ours, conv.id, previous
-        )
+    if thread is not None:
+        winner = await c.store.claim_thread("sms", thread, conv.id, previous)
         if winner != conv.id:  # their text opened one meanwhile: keep theirs
             await c.close(conv.id, "superseded", cmd.actor)
             raise ConversationExists(
-                "this end user already has an open SMS conversation with our number",
+                "this number already has an open SMS conversation with ours",
                 details={"conversation_id": winner},
             )
     else:
@@ -82,6 +86,6 @@ async def _refuse_if_open(c: Conversations, cid: str | None) -> None:
         return
     if existing.status != "closed":
         raise ConversationExists(
-            "this end user already has an open SMS conversation with our number",
+            "this number already has an open SMS conversation with ours",
             details={"conversation_id": existing.id, "status": existing.status},
         )

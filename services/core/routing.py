@@ -4,11 +4,13 @@ The API names its conversation. Channel traffic carries a thread key computed by
 sender + our number; a call: its CallSid; mail: the thread's root Message-ID), and one rule maps
 (channel, thread key) to the thread's open conversation, or opens a new one answered by the agent
 the routing table names for our number or address (else the default). Each channel says only how
-its key is looked up and indexed (`Threads`): SMS finds the end user's open conversation on our
-number (the sender's person, so linked identities share it), a call keeps its one conversation even
-once closed, and mail also matches any Message-ID of ours it references and its reply+TOKEN
-address. Every decision is remembered against the envelope id, so a redelivered envelope lands in
-the same conversation even if another one was opened meanwhile.
+its key is looked up and indexed (`Threads`): SMS keeps the key itself in the store's thread index
+(one thread per phone number and our number: two numbers linked to one end user text in two
+conversations, each answered on its own number; the agent still sees both through the end user's
+history), a call keeps its one conversation per CallSid even once closed, and mail also matches any
+Message-ID of ours it references and its reply+TOKEN address. Every decision is remembered against
+the envelope id, so a redelivered envelope lands in the same conversation even if another one was
+opened meanwhile.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ async def conversation_for(c: Conversations, env: InboundEnvelope) -> Conversati
         return await c.store.get_conversation(remembered)
     if env.sender is None:
         raise Undeliverable("invalid: channel envelope without a sender")
-    threads = _THREADS.get(env.channel, BY_SENDER)
+    threads = _THREADS.get(env.channel, BY_KEY)
     key = env.thread_key or legacy_thread_key(env)
     found = await threads.find(c, env, key)
     conv = await _current(c, found, threads.closed_ends_thread)
@@ -89,33 +91,28 @@ class Threads:
     joined: Joined = _nothing  # after the envelope has its conversation
 
 
-# SMS (and anything else a sender writes to one of our addresses) -----------------------------------
+# SMS (and any channel without its own index): the thread key names the conversation ----------------
 
 
-async def _sender_user(c: Conversations, env: InboundEnvelope) -> str:
-    assert env.sender is not None
-    user_id, _ = await c.store.resolve_identity(env.sender.kind, env.sender.normalized)
-    return user_id
+async def _find_by_key(c: Conversations, env: InboundEnvelope, key: str) -> str | None:
+    found = await c.store.thread_conversation(env.channel, key)
+    if found is None:  # perhaps a thread an older version indexed by end user (the store moves it)
+        assert env.sender is not None
+        user_id, _ = await c.store.resolve_identity(env.sender.kind, env.sender.normalized)
+        found = await c.store.adopt_legacy_thread(
+            env.channel, key, user_id, env.recipient or "", user_address(env)
+        )
+    return found
 
 
-async def _find_by_sender(c: Conversations, env: InboundEnvelope, key: str) -> str | None:
-    # Indexed by the sender's person rather than the key itself, so identities linked to one end
-    # user share the thread, as they always have.
-    return await c.store.open_conversation_id(
-        await _sender_user(c, env), env.channel, env.recipient or ""
-    )
-
-
-async def _claim_by_sender(
+async def _claim_by_key(
     c: Conversations, env: InboundEnvelope, key: str, conv: Conversation, previous: str | None
 ) -> Conversation:
-    winner = await c.store.claim_open_conversation(
-        conv.end_user_id, env.channel, env.recipient or "", conv.id, previous
-    )
+    winner = await c.store.claim_thread(env.channel, key, conv.id, previous)
     return conv if winner == conv.id else await c.store.get_conversation(winner)
 
 
-BY_SENDER = Threads(find=_find_by_sender, claim=_claim_by_sender)
+BY_KEY = Threads(find=_find_by_key, claim=_claim_by_key)
 
 
 # Calls: one conversation per CallSid -----------------------------------------------------------------
@@ -196,8 +193,6 @@ async def open_for_sender(
     assert env.sender is not None
     if user_id is None:
         user_id, _ = await c.store.resolve_identity(env.sender.kind, env.sender.normalized)
-    # Phones are dialled in E.164; an email reply goes to the address as the sender wrote it.
-    address = env.sender.normalized if env.sender.kind == "phone" else env.sender.raw
     return await c.open(
         channel=env.channel,
         end_user_id=user_id,
@@ -205,7 +200,14 @@ async def open_for_sender(
         agent_id=await c.store.routed_agent(env.recipient),
         session_type=env.session_type,
         our_address=env.recipient,
-        user_address=address,
+        user_address=user_address(env),
         routing_key=env.routing_key,
         actor="channel",
     )
+
+
+def user_address(env: InboundEnvelope) -> str:
+    """Where replies to the sender go: phones are dialled in E.164; an email reply goes to the
+    address as the sender wrote it."""
+    assert env.sender is not None
+    return env.sender.normalized if env.sender.kind == "phone" else env.sender.raw

@@ -1,5 +1,5 @@
 """Conversations: the hash, the status transitions, and the indexes that find one (by id, newest
-first, by (end user, channel, our address), by the inbound envelope that opened it)."""
+first, by (channel, thread key), by the inbound envelope that opened it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
-import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
@@ -41,6 +40,21 @@ end
 return {status, 'illegal'}
 """
 
+# KEYS: a thread's entry. ARGV: the conversation claiming it, the closed one it may replace ('' if
+# none). Returns the conversation the entry names afterwards.
+_CLAIM_THREAD = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[2] then return current end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
+# KEYS: an index entry. ARGV: a conversation id. Deletes the entry only while it names that one.
+_DROP_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def conversation_not_found(cid: str) -> NotFound:
     return not_found("conversation", cid, "conversation_id")
@@ -69,6 +83,8 @@ class Conversations(Aggregate):
     def __init__(self, connection: Connection) -> None:
         super().__init__(connection)
         self._transition = connection.script(_TRANSITION)
+        self._claim_thread = connection.script(_CLAIM_THREAD)
+        self._drop_if = connection.script(_DROP_IF)
 
     async def create_conversation(self, conv: Conversation) -> None:
         doc = msgspec.structs.asdict(conv)
@@ -202,33 +218,48 @@ class Conversations(Aggregate):
 
     # Which conversation an inbound envelope belongs to ------------------------------------------
 
-    async def open_conversation_id(
-        self, end_user_id: str, channel: str, address: str
-    ) -> str | None:
-        return await self._text_at(self._k.open_conversation(end_user_id, channel, address))
+    async def thread_conversation(self, channel: str, thread_key: str) -> str | None:
+        """The conversation a channel's thread last had (open, or closed: the caller decides)."""
+        return await self._text_at(self._k.thread(channel, thread_key))
 
-    async def claim_open_conversation(
-        self, end_user_id: str, channel: str, address: str, cid: str, previous: str | None
+    async def claim_thread(
+        self, channel: str, thread_key: str, cid: str, previous: str | None
     ) -> str:
-        """Point the (user, channel, our address) index at `cid` unless someone else got there first.
+        """Make the thread's entry name `cid` unless another conversation got there first; returns
+        the one it names. `previous` (the closed conversation it named) is replaced only if still
+        there. The conversation's pointer is written first (keys.py, rule 3)."""
+        await self._r.set(self._k.thread_of(cid), thread_key)
+        winner = await self._claim_thread(
+            keys=[self._k.thread(channel, thread_key)], args=[cid, previous or ""]
+        )
+        return text(winner)
 
-        `previous` is the closed conversation the index pointed at, replaced only if still there.
+    async def adopt_legacy_thread(
+        self, channel: str, thread_key: str, end_user_id: str, ours: str, user_address: str
+    ) -> str | None:
+        """The read-through migration of threads from before thread keys (read on a miss of
+        `thread`; remove with the old index once no deployment can hold one).
+
+        Those versions indexed a conversation by (end user, channel, our address), so identities
+        linked to one end user shared it; replies went to the address that opened it. The entry
+        moves to the thread of that address only (`user_address`): a linked identity's text
+        leaves it in place for its owner and starts its own thread. Two one-key steps (the keys
+        are in different slots on a cluster; keys.py, rule 3): claim `thread`, then drop the old
+        entry if it still names the conversation.
         """
-        key = self._k.open_conversation(end_user_id, channel, address)
-        async with self._r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    current = await pipe.get(key)
-                    current_id = text(current) if current else None
-                    if current_id is not None and current_id != previous:
-                        return current_id
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, cid)
-                    await pipe.execute()
-                    return cid
-                except redis.WatchError:
-                    continue
+        old = self._k.legacy_open_conversation(end_user_id, channel, ours)
+        cid = await self._text_at(old)
+        if cid is None:
+            return None
+        doc = await self._r.hget(self._k.conversation(cid), "doc")
+        if doc is not None and conversation_doc.decode(doc).get("user_address") != user_address:
+            return None
+        winner = await self.claim_thread(channel, thread_key, cid, None) if doc else None
+        await self._drop_if_names(old, cid)
+        return winner
+
+    async def _drop_if_names(self, key: str, cid: str) -> None:
+        await self._drop_if(keys=[key], args=[cid])
 
     async def remember_inbound(self, envelope_id: str, cid: str, ttl: int) -> None:
         """Map an envelope to the conversation it opened, so a redelivery finds the same one."""

@@ -5,7 +5,8 @@ keyspace): its hash, turn log, audit events, pending queue, dedupe hash, deliver
 provider ids that point at them, untrimmed email originals, the email thread with its reply token
 and the Message-IDs indexed for threading, the call it was, the inbound-envelope markers of its
 user turns, the approvals its replies asked for, the results of its tool calls, and its place in
-the conversation indexes (all, the end user's) and the open-conversation index. An end user adds their record and the identifiers that point at it.
+the conversation indexes (all, the end user's) and its thread's entry (or the entry a version before
+thread keys left). An end user adds their record and the identifiers that point at it.
 
 Kept on purpose: SMS opt-outs (a suppression list must outlive erasure, or we would text a person
 who said STOP again) and usage counters (aggregates). Webhook delivery logs lose the entries of
@@ -84,7 +85,11 @@ class Erasure(Conversations, Turns, Handoffs, ChannelState):
         deliveries = await self.list_deliveries(cid)
         thread = await self.email_thread(cid)
         call_sid = await self.call_of(cid)
+        thread_key = await self._text_at(self._k.thread_of(cid))
+        if thread_key is not None:  # the entry before its pointer (keys.py, rule 3)
+            await self._drop_if_names(self._k.thread(conv.channel, thread_key), cid)
         keys: list[str] = [
+            self._k.thread_of(cid),
             self._k.turn_log(cid),
             self._k.events(cid),
             self._k.event_order(cid),
@@ -121,9 +126,13 @@ class Erasure(Conversations, Turns, Handoffs, ChannelState):
             pipe.zrem(self._k.approvals_unapplied(), *approvals)
         await pipe.execute()
         await self.erase_handoffs(cid)
-        index = self._k.open_conversation(conv.end_user_id, conv.channel, conv.our_address or "")
-        if text(await self._r.get(index) or b"") == cid:
-            await self._r.delete(index)
+        # A version before thread keys may have left its index entry (keys.py).
+        await self._drop_if_names(
+            self._k.legacy_open_conversation(
+                conv.end_user_id, conv.channel, conv.our_address or ""
+            ),
+            cid,
+        )
 
         def unindex(pipe: Pipeline) -> None:
             pipe.zrem(self._k.conversations(), cid)

@@ -10,8 +10,8 @@ The cluster rules (`REDIS_URL=redis+cluster://…`; the same code runs on one se
    (`approval:{aid}`), one lease group (`{group-leases}`), one rate-limit window, one
    idempotency key. A script never names a key it was not passed.
 2. One MULTI, one slot. A transaction (MULTI/EXEC, WATCH) only ever holds keys of one slot:
-   `last_turns` and tool results (`{cid}`), the open-conversation claim (one key), the end-user
-   record update of `link_identity` (one key).
+   `last_turns` and tool results (`{cid}`), the end-user record update of `link_identity` (one
+   key). The thread claim is a script on its one key (`thread`).
 3. Global indexes are their own step. The indexes that span entities (all conversations, a
    user's or an API key's conversations, approvals and their deadline/unapplied sets, handoffs
    per status and their unclaimed timer, agents, revisions, API keys) are single keys in their
@@ -28,6 +28,11 @@ The cluster rules (`REDIS_URL=redis+cluster://…`; the same code runs on one se
        drops entries whose record says otherwise.
      - agents, revisions, API keys: the record first, then the index; an index never names a
        record that is not there (a crash leaves a record the retried request indexes).
+     - threads: the conversation's `thread_of` pointer first, then the `thread` entry, so erasure
+       (which drops the entry if it still names the conversation, then the pointer) finds every
+       entry. Moving an old `legacy_open_conversation` entry: the `thread` entry first, then the
+       old one dropped; a crash between leaves an old entry that no lookup of that thread reads
+       again (the thread key answers first) and erasure still removes.
 4. Usage counts ride on the turn's append: on a cluster each conversation counts into the
    usage shard of its own slot (`usage_shard`: `usage:{<tag of that slot>}`) and `usage()` sums
    the global hash and every shard; on one server the shard is the global hash itself.
@@ -145,7 +150,19 @@ class Keys:
         """Sorted set (all scores 0): the conversations an API key opened (`own` visibility)."""
         return f"{self.ns}key-convs:{key_id}"
 
-    def open_conversation(self, end_user_id: str, channel: str, address: str) -> str:
+    def thread(self, channel: str, thread_key: str) -> str:
+        """String: the conversation of a channel's thread (the ingress's opaque thread key: SMS
+        sender + our number), open or the last one closed."""
+        return f"{self.ns}thread:{channel}:{thread_key}"
+
+    def thread_of(self, cid: str) -> str:
+        """String: the thread key whose `thread` entry a conversation claimed (for erasure)."""
+        return f"{self.ns}thread-of:{{{cid}}}"
+
+    def legacy_open_conversation(self, end_user_id: str, channel: str, address: str) -> str:
+        """String: the conversation of (end user, channel, our address), as versions before thread
+        keys indexed SMS. Never written now: read once per thread, moved to `thread` and dropped
+        (`Conversations.adopt_legacy_thread`); erasure removes what is left."""
         return f"{self.ns}open:{{{end_user_id}}}:{channel}:{address}"
 
     def inbound(self, envelope_id: str) -> str:

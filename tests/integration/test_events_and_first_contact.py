@@ -147,7 +147,7 @@ async def test_an_sms_conversation_opened_through_the_api_delivers_the_first_mes
     await eventually(answered, what="the reply in the API-opened conversation")
     listed = (await stack.api.get("/v1/conversations", params={"channel": "sms"})).json()
     assert [c["id"] for c in listed["items"]] == [conv["id"]]
-    # One open SMS conversation per (end user, our number).
+    # One open SMS conversation per thread (their number, our number).
     again = await stack.api.post("/v1/conversations", json=body)
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "conversation_exists"

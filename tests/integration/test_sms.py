@@ -144,11 +144,16 @@ async def test_texts_share_one_conversation_per_number_until_closed(stack: Stack
     await eventually(lambda: _ready(sent_messages(stack), 2), what="two replies")
     first = await conversations(stack)
     assert len(first) == 1
+    # Found by its thread key (sender + our number), as every channel's thread is.
+    thread = f"{ALICE}|{OUR_NUMBER}"
+    assert await stack.core.store.thread_conversation("sms", thread) == first[0].id
     await stack.api.post(f"/v1/conversations/{first[0].id}/close")
     await post_signed(stack, "/twilio/sms", sms_form("me again"))
     convs = await eventually(lambda: _ready(conversations(stack), 2), what="a new conversation")
     assert convs[0].id != first[0].id
     assert convs[0].end_user_id == first[0].end_user_id
+    await eventually(lambda: _ready(sent_messages(stack), 3), what="the new conversation's reply")
+    assert await stack.core.store.thread_conversation("sms", thread) == convs[0].id
 
 
 async def test_stop_opts_out_and_nothing_more_is_sent_until_start(stack: Stack) -> None:

@@ -41,6 +41,9 @@ from tests.integration.test_sms import (  # noqa: F401
     test_a_signed_text_gets_the_agents_reply_by_sms,
     test_a_triple_delivery_of_one_message_is_one_turn,
 )
+from tests.integration.test_sms_threads import (  # noqa: F401
+    test_a_thread_an_older_version_indexed_by_end_user_continues_after_the_upgrade,
+)
 from tests.integration.test_voice import (  # noqa: F401
     test_a_full_call_with_three_speech_turns_and_a_hang_up,
 )
