@@ -135,31 +135,24 @@ class OpenAIRuntime:
         on_delta: DeltaSink | None,
         sent: list[str],
     ) -> AgentReply:
-        try:
-            return await self._stream(client, context, on_delta, sent)
-        except openai.APIStatusError as exc:
-            code = exc.status_code
-            retryable = code >= 500 or code == 429
-            raise AttemptFailed(f"http_{code}", retryable=retryable) from exc
-
-    async def _stream(
-        self,
-        client: AsyncOpenAI,
-        context: AgentContext,
-        on_delta: DeltaSink | None,
-        sent: list[str],
-    ) -> AgentReply:
         extra: dict[str, Any] = {}
         if context.tools:
             extra["tools"] = cast(list[ChatCompletionToolParam], functions_for(context))
         if self.config.temperature is not None:
             extra["temperature"] = self.config.temperature
-        stream = await client.chat.completions.create(
-            model=self.config.model,
-            messages=cast(list[ChatCompletionMessageParam], messages_for(self.config, context)),
-            stream=True,
-            **extra,
-        )
+        try:
+            stream = await client.chat.completions.create(
+                model=self.config.model,
+                messages=cast(list[ChatCompletionMessageParam], messages_for(self.config, context)),
+                stream=True,
+                **extra,
+            )
+        except openai.APIStatusError as exc:
+            # Only the response's status raises this (a broken stream is an `APIError`): a 429
+            # or a 5xx is worth another attempt, any other 4xx is the server saying no.
+            code = exc.status_code
+            retryable = code >= 500 or code == 429
+            raise AttemptFailed(f"http_{code}", retryable=retryable) from exc
         calls: dict[int, dict[str, str]] = {}
         async for chunk in stream:
             if not chunk.choices:
