@@ -112,6 +112,7 @@ async def launch_fleet(
     redis_url: str,
     namespace: str,
     logs: Path,
+    *,
     only: tuple[str, ...] = SERVICES,
     extra_env: Mapping[str, str] | None = None,
     **settings: str,
