@@ -125,5 +125,6 @@ def decode_or_dead(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
     """Decode a bus message; an undecodable one is `Undeliverable`, never retried."""
     try:
         return decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    # msgspec reports bytes that are not UTF-8 inside a string as UnicodeDecodeError.
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise Undeliverable(f"undecodable: {exc}") from exc

@@ -98,6 +98,7 @@ async def test_the_operators_feed_passes_on_an_unknown_event_type_as_core_wrote_
         await eventually(lambda: response.num_bytes_downloaded > 0, what="the ready frame")
         await bus.publish_core(bus.subjects.operator_event("queue.escalated"), newer)
         await bus.publish_core(bus.subjects.operator_event("garbage"), b"not an event")
+        await bus.publish_core(bus.subjects.operator_event("garbage"), b'{"id":"\xff"}')
         await bus.publish_core(bus.subjects.operator_event("handoff.unclaimed"), known)
         frames = await asyncio.wait_for(reading, 10)
     assert frames == [

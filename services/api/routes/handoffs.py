@@ -152,15 +152,15 @@ class EventStreamController(Controller):
         Core chooses what operators follow (`for_operators` in its outbox) and alone publishes
         on this feed; every event on it is passed on as core wrote it, so an event type or a
         field that a newer core adds reaches the console without this API knowing it."""
-        queue: asyncio.Queue[tuple[Event, bytes] | None] = asyncio.Queue(maxsize=1000)
+        queue: asyncio.Queue[tuple[Event, str] | None] = asyncio.Queue(maxsize=1000)
 
         async def on_event(msg: Msg) -> None:
             try:
-                event = _event.decode(msg.data)
-            except msgspec.DecodeError:
+                event, text = _event.decode(msg.data), msg.data.decode()
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 return  # not an event at all: nothing a screen could use
             with contextlib.suppress(asyncio.QueueFull):
-                item = (event, msg.data)
+                item = (event, text)
                 queue.put_nowait(item) if queue.qsize() < 999 else queue.put_nowait(None)
 
         sub = await gateway.bus.nc.subscribe(gateway.subjects.operator_events_all, cb=on_event)
@@ -177,8 +177,8 @@ class EventStreamController(Controller):
                     if item is None:
                         yield ServerSentEventMessage(event="resync", data="{}")
                         continue
-                    event, raw = item
-                    yield ServerSentEventMessage(event=event.type, id=event.id, data=raw.decode())
+                    event, text = item
+                    yield ServerSentEventMessage(event=event.type, id=event.id, data=text)
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
