@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import msgspec
 from nats.aio.msg import Msg
@@ -73,36 +73,30 @@ def _read(msg: Msg) -> tuple[InboundEnvelope | None, str | None]:
     return env, None
 
 
+@dataclass(eq=False, repr=False)
 class PartitionFetch(abc.ABC):
     """Pulls one partition's messages into `held` and hands each to `_dispatch` in order."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        partition: int,
-        *,
-        in_flight: int,
-        max_deliver: int,
-        ack_wait: float,
-        lease_remaining: Callable[[], float],
-        fetch_timeout: float = 1.0,
-    ) -> None:
-        self.bus = bus
-        self.partition = partition
-        self.in_flight = in_flight
-        self.max_deliver = max_deliver
-        self.ack_wait = ack_wait
-        self.lease_remaining = lease_remaining
-        self.fetch_timeout = fetch_timeout
-        self.stream = bus.subjects.inbound_stream
-        self.durable = f"core-p{partition}"
-        self.held: dict[int, Held] = {}
-        self.stopping = asyncio.Event()
-        self._room = asyncio.Event()
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._fetching: asyncio.Future[list[Msg]] | None = None
-        self._last_delivery: int | None = None  # the consumer's delivery sequence we last saw
+    bus: Bus
+    partition: int
+    _: KW_ONLY
+    in_flight: int
+    max_deliver: int
+    ack_wait: float
+    lease_remaining: Callable[[], float]
+    fetch_timeout: float = 1.0
+    held: dict[int, Held] = field(init=False, default_factory=dict)
+    stopping: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _room: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _sub: JetStreamContext.PullSubscription | None = field(init=False, default=None)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _fetching: asyncio.Future[list[Msg]] | None = field(init=False, default=None)
+    # The consumer's delivery sequence we last saw.
+    _last_delivery: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.stream = self.bus.subjects.inbound_stream
+        self.durable = f"core-p{self.partition}"
 
     @abc.abstractmethod
     def _dispatch(self, held: Held) -> None:

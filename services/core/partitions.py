@@ -49,10 +49,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from services.core.partition_fetch import Held, PartitionFetch
 from shared import tracing
-from shared.bus import TRANSIENT, Bus, Undeliverable, short_backoff
+from shared.bus import TRANSIENT, Undeliverable, short_backoff
 from shared.envelopes import InboundEnvelope
 
 log = logging.getLogger("switchboard.core.partitions")
@@ -60,34 +61,14 @@ log = logging.getLogger("switchboard.core.partitions")
 Apply = Callable[[InboundEnvelope], Awaitable[None]]
 
 
+@dataclass(eq=False, repr=False)
 class PartitionConsumer(PartitionFetch):
     """One partition's messages, applied one at a time per conversation as `PartitionFetch`
     hands them over; conversations proceed independently of each other."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        partition: int,
-        apply: Apply,
-        *,
-        in_flight: int,
-        max_deliver: int,
-        ack_wait: float,
-        lease_remaining: Callable[[], float],
-        fetch_timeout: float = 1.0,
-    ) -> None:
-        super().__init__(
-            bus,
-            partition,
-            in_flight=in_flight,
-            max_deliver=max_deliver,
-            ack_wait=ack_wait,
-            lease_remaining=lease_remaining,
-            fetch_timeout=fetch_timeout,
-        )
-        self.apply = apply
-        self.queues: dict[str, deque[Held]] = {}
-        self.workers: dict[str, asyncio.Task[None]] = {}
+    apply: Apply
+    queues: dict[str, deque[Held]] = field(init=False, default_factory=dict)
+    workers: dict[str, asyncio.Task[None]] = field(init=False, default_factory=dict)
 
     def _dispatch(self, held: Held) -> None:
         queue = self.queues.setdefault(held.key, deque())
