@@ -8,11 +8,14 @@ versions spelt it, not the current recipe).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, eventually, make_key
+from shared.models import Conversation, utcnow
+from shared.store import Store
+from tests.conftest import Servers, Stack, eventually, make_key
 from tests.integration.test_sms import ALICE, OUR_NUMBER, post_signed, sent_messages, sms_form
 
 pytestmark = pytest.mark.services("api", "sms", "egress")
@@ -156,3 +159,71 @@ async def test_opening_an_sms_conversation_for_a_number_mid_thread_in_the_old_in
     assert refused.json()["error"]["code"] == "conversation_exists"
     assert refused.json()["error"]["details"]["conversation_id"] == conv.id
     assert await valkey.get(thread_entry(stack, ALICE)) == conv.id.encode()
+
+
+# The store's side, without the stack ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
+    opened = Store(servers.redis_url, namespace)
+    yield opened
+    await opened.close()
+
+
+async def sms_conversation(store: Store, cid: str, user_address: str) -> Conversation:
+    now = utcnow()
+    conv = Conversation(
+        id=cid,
+        end_user_id="usr_1",
+        channel="sms",
+        status="active",
+        session_type="live",
+        assigned_agent_id="a",
+        pinned_revision_id="r",
+        created_at=now,
+        updated_at=now,
+        our_address=OUR_NUMBER,
+        user_address=user_address,
+    )
+    await store.create_conversation(conv)
+    return conv
+
+
+async def test_a_thread_is_claimed_once_and_replaced_only_where_it_named_the_closed_one(
+    store: Store,
+) -> None:
+    key = f"{ALICE}|{OUR_NUMBER}"
+    assert await store.claim_thread("sms", key, "conv_a", None) == "conv_a"
+    assert await store.claim_thread("sms", key, "conv_b", None) == "conv_a"  # a/b raced: a won
+    assert await store.claim_thread("sms", key, "conv_c", "conv_x") == "conv_a"  # stale previous
+    assert await store.claim_thread("sms", key, "conv_d", "conv_a") == "conv_d"  # a closed
+    assert await store.thread_conversation("sms", key) == "conv_d"
+    assert await store.thread_conversation("voice", key) is None  # per channel
+
+
+async def test_the_old_index_moves_only_to_the_thread_of_the_number_that_opened_it(
+    store: Store, namespace: str
+) -> None:
+    r = store.connection.redis
+    old = f"{namespace}:open:{{usr_1}}:sms:{OUR_NUMBER}"
+    await sms_conversation(store, "conv_1", ALICE)
+    await r.set(old, "conv_1")
+    work = f"{ALICE_WORK}|{OUR_NUMBER}"
+    assert await store.adopt_legacy_thread("sms", work, "usr_1", OUR_NUMBER, ALICE_WORK) is None
+    assert await r.get(old) == b"conv_1"  # left for the number that opened it
+    mine = f"{ALICE}|{OUR_NUMBER}"
+    assert await store.adopt_legacy_thread("sms", mine, "usr_1", OUR_NUMBER, ALICE) == "conv_1"
+    assert (await r.get(old), await store.thread_conversation("sms", mine)) == (None, "conv_1")
+    assert await store.adopt_legacy_thread("sms", mine, "usr_1", OUR_NUMBER, ALICE) is None  # once
+
+
+async def test_an_old_entry_naming_a_conversation_that_is_gone_is_dropped(
+    store: Store, namespace: str
+) -> None:
+    r = store.connection.redis
+    old = f"{namespace}:open:{{usr_1}}:sms:{OUR_NUMBER}"
+    await r.set(old, "conv_gone")
+    key = f"{ALICE}|{OUR_NUMBER}"
+    assert await store.adopt_legacy_thread("sms", key, "usr_1", OUR_NUMBER, ALICE) is None
+    assert (await r.exists(old), await store.thread_conversation("sms", key)) == (0, None)
