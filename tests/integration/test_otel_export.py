@@ -5,6 +5,7 @@ send, each span the child of the one before it, each process under its own `serv
 from __future__ import annotations
 
 import gzip
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,20 +129,21 @@ async def test_one_sms_is_one_exported_trace_from_webhook_through_core_to_the_tw
             what="the reply SMS at the Twilio fake",
         )
 
-        def first(service: str, prefix: str) -> ExportedSpan | None:
+        def first(service: str, name: str) -> ExportedSpan | None:
+            """The first span of `service` whose name matches (a regex), in arrival order."""
             return next(
-                (s for s in receiver.spans if s.service == service and s.name.startswith(prefix)),
+                (s for s in receiver.spans if s.service == service and re.fullmatch(name, s.name)),
                 None,
             )
 
         await eventually(
-            lambda: first("switchboard-egress", f"consume {namespace}.gw.out.sms."),
+            lambda: first("switchboard-egress", rf"consume {namespace}\.gw\.out\.sms\.\d+"),
             timeout=30,
             what="egress's span at the OTLP receiver",
         )
-    webhook_span = first("switchboard-sms", "POST /twilio/sms")
-    core_span = first("switchboard-core", f"apply {namespace}.gw.in.sms.")
-    egress_span = first("switchboard-egress", f"consume {namespace}.gw.out.sms.")
+    webhook_span = first("switchboard-sms", "POST /twilio/sms")  # not the status callbacks'
+    core_span = first("switchboard-core", rf"apply {namespace}\.gw\.in\.sms\.\d+")
+    egress_span = first("switchboard-egress", rf"consume {namespace}\.gw\.out\.sms\.\d+")
     assert webhook_span is not None, receiver.spans
     assert core_span is not None, receiver.spans
     assert egress_span is not None
