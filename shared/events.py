@@ -5,7 +5,9 @@ On the wire an event is `{"id","v","type","occurred_at","conversation_id","sessi
 tagged union whose tag is the event type); `make_event` lays it out in exactly that shape.
 Consumers decode the generic `Event` (`type` a string, `data` a dict), so one running an older
 build keeps working when a newer producer adds an event type; `typed_data` gives the typed payload
-of a known type, or None.
+of a known type, or None. The gateway's own consumers read no payload: webhook fan-out matches
+subscriptions by type name and the operators' feed forwards what core chose, both passing the
+bytes on as written, so a type or field added later reaches customers and screens untouched.
 """
 
 from __future__ import annotations
