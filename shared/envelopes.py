@@ -98,8 +98,11 @@ class InboundMessage(_Inbound, frozen=True, kw_only=True, tag="message"):
     # core keeps it beside the turn for audit.
     original_text: str | None = None
     attachments: tuple[Attachment, ...] = ()
-    # A client waits on gw.stream.<conversation_id> for token deltas of the reply.
+    # A client waits for token deltas of the reply (gw.stream.<conversation_id>[.<inbox>]).
     stream: bool = False
+    # The reply inbox of the process waiting for this message's reply (shared/bus/replies.py):
+    # core answers on gw.reply.<conversation_id>.<inbox>. None: on gw.reply.<conversation_id>.
+    reply_inbox: str | None = None
 
 
 class CallStarted(_Inbound, frozen=True, kw_only=True, tag="call_started"):
@@ -160,7 +163,8 @@ class OutboundEnvelope(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TurnReply(msgspec.Struct, frozen=True, kw_only=True):
-    """What core publishes on `gw.reply.<conversation_id>` once an inbound message is applied."""
+    """What core publishes once an inbound message is applied: on `gw.reply.<conversation_id>`,
+    or `gw.reply.<conversation_id>.<inbox>` when the envelope named its waiter's inbox."""
 
     envelope_id: str
     conversation_id: str
@@ -174,7 +178,8 @@ class TurnReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StreamDelta(msgspec.Struct, frozen=True, kw_only=True):
-    """A piece of the agent's reply, published on gw.stream.<conversation_id> before the reply."""
+    """A piece of the agent's reply, published before the reply on the same subject shape
+    (`gw.stream.<conversation_id>[.<inbox>]`)."""
 
     envelope_id: str
     text: str

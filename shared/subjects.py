@@ -7,8 +7,17 @@ NATS server without seeing each other's traffic. The default namespace is empty:
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
 from dataclasses import dataclass
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _addressed(subject: str, inbox: str | None) -> str:
+    """`subject.<inbox>`, if `inbox` is one plain subject token; anything else (None, or a value
+    that would make another subject or a wildcard) leaves the subject unaddressed."""
+    return f"{subject}.{inbox}" if inbox and _TOKEN.fullmatch(inbox) else subject
 
 
 @dataclass(frozen=True)
@@ -109,11 +118,23 @@ class Subjects:
         """Core NATS broadcast: an API key was revoked; every API replica drops it from its cache."""
         return self._s("gw.ctl.key_revoked")
 
-    def reply(self, conversation_id: str) -> str:
-        return self._s(f"gw.reply.{conversation_id}")
+    def reply(self, conversation_id: str, inbox: str | None = None) -> str:
+        """Core's reply to an inbound message: to the waiting process's inbox when the envelope
+        named one (`gw.reply.<conversation_id>.<inbox>`), else `gw.reply.<conversation_id>`."""
+        return self._s(_addressed(f"gw.reply.{conversation_id}", inbox))
 
-    def stream(self, conversation_id: str) -> str:
-        return self._s(f"gw.stream.{conversation_id}")
+    def stream(self, conversation_id: str, inbox: str | None = None) -> str:
+        """Token deltas of a reply, addressed like the reply itself (see `reply`)."""
+        return self._s(_addressed(f"gw.stream.{conversation_id}", inbox))
+
+    def reply_inbox(self, inbox: str) -> str:
+        """What one process's reply inbox subscribes to: every reply and delta addressed to it."""
+        return self._s(f"gw.*.*.{inbox}")
+
+    def conversation_replies(self, conversation_id: str) -> str:
+        """Replies and deltas of one conversation addressed to any inbox (a client's retry waits
+        for the reply to the request it repeats, which may have come through another process)."""
+        return self._s(f"gw.*.{conversation_id}.*")
 
     def call_opened(self, call_sid: str) -> str:
         """Core announces (core NATS) the conversation it opened or found for a call. The CallSid
@@ -121,7 +142,3 @@ class Subjects:
         white space in it would otherwise make another subject, or an invalid one)."""
         token = hashlib.sha256(call_sid.encode()).hexdigest()[:32]
         return self._s(f"gw.call.{token}")
-
-    def conversation_feed(self, conversation_id: str) -> str:
-        """Both `gw.reply.<id>` and `gw.stream.<id>` on one subscription, so they stay in order."""
-        return self._s(f"gw.*.{conversation_id}")

@@ -149,6 +149,7 @@ def create_app(settings: ApiSettings) -> Litestar:
                 keyring.forget(msg.data.decode(errors="replace"))
 
             revocations = await bus.nc.subscribe(subjects.key_revoked, cb=forget)
+            await gateway.inbox.open()
             try:
                 if settings.bootstrap_api_key:
                     # A fixed id: a changed bootstrap secret replaces (revokes) the previous one.
@@ -163,6 +164,7 @@ def create_app(settings: ApiSettings) -> Litestar:
                 log.info("api ready", extra={"port": settings.api_port})
                 yield
             finally:
+                await gateway.inbox.close()
                 await revocations.unsubscribe()
 
     app = Litestar(

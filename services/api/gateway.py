@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncGenerator
-from typing import Any, cast
+from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from shared.bus import Bus
+from shared.bus import Bus, Reply, ReplyInbox
 from shared.envelopes import (
     Command,
     CommandResult,
     InboundMessage,
-    StreamDelta,
     TurnReply,
 )
 from shared.errors import TurnTimeout, Unavailable, error_from_code
@@ -30,8 +28,6 @@ from shared.store import Store
 
 _enc = msgspec.json.Encoder()
 _result = msgspec.json.Decoder(CommandResult)
-_reply = msgspec.json.Decoder(TurnReply)
-_delta = msgspec.json.Decoder(StreamDelta)
 
 
 def envelope_id_for(conversation_id: str, idempotency_key: str | None) -> str:
@@ -48,6 +44,7 @@ class Gateway:
         self.bus = bus
         self.store = store
         self.subjects = bus.subjects
+        self.inbox = ReplyInbox(bus)  # opened by the app's lifespan, with the bus
         self.limiter = RateLimiter(store.connection)
         self._end_users: dict[str, str] = {}  # conversation id -> end user id
 
@@ -125,12 +122,17 @@ class Gateway:
         metadata: dict[str, Any],
     ) -> TurnReply:
         """Publish the user's message durably and wait for core's reply to that very envelope."""
+        reply: TurnReply | None = None
+        # Read to its end (the feed stops after the reply), so the generator closes here and
+        # now, not later through the event loop's async-generator finaliser.
         async for item in self.turn_feed(
             conv, text, idempotency_key=idempotency_key, metadata=metadata, stream=False
         ):
             if isinstance(item, TurnReply):
-                return item
-        raise TurnTimeout("the agent did not answer")  # unreachable: the feed ends with a reply
+                reply = item
+        if reply is None:  # unreachable: the feed ends with a reply or raises
+            raise TurnTimeout("the agent did not answer")
+        return reply
 
     async def turn_feed(
         self,
@@ -140,7 +142,7 @@ class Gateway:
         idempotency_key: str | None,
         metadata: dict[str, Any],
         stream: bool,
-    ) -> AsyncGenerator[StreamDelta | TurnReply, None]:
+    ) -> AsyncGenerator[Reply, None]:
         """Yield the reply's deltas (when `stream`) and then the reply itself."""
         env = InboundMessage(
             id=envelope_id_for(conv.id, idempotency_key),
@@ -154,47 +156,30 @@ class Gateway:
             text=text,
             metadata=metadata,
             stream=stream,
+            reply_inbox=self.inbox.token,
         )
-        reply_subject = self.subjects.reply(conv.id)
-
-        def ours(msg: Msg) -> StreamDelta | TurnReply | None:
-            item: StreamDelta | TurnReply = (
-                _reply.decode(msg.data) if msg.subject == reply_subject else _delta.decode(msg.data)
-            )
-            return item if item.envelope_id == env.id else None
-
-        # Listening before publishing, on the same connection: the reply cannot overtake us, and
-        # one subscription for deltas and reply keeps them in the order core sent them.
-        async with self.bus.listen(self.subjects.conversation_feed(conv.id), ours) as feed:
-            deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_seconds
+        deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_seconds
+        # Expected before publishing: the reply cannot arrive before anyone waits for it.
+        with self.inbox.expect(env.id) as replies:
             # Not stored → Unavailable (503): only a stored message may be called accepted below.
             ack = await self.bus.publish(
                 self.subjects.inbound("api", conv.partition_key), _enc.encode(env), msg_id=env.id
             )
-            if ack.duplicate:
-                # A client retry of an envelope JetStream already holds: answer from the store if
-                # core is done with it, else wait for the reply of the delivery in flight.
-                earlier = await self.earlier_reply(conv.id, env.id)
-                if earlier is not None:
-                    yield earlier
-                    return
-            try:
-                while True:
-                    remaining = deadline - asyncio.get_running_loop().time()
-                    # (mypy joins the union to Struct when it infers the queue's type)
-                    item = cast(
-                        StreamDelta | TurnReply,
-                        await asyncio.wait_for(feed.get(), max(remaining, 0.001)),
-                    )
+            if not ack.duplicate:
+                async for item in _until_reply(replies, deadline, env.id):
                     yield item
-                    if isinstance(item, TurnReply):
-                        return
-            except TimeoutError as exc:
-                raise TurnTimeout(
-                    "the agent did not answer in time; the turn is accepted and will "
-                    "appear in the transcript",
-                    details={"envelope_id": env.id},
-                ) from exc
+                return
+        # A client retry of an envelope JetStream already holds: core answers the first publish,
+        # whose request may wait in another process. Listening from now, then reading the store
+        # (core records the answer before it replies), misses neither an answer already given
+        # nor one still to come.
+        async with self.inbox.following(conv.id, env.id) as feed:
+            earlier = await self.earlier_reply(conv.id, env.id)
+            if earlier is not None:
+                yield earlier
+                return
+            async for item in _until_reply(feed, deadline, env.id):
+                yield item
 
     async def webhooks_changed(self) -> None:
         """Tell core at once that webhook subscriptions changed (services/core/audience.py):
@@ -229,3 +214,26 @@ class Gateway:
                 user_seq=user_seq,
             )
         return None
+
+
+async def _until_reply(
+    replies: asyncio.Queue[Reply], deadline: float, envelope_id: str
+) -> AsyncGenerator[Reply, None]:
+    """What arrives for one envelope, up to and including its reply, by `deadline`."""
+    while True:
+        try:
+            item = replies.get_nowait()
+        except asyncio.QueueEmpty:
+            try:
+                # Only the wait runs under the deadline, never the caller's work between items.
+                async with asyncio.timeout_at(deadline):
+                    item = await replies.get()
+            except TimeoutError as exc:
+                raise TurnTimeout(
+                    "the agent did not answer in time; the turn is accepted and will "
+                    "appear in the transcript",
+                    details={"envelope_id": envelope_id},
+                ) from exc
+        yield item
+        if isinstance(item, TurnReply):
+            return

@@ -177,7 +177,8 @@ class Core:
         c = self.conversations
         match env:
             case InboundMessage():
-                await turns.apply_message(c, env)
+                with c.outbox.answering(env):
+                    await turns.apply_message(c, env)
             case ChannelKeyword():
                 await turns.apply_keyword(c, env)
             case Resume():

@@ -3,15 +3,18 @@
 Every durable publish carries a deterministic Nats-Msg-Id derived from the turn or event it
 carries, so a redelivered step re-publishes the same message and JetStream drops the copy. Replies
 (`gw.reply.*`) and token deltas (`gw.stream.*`) are core NATS, fire-and-forget: they only wake a
-waiting request, which can always read the durable state instead.
+waiting request, which can always read the durable state instead. They go to the inbox of the
+process that waits (`reply_inbox` on the envelope, shared/bus/replies.py) while that envelope is
+applied (`answering`), else to the conversation's subject (an older API, voice).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import msgspec
@@ -79,6 +82,25 @@ class Outbox:
         self.metrics = metrics
         # Events go through the broker only while someone reads them there (audience.py).
         self.audience = audience
+        self._inboxes: dict[str, str] = {}  # envelope id -> the inbox waiting for its reply
+
+    @contextlib.contextmanager
+    def answering(self, env: InboundMessage) -> Iterator[None]:
+        """While `env` is applied, its reply and deltas go to the inbox it names, if any."""
+        if env.reply_inbox is None:
+            yield
+            return
+        self._inboxes[env.id] = env.reply_inbox
+        try:
+            yield
+        finally:
+            self._inboxes.pop(env.id, None)
+
+    def reply_subject(self, conversation_id: str, envelope_id: str) -> str:
+        return self.subjects.reply(conversation_id, self._inboxes.get(envelope_id))
+
+    def stream_subject(self, conversation_id: str, envelope_id: str) -> str:
+        return self.subjects.stream(conversation_id, self._inboxes.get(envelope_id))
 
     async def deliver(
         self,
@@ -96,9 +118,10 @@ class Outbox:
         envelope_id = user_turn.envelope_id or answer.id
         if deliver:
             if stream:
+                subject = self.stream_subject(conv.id, envelope_id)
                 for piece in _WORDS.findall(answer.content):
                     await self.bus.publish_core(
-                        self.subjects.stream(conv.id),
+                        subject,
                         _enc.encode(StreamDelta(envelope_id=envelope_id, text=piece)),
                     )
             await self.publish_outbound(conv, answer, thread=thread)
@@ -145,7 +168,8 @@ class Outbox:
         )
 
     async def publish_reply(self, reply: TurnReply) -> None:
-        await self.bus.publish_core(self.subjects.reply(reply.conversation_id), _enc.encode(reply))
+        subject = self.reply_subject(reply.conversation_id, reply.envelope_id)
+        await self.bus.publish_core(subject, _enc.encode(reply))
 
     async def record_turn(self, conv: Conversation, turn: Turn) -> None:
         """Publish the turn's `turn.created` event (the append already put it in the audit log

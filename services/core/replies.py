@@ -82,8 +82,8 @@ async def produce(
     )
     on_delta: DeltaSink | None = None
     if stream:
-        subject = c.subjects.stream(conv.id)
         envelope_id = user_turn.envelope_id or user_turn.id
+        subject = c.outbox.stream_subject(conv.id, envelope_id)
 
         async def on_delta(piece: str) -> None:
             await c.bus.publish_core(

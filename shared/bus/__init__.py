@@ -21,6 +21,7 @@ and raises `delivery.failed`). Dead letters can be listed and replayed (`dead_le
 from __future__ import annotations
 
 from shared.bus.consumers import Consumers
+from shared.bus.replies import Reply, ReplyInbox, decode_reply
 from shared.bus.types import (
     DAY,
     NOT_STORED,
@@ -51,8 +52,11 @@ __all__ = [
     "Hold",
     "Later",
     "ProviderUnavailable",
+    "Reply",
+    "ReplyInbox",
     "Undeliverable",
     "decode_or_dead",
+    "decode_reply",
     "short_backoff",
 ]
 

@@ -32,6 +32,35 @@ def test_namespace_prefixes_subjects_and_streams() -> None:
     assert Subjects().reply("conv_x") == "gw.reply.conv_x"
 
 
+def test_a_reply_addressed_to_an_inbox_is_seen_by_that_inbox_and_by_its_conversation() -> None:
+    subjects = Subjects(namespace="t1")
+    reply, delta = subjects.reply("conv_x", "inbox_1"), subjects.stream("conv_x", "inbox_1")
+    assert (reply, delta) == ("t1.gw.reply.conv_x.inbox_1", "t1.gw.stream.conv_x.inbox_1")
+    for subject in (reply, delta):
+        assert _matches(subjects.reply_inbox("inbox_1"), subject)
+        assert not _matches(subjects.reply_inbox("inbox_2"), subject)
+        assert _matches(subjects.conversation_replies("conv_x"), subject)
+        assert not _matches(subjects.conversation_replies("conv_y"), subject)
+    # Nothing else the gateway publishes has that shape.
+    assert not _matches(subjects.reply_inbox("inbox_1"), subjects.inbound("api", "conv_x"))
+
+
+@pytest.mark.parametrize("inbox", [None, "", "a.b", "*", ">", "x y", "a" * 65])
+def test_an_inbox_that_is_not_one_plain_token_leaves_the_reply_on_its_conversation(
+    inbox: str | None,
+) -> None:
+    assert Subjects().reply("conv_x", inbox) == "gw.reply.conv_x"
+    assert Subjects().stream("conv_x", inbox) == "gw.stream.conv_x"
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, `>` the rest (one or more)."""
+    p, s = pattern.split("."), subject.split(".")
+    if p[-1] == ">":
+        return len(s) >= len(p) and all(a in ("*", b) for a, b in zip(p[:-1], s, strict=False))
+    return len(p) == len(s) and all(a in ("*", b) for a, b in zip(p, s, strict=True))
+
+
 @pytest.mark.parametrize("call_sid", ["CA" + "0" * 32, "\r", "a.b", "*", ">", "x y", ""])
 def test_a_call_subject_is_one_safe_token_whatever_the_callsid(call_sid: str) -> None:
     subject = Subjects(namespace="t1").call_opened(call_sid)
