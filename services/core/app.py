@@ -27,6 +27,7 @@ from services.core.conversations import Conversations
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from services.core.ownership import PartitionOwner
 from services.core.partitions import PartitionConsumer
+from shared.bus import decode_or_dead
 from shared.envelopes import (
     ApprovalDecided,
     CallEnded,
@@ -210,9 +211,9 @@ class Core:
 
     async def on_command(self, msg: Msg) -> None:
         try:
-            command = _command.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            result = CommandResult(ok=False, error_code="invalid_request", error_message=str(exc))
+            command = decode_or_dead(_command, msg.data)
+        except Undeliverable as exc:
+            result = CommandResult(ok=False, error_code="invalid_request", error_message=exc.reason)
             await msg.respond(_enc.encode(result))
             return
         if isinstance(command, EraseEndUser):

@@ -38,7 +38,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared.bus import Bus
+from shared.bus import Bus, Undeliverable, decode_or_dead
 from shared.envelopes import SCHEMA_VERSION, InboundEnvelope
 
 log = logging.getLogger("switchboard.core.partitions")
@@ -65,9 +65,9 @@ class Held:
 
 def _read(msg: Msg) -> tuple[InboundEnvelope | None, str | None]:
     try:
-        env = _inbound.decode(msg.data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        return None, f"undecodable: {exc}"
+        env: InboundEnvelope = decode_or_dead(_inbound, msg.data)
+    except Undeliverable as exc:
+        return None, exc.reason
     if env.v > SCHEMA_VERSION:
         return None, f"unknown_version: v={env.v}"
     return env, None

@@ -159,3 +159,18 @@ async def test_the_dead_command_lists_and_replays_once(stack: Stack) -> None:
     assert json.loads(out)[0]["replayed_at"] is not None
     info = await bus.js.stream_info(bus.subjects.outbound_stream, subjects_filter=subject)
     assert info.state.subjects == {subject: 1}  # the one replay, not two
+
+
+async def test_an_inbound_message_with_bytes_that_are_not_utf8_is_dead_on_its_first_delivery(
+    stack: Stack,
+) -> None:
+    """msgspec reports such bytes inside a string as UnicodeDecodeError, not a DecodeError: core
+    must still call the message undecodable (dead at once), not retry it as a failure."""
+    bus = stack.core.bus
+    subject = bus.subjects.inbound("api", "conv_x")
+    await bus.publish(
+        subject, b'{"kind": "message", "id": "env_\xff", "channel": "api"}', msg_id="env_bad"
+    )
+    letters = await eventually(lambda: _letters(stack), what="the dead letter")
+    assert [(x["source_subject"], x["deliveries"]) for x in letters] == [(subject, 1)]
+    assert letters[0]["reason"].startswith("undecodable")

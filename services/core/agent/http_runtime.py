@@ -105,7 +105,8 @@ class HttpRuntime:
             raw = await response.aread()
         try:
             answer = _answer.decode(raw)
-        except msgspec.DecodeError as exc:
+        # (msgspec reports bytes that are not UTF-8 inside a string as UnicodeDecodeError)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise AttemptFailed(f"invalid_answer: {exc}") from exc
         return _reply(answer, answer.text or "", streamed=False)
 

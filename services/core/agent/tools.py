@@ -148,7 +148,7 @@ class ToolRunner:
                 error = f"http_{response.status_code}"
             except httpx.HTTPError as exc:
                 error = type(exc).__name__
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):  # (not UTF-8 inside a string)
                 error = "invalid_json"
             log.info("tool attempt failed", extra={"tool": spec.name, "error": error})
             if attempt < TOOL_ATTEMPTS:
