@@ -15,6 +15,7 @@ deterministic Nats-Msg-Id.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -22,7 +23,7 @@ import msgspec
 from services.core.agent import Budget, Runtimes
 from services.core.audience import WebhookAudience
 from services.core.lifecycle import transition
-from services.core.outbox import Outbox, usage_channel
+from services.core.outbox import Outbox
 from shared.bus import Bus
 from shared.errors import Conflict, InvalidRequest
 from shared.events import (
@@ -51,6 +52,26 @@ from shared.telemetry import Metrics
 
 log = logging.getLogger("switchboard.core")
 
+# How many conversations a core process remembers as `Known` (about 200 bytes each).
+KNOWN_CONVERSATIONS = 10_000
+
+
+@dataclass(frozen=True)
+class Known:
+    """What never changes about a conversation: enough to build a user turn and append it without
+    reading the conversation first (the append returns it as it is then). Ids and enums only,
+    nothing personal: an erased conversation's entry is harmless (its append finds nothing)."""
+
+    id: str
+    end_user_id: str
+    channel: Channel
+    session_type: SessionType
+
+
+def usage_channel(conv: Conversation | Known, turn: Turn) -> Channel | None:
+    """The channel a turn counts under in usage: `live` sessions' turns, gateway notes excluded."""
+    return conv.channel if conv.session_type == "live" and turn.role != "system" else None
+
 
 class Conversations:
     def __init__(self, settings: CoreSettings, store: Store, bus: Bus, metrics: Metrics) -> None:
@@ -68,6 +89,21 @@ class Conversations:
             )
         )
         self._revisions: dict[str, Revision] = {}
+        self._known: dict[str, Known] = {}
+
+    def known(self, cid: str | None) -> Known | None:
+        """A conversation this process has seen, by id (see `Known`)."""
+        return self._known.get(cid) if cid else None
+
+    def remember(self, conv: Conversation) -> Known:
+        known = Known(conv.id, conv.end_user_id, conv.channel, conv.session_type)
+        if known.id not in self._known and len(self._known) >= KNOWN_CONVERSATIONS:
+            del self._known[next(iter(self._known))]  # the oldest first
+        self._known[known.id] = known
+        return known
+
+    def forget(self, cid: str) -> None:
+        self._known.pop(cid, None)
 
     async def revision(self, revision_id: str) -> Revision:
         """A revision by id; revisions are immutable, so each is read once per process."""
@@ -188,7 +224,9 @@ class Conversations:
             created_at=utcnow(),
         )
         appended = await self.store.append_turn(note, allowed=("waiting_for_human",))
-        await self.outbox.record_turn(conv, msgspec.structs.replace(note, seq=appended.seq))
+        await self.outbox.record_turn(
+            msgspec.structs.replace(note, seq=appended.seq), conv.session_type, conv.channel
+        )
         await self.outbox.emit(
             HandoffStarted(reason=reason, seq=appended.seq, handoff_id=record.id), conv, actor
         )
@@ -250,15 +288,17 @@ class Conversations:
 
     async def append(
         self,
-        conv: Conversation,
+        conv: Conversation | Known,
         turn: Turn,
         *,
         allowed: tuple[Status, ...],
         key: str | None,
         queue_if_inactive: bool = False,
+        current: bool = False,
     ) -> tuple[Turn, Appended]:
         """Append a turn (deduplicated by `key`) and record it (events, webhooks) the first time;
-        the turn comes back with its `seq`."""
+        the turn comes back with its `seq` (and with `current`, the conversation as the append
+        left it)."""
         appended = await self.store.append_turn(
             turn,
             allowed=allowed,
@@ -266,8 +306,9 @@ class Conversations:
             dedupe_ttl=self.settings.dedupe_ttl_seconds,
             queue_if_inactive=queue_if_inactive,
             usage_channel=usage_channel(conv, turn),
+            current=current,
         )
         turn = msgspec.structs.replace(turn, seq=appended.seq)
         if not appended.duplicate:
-            await self.outbox.record_turn(conv, turn)
+            await self.outbox.record_turn(turn, conv.session_type, conv.channel)
         return turn, appended

@@ -69,11 +69,6 @@ def for_operators(data: EventData) -> bool:
             return False
 
 
-def usage_channel(conv: Conversation, turn: Turn) -> Channel | None:
-    """The channel a turn counts under in usage: `live` sessions' turns, gateway notes excluded."""
-    return conv.channel if conv.session_type == "live" and turn.role != "system" else None
-
-
 class Outbox:
     def __init__(self, store: Store, bus: Bus, metrics: Metrics, audience: WebhookAudience) -> None:
         self.store = store
@@ -171,27 +166,27 @@ class Outbox:
         subject = self.reply_subject(reply.conversation_id, reply.envelope_id)
         await self.bus.publish_core(subject, _enc.encode(reply))
 
-    async def record_turn(self, conv: Conversation, turn: Turn) -> None:
+    async def record_turn(self, turn: Turn, session_type: SessionType, channel: Channel) -> None:
         """Publish the turn's `turn.created` event (the append already put it in the audit log
         and counted it in usage)."""
-        work: list[Awaitable[Any]] = []
-        event = turn_created_event(turn, conv.session_type, conv.channel)
-        if self.audience.wants(conv.session_type):
-            work.append(
-                self.bus.publish(
-                    self.subjects.event(event.type), _enc.encode(event), msg_id=event.id
-                )
+        event = turn_created_event(turn, session_type, channel)
+        notice = self.tell_operators(
+            make_event(
+                TurnNotice(seq=turn.seq),
+                id=event.id,
+                occurred_at=event.occurred_at,
+                conversation_id=event.conversation_id,
+                session_type=event.session_type,
+                actor=event.actor,
             )
-        notice = make_event(
-            TurnNotice(seq=turn.seq),
-            id=event.id,
-            occurred_at=event.occurred_at,
-            conversation_id=event.conversation_id,
-            session_type=event.session_type,
-            actor=event.actor,
         )
-        work.append(self.tell_operators(notice))
-        await asyncio.gather(*work)
+        if not self.audience.wants(session_type):
+            await notice  # the common case, without a task for a gather of one
+            return
+        await asyncio.gather(
+            self.bus.publish(self.subjects.event(event.type), _enc.encode(event), msg_id=event.id),
+            notice,
+        )
 
     async def reject(self, env: InboundMessage, exc: SwitchboardError) -> None:
         """An inbound message that cannot become a turn: tell the request waiting for it why."""

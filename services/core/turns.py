@@ -6,7 +6,7 @@ before it, then answer it or tell the waiting request that it is queued.
 from __future__ import annotations
 
 from services.core import handoffs, replies, routing
-from services.core.conversations import Conversations
+from services.core.conversations import Conversations, Known
 from services.core.lifecycle import ACCEPTS_USER_TURNS
 from shared.envelopes import ChannelKeyword, InboundMessage, TurnReply
 from shared.errors import ConversationClosed, NotFound, Undeliverable
@@ -15,19 +15,32 @@ from shared.models import Author, Conversation, Turn, utcnow
 
 
 async def apply_message(c: Conversations, env: InboundMessage) -> None:
+    # An API turn names a conversation this process has usually seen: the append itself returns
+    # the conversation, so the turn costs no read before it (`Known`).
+    known = c.known(env.conversation_id)
+    if known is not None:
+        if await _apply_to(c, env, known):
+            return
+        c.forget(known.id)  # erased meanwhile: the path below reads it, and says so
     try:
         conv = await routing.conversation_for(c, env)
     except NotFound as exc:
         # An API turn for a conversation that does not exist: nothing to retry.
         await c.outbox.reject(env, exc)
         return
+    await _apply_to(c, env, c.remember(conv) if env.conversation_id else conv)
+
+
+async def _apply_to(c: Conversations, env: InboundMessage, target: Conversation | Known) -> bool:
+    """Append the message as a user turn of `target` and answer it (or queue it). False if the
+    conversation `target` knows of no longer exists (nothing was done)."""
     user_turn = Turn(
         id=f"turn_{env.id}",
-        conversation_id=conv.id,
+        conversation_id=target.id,
         seq=0,
         role="user",
         content=env.text,
-        author=Author(kind="end_user", id=conv.end_user_id),
+        author=Author(kind="end_user", id=target.end_user_id),
         created_at=utcnow(),
         envelope_id=env.id,
         channel=env.channel,
@@ -35,11 +48,22 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
     )
     try:
         user_turn, appended = await c.append(
-            conv, user_turn, allowed=ACCEPTS_USER_TURNS, key=env.id, queue_if_inactive=True
+            target,
+            user_turn,
+            allowed=ACCEPTS_USER_TURNS,
+            key=env.id,
+            queue_if_inactive=True,
+            current=True,
         )
     except ConversationClosed as exc:
         await c.outbox.reject(env, exc)
-        return
+        return True
+    except NotFound:
+        if isinstance(target, Conversation):
+            raise
+        return False
+    assert appended.conversation is not None  # asked for with `current`
+    conv = appended.conversation
     if not appended.duplicate and env.original_text is not None:
         # Email: the turn is the new text; keep the whole.
         await c.store.put_original(conv.id, appended.seq, env.original_text)
@@ -65,12 +89,13 @@ async def apply_message(c: Conversations, env: InboundMessage) -> None:
                 user_seq=appended.seq,
             )
         )
-        return
+        return True
     if appended.duplicate and await replies.finish_answered(
         c, conv, user_turn, thread=env.thread, stream=env.stream
     ):
-        return
+        return True
     await replies.respond(c, conv, user_turn, thread=env.thread, stream=env.stream)
+    return True
 
 
 async def apply_keyword(c: Conversations, env: ChannelKeyword) -> None:

@@ -18,6 +18,7 @@ from shared.envelopes import Event, turn_created_event
 from shared.models import (
     Author,
     Channel,
+    Conversation,
     Evidence,
     Role,
     SessionType,
@@ -28,7 +29,12 @@ from shared.models import (
 )
 from shared.store.collection import Aggregate, Codec, encode, text
 from shared.store.connection import Connection
-from shared.store.conversations import conversation_doc, conversation_not_found, status_forbids
+from shared.store.conversations import (
+    conversation_doc,
+    conversation_from_hash,
+    conversation_not_found,
+    status_forbids,
+)
 
 
 # A turn is stored as a positional JSON array without what its place already says (conversation
@@ -63,14 +69,22 @@ def _load_turn(cid: str, seq: int, raw: bytes | str) -> Turn:
 
 # KEYS: conv, turn log, dedupe hash, pending, event order, usage
 # ARGV: stored turn, allowed statuses ("a,b"), updated_at, dedupe key ('' = none), dedupe ttl,
-#       queue when not active ("1"/"0"), usage field to count the turn under ('' = none)
+#       queue when not active ("1"/"0"), usage field to count the turn under ('' = none),
+#       return the conversation's hash as it is after the append ("1"/"0")
 # The usage count moves with the append it counts (a duplicate counts nothing), in the same round
 # trip. On a cluster the usage key is the shard of the conversation's own slot (keys.py, rule 4).
+# Returning the conversation saves core its read before a user turn (one round trip per turn).
 _APPEND_TURN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
+local function conversation()
+  if ARGV[8] == '1' then return redis.call('HGETALL', KEYS[1]) end
+  return {}
+end
 if ARGV[4] ~= '' then
   local seen = redis.call('HGET', KEYS[3], ARGV[4])
-  if seen then return {tonumber(seen), redis.call('HGET', KEYS[1], 'status'), 'dup'} end
+  if seen then
+    return {tonumber(seen), redis.call('HGET', KEYS[1], 'status'), 'dup', 0, conversation()}
+  end
 end
 local status = redis.call('HGET', KEYS[1], 'status')
 local allowed = false
@@ -89,7 +103,7 @@ end
 redis.call('RPUSH', KEYS[5], 't' .. seq)
 if ARGV[6] == '1' and status ~= 'active' then redis.call('RPUSH', KEYS[4], seq) end
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[7], 1) end
-return {seq, status, '', redis.call('LLEN', KEYS[4])}
+return {seq, status, '', redis.call('LLEN', KEYS[4]), conversation()}
 """
 
 # KEYS: per-conversation event hash, per-conversation event order list. ARGV: event id, json
@@ -111,6 +125,8 @@ class Appended:
     duplicate: bool = False
     # User messages queued for the agent after this append (they wait while it is not active).
     pending: int = 0
+    # The conversation right after the append, when asked for (`append_turn(current=True)`).
+    conversation: Conversation | None = None
 
 
 class Turns(Aggregate):
@@ -128,11 +144,14 @@ class Turns(Aggregate):
         dedupe_ttl: int = 0,
         queue_if_inactive: bool = False,
         usage_channel: str | None = None,
+        current: bool = False,
     ) -> Appended:
         """Append `turn` with the next seq if the conversation's status is in `allowed`.
 
         With `dedupe_key`, a second append under the same key returns the first one's seq instead.
         With `usage_channel`, the turn counts in usage (`turns:<channel>`) when it is appended.
+        With `current`, the result carries the conversation as the append left it (read in the
+        same script, so its status is the one the append saw).
         Raises NotFound, or ConversationClosed / IllegalTransition when the status forbids it.
         """
         cid = turn.conversation_id
@@ -152,6 +171,7 @@ class Turns(Aggregate):
             dedupe_ttl,
             "1" if queue_if_inactive else "0",
             f"turns:{usage_channel}" if usage_channel else "",
+            "1" if current else "0",
         ]
         if self.connection.wait_replicas:
             # A duplicate waits too: the first append's acknowledgement may have been lost.
@@ -166,11 +186,17 @@ class Turns(Aggregate):
             raise conversation_not_found(cid)
         if seq == -2:
             raise status_forbids(status, f"conversation is {status}", {"status": status})
+        fields = result[4] if len(result) > 4 else []
         return Appended(
             seq=seq,
             status=status,  # type: ignore[arg-type]
             duplicate=len(result) > 2 and result[2] == b"dup",
             pending=int(result[3]) if len(result) > 3 else 0,
+            conversation=(
+                conversation_from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+                if fields
+                else None
+            ),
         )
 
     async def get_turn(self, cid: str, seq: int) -> Turn | None:

@@ -76,6 +76,22 @@ async def test_turns_get_consecutive_seqs_even_when_appended_concurrently(store:
     assert {t.content for t in turns} == {f"m{i}" for i in range(50)}
 
 
+async def test_an_append_can_return_the_conversation_as_it_left_it(store: Store) -> None:
+    conv = await new_conversation(store)
+    appended = await store.append_turn(
+        turn(conv.id, "hi", "t1"), allowed=ACCEPTS_USER_TURNS, dedupe_key="env_1", current=True
+    )
+    assert appended.conversation == await store.get_conversation(conv.id)
+    assert appended.conversation is not None
+    assert appended.conversation.last_seq == 1
+    again = await store.append_turn(
+        turn(conv.id, "hi", "t1"), allowed=ACCEPTS_USER_TURNS, dedupe_key="env_1", current=True
+    )
+    assert (again.duplicate, again.conversation) == (True, appended.conversation)
+    plain = await store.append_turn(turn(conv.id, "more", "t2"), allowed=ACCEPTS_USER_TURNS)
+    assert plain.conversation is None
+
+
 async def test_user_content_that_looks_like_a_seq_field_is_kept_verbatim(store: Store) -> None:
     conv = await new_conversation(store)
     text = 'evil "seq":-1, text'
