@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from litestar import Controller, delete, get, post
@@ -38,6 +38,8 @@ from shared.models import (
     ToolSpec,
     utcnow,
 )
+
+KeyView = TypeVar("KeyView", ApiKeyInfo, CreatedApiKey, WhoAmI)
 
 
 class IdentityController(Controller):
@@ -246,31 +248,13 @@ class KeyController(Controller):
             visibility=visibility,
             display_name=data.display_name,
         )
-        return CreatedApiKey(
-            id=key.id,
-            name=key.name,
-            scopes=list(key.scopes),
-            created_at=key.created_at,
-            expires_at=key.expires_at,
-            visibility=key.visibility,
-            key=secret,
-            display_name=key.display_name,
-        )
+        return _shown(key, CreatedApiKey, key=secret)
 
     @get("/api-keys")
     async def list_keys(self, gateway: Gateway) -> ItemList[ApiKeyInfo]:
         return ItemList(
             items=[
-                ApiKeyInfo(
-                    id=key.id,
-                    name=key.name,
-                    scopes=list(key.scopes),
-                    created_at=key.created_at,
-                    last_used_at=last_used,
-                    expires_at=key.expires_at,
-                    visibility=key.visibility,
-                    display_name=key.display_name,
-                )
+                _shown(key, ApiKeyInfo, last_used_at=last_used)
                 for key, last_used in await gateway.store.list_api_keys()
             ]
         )
@@ -284,10 +268,10 @@ class KeyController(Controller):
 
     @get("/whoami", opt={"scope": "client"})
     async def whoami(self, caller: ApiKey) -> WhoAmI:
-        return WhoAmI(
-            id=caller.id,
-            name=caller.name,
-            scopes=list(caller.scopes),
-            visibility=caller.visibility,
-            display_name=caller.display_name,
-        )
+        return _shown(caller, WhoAmI)
+
+
+def _shown(record: ApiKey, view: type[KeyView], /, **extra: object) -> KeyView:
+    """The key as a response shows it: the fields `view` declares, plus `extra`. The record holds
+    no secret to leak (the store keeps the secret's hash apart from it)."""
+    return msgspec.convert({**msgspec.structs.asdict(record), **extra}, view)

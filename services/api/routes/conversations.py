@@ -18,6 +18,7 @@ from services.api.routes.dependencies import (
     VISIBLE_CONVERSATION,
     IdempotencyKey,
     Limit,
+    VisibleConversation,
 )
 from services.api.schemas import (
     CloseRequest,
@@ -112,21 +113,22 @@ class ConversationController(Controller):
         return ItemList(items=page.items, next_cursor=page.next_cursor)
 
     @get("/{conversation_id:str}")
-    async def get_conversation(self, conversation: Conversation) -> Conversation:
-        return conversation
+    async def get_conversation(self, conversation: VisibleConversation) -> Conversation:
+        return await conversation()
 
     @post("/{conversation_id:str}/close", status_code=200, opt={"errors": (409,)})
     async def close(
         self,
-        conversation: Conversation,
+        conversation: VisibleConversation,
         gateway: Gateway,
         caller: ApiKey,
         data: CloseRequest | None = None,
     ) -> Conversation:
+        conv = await conversation()
         reason = data.reason if data else "closed_by_client"
         return await gateway.command(
             "close_conversation",
-            CloseConversation(conversation_id=conversation.id, reason=reason, actor=caller.id),
+            CloseConversation(conversation_id=conv.id, reason=reason, actor=caller.id),
         )
 
     @post(
@@ -208,16 +210,17 @@ class ConversationController(Controller):
     @get("/{conversation_id:str}/messages")
     async def messages(
         self,
-        conversation: Conversation,
+        conversation: VisibleConversation,
         gateway: Gateway,
         since_seq: Annotated[int, Parameter(ge=0)] = 0,
         limit: Limit = 100,
     ) -> Messages:
         """Polling: the status and every message after `since_seq`. `next_seq` never rewinds."""
-        turns = await gateway.store.turns_after(conversation.id, since_seq, limit)
+        conv = await conversation()
+        turns = await gateway.store.turns_after(conv.id, since_seq, limit)
         return Messages(
-            conversation_id=conversation.id,
-            session_status=conversation.status,
+            conversation_id=conv.id,
+            session_status=conv.status,
             messages=turns,
             next_seq=turns[-1].seq if turns else since_seq,
         )
@@ -225,34 +228,39 @@ class ConversationController(Controller):
     @get("/{conversation_id:str}/events")
     async def events(
         self,
-        conversation: Conversation,
+        conversation: VisibleConversation,
         gateway: Gateway,
         cursor: str | None = None,
         limit: Limit = 100,
     ) -> ItemList[Event]:
         """The audit trail: every state change, with who, what and when."""
+        conv = await conversation()
         offset = int(cursor) if cursor and cursor.isdigit() else 0
-        items = await gateway.store.list_events(conversation.id, offset, limit + 1)
+        items = await gateway.store.list_events(conv.id, offset, limit + 1)
         more = len(items) > limit
         return ItemList(items=items[:limit], next_cursor=str(offset + limit) if more else None)
 
     @get("/{conversation_id:str}/turns")
     async def list_turns(
         self,
-        conversation: Conversation,
+        conversation: VisibleConversation,
         gateway: Gateway,
         cursor: Annotated[int, Parameter(ge=0)] = 0,
         limit: Limit = 50,
     ) -> ItemList[Turn]:
         """The transcript in seq order; `cursor` is the last seq already seen."""
-        turns = await gateway.store.turns_after(conversation.id, cursor, limit)
-        more = bool(turns) and turns[-1].seq < conversation.last_seq
+        conv = await conversation()
+        turns = await gateway.store.turns_after(conv.id, cursor, limit)
+        more = bool(turns) and turns[-1].seq < conv.last_seq
         return ItemList(items=turns, next_cursor=str(turns[-1].seq) if more else None)
 
     @get("/{conversation_id:str}/deliveries")
-    async def deliveries(self, conversation: Conversation, gateway: Gateway) -> ItemList[Delivery]:
+    async def deliveries(
+        self, conversation: VisibleConversation, gateway: Gateway
+    ) -> ItemList[Delivery]:
         """How each outbound message fared with its provider: status, provider ids, errors."""
-        return ItemList(items=await gateway.store.list_deliveries(conversation.id))
+        conv = await conversation()
+        return ItemList(items=await gateway.store.list_deliveries(conv.id))
 
 
 async def _create_conversation(

@@ -48,13 +48,19 @@ def _caller(request: Request[Any, Any, Any]) -> ApiKey:
     return request.state.api_key  # type: ignore[no-any-return]
 
 
-async def visible_conversation(
-    conversation_id: str, gateway: Gateway, caller: ApiKey
-) -> Conversation:
-    """The conversation, if the calling key may see it (404 otherwise)."""
-    conv = await gateway.store.get_conversation(conversation_id)
-    _check_visible(caller, conv)
-    return conv
+class VisibleConversation:
+    """The conversation in the path, if the calling key may see it (404 otherwise): looked up when
+    the handler awaits it, after Litestar has validated the rest of the request, so a malformed
+    request is 422 whether or not the conversation exists. Dependencies resolve before that
+    validation, which is why this is not the conversation itself."""
+
+    def __init__(self, conversation_id: str, gateway: Gateway, caller: ApiKey) -> None:
+        self._id, self._gateway, self._caller = conversation_id, gateway, caller
+
+    async def __call__(self) -> Conversation:
+        conv = await self._gateway.store.get_conversation(self._id)
+        _check_visible(self._caller, conv)
+        return conv
 
 
 async def conversation_for_turn(
@@ -66,7 +72,8 @@ async def conversation_for_turn(
 ) -> Conversation:
     """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when the key
     or the conversation's end user is over its limit, 422 when `idempotency_key` came before with
-    another body (the same body is a retry: the envelope id derived from the key replays it)."""
+    another body (the same body is a retry: the envelope id derived from the key replays it).
+    It takes every input of the turn handlers, so Litestar validates them all before it runs."""
     conv = await gateway.conversation_for_turn(conversation_id, caller.id)
     _check_visible(caller, conv)
     if conv.status == "closed":
@@ -89,5 +96,5 @@ APP_DEPENDENCIES = {
     "keyring": Provide(_keyring, sync_to_thread=False),
     "caller": Provide(_caller, sync_to_thread=False),
 }
-VISIBLE_CONVERSATION = {"conversation": Provide(visible_conversation)}
+VISIBLE_CONVERSATION = {"conversation": Provide(VisibleConversation, sync_to_thread=False)}
 TURN_CONVERSATION = {"conversation": Provide(conversation_for_turn)}
