@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get
@@ -15,6 +15,7 @@ from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shared import tracing
 from shared.errors import RateLimited, SwitchboardError, error_body
@@ -69,6 +70,43 @@ def probe_app(ready: ReadyCheck, metrics: Metrics) -> Litestar:
     )
 
 
+class _Transport:
+    """A connection's transport whose writes are held until the end of the event loop's current
+    step. uvicorn writes a response's head when the app starts the response and its body when the
+    app sends it: two send() calls, and two TCP segments the client reads apart. Held together they
+    are one, for every response whose head and body the app sends in one step (all but streams)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self._flush)
+        self._held.append(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        if held and not self._transport.is_closing():
+            self._transport.write(b"".join(held))
+
+    def close(self) -> None:
+        self._flush()  # what was written before close is sent, as with the transport itself
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the transport's interface, as it is
+        return getattr(self._transport, name)
+
+
+class _OneWritePerResponse(HttpToolsProtocol):
+    """uvicorn's httptools protocol, writing through `_Transport`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        held = _Transport(cast(asyncio.Transport, transport), asyncio.get_running_loop())
+        super().connection_made(cast(asyncio.Transport, held))
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the service owns SIGTERM and stops us in order."""
 
@@ -89,7 +127,7 @@ class HttpServer:
             access_log=False,
             lifespan="on",
             loop="none",
-            http="httptools",
+            http=_OneWritePerResponse,
             timeout_graceful_shutdown=10,
         )
         self.server = _Server(config)
