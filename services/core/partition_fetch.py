@@ -17,6 +17,11 @@ Its share of the delivery contract (the whole contract is in `partitions`):
   its ack wait), then queues everything pending in stream order.
 - **Redelivery of a message we hold is not a second message.** It is recognised by its stream
   sequence; we keep one and answer on the newest delivery.
+- **One pull request open at a time.** A request asks for up to the room we have and expires
+  inside the lease; it keeps delivering as messages arrive, and the next is sent once it has
+  expired or delivered its batch. A steady flow of turns costs about one request per partition
+  per `fetch_timeout`, not one or two per fetch (a no-wait probe and a long poll each time, as
+  the client library's `fetch` does) — every request is work for core and for nats-server.
 
 What happens to a message once it is in our hands (the queue per conversation, acking, retries,
 dead letters, winding down) is the subclass's: `PartitionConsumer` in `partitions`.
@@ -34,7 +39,7 @@ from dataclasses import KW_ONLY, dataclass, field
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -47,6 +52,10 @@ _inbound = msgspec.json.Decoder(InboundEnvelope)
 
 # A fetch ends at least this long before the lease could: time for its messages to arrive.
 FETCH_MARGIN = 0.25
+# JetStream's pull request subject (the default API prefix, which the bus's context uses).
+_NEXT = "$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+# A status that is not the end of a pull request (100: an idle heartbeat or flow control).
+_HEARTBEAT = "100"
 
 
 @dataclass(eq=False)
@@ -88,15 +97,22 @@ class PartitionFetch(abc.ABC):
     held: dict[int, Held] = field(init=False, default_factory=dict)
     stopping: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _room: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    _sub: JetStreamContext.PullSubscription | None = field(init=False, default=None)
+    _sub: Subscription | None = field(init=False, default=None)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _fetching: asyncio.Future[list[Msg]] | None = field(init=False, default=None)
+    # Delivered to our inbox, not yet taken by a fetch.
+    _arrivals: list[Msg] = field(init=False, default_factory=list)
+    _arrived: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    # The open pull request: until when (monotonic; 0: none open) and how many it may deliver.
+    _pull_open_until: float = field(init=False, default=0.0)
+    _pull_left: int = field(init=False, default=0)
     # The consumer's delivery sequence we last saw.
     _last_delivery: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.stream = self.bus.subjects.inbound_stream
         self.durable = f"core-p{self.partition}"
+        self._next = _NEXT.format(stream=self.stream, durable=self.durable)
 
     @abc.abstractmethod
     def _dispatch(self, held: Held) -> None:
@@ -122,7 +138,8 @@ class PartitionFetch(abc.ABC):
             max_deliver=self.max_deliver + 1,
         )
         await self.bus.js.add_consumer(self.stream, config)  # creates, or updates the limits
-        self._sub = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        self._inbox = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_delivery)
         self._task = asyncio.create_task(self._run(), name=f"core-partition:{self.partition}")
 
     async def stop(self, grace: float) -> None:
@@ -208,19 +225,48 @@ class PartitionFetch(abc.ABC):
         return self.stopping.is_set() or self.lease_remaining() <= 0
 
     async def _fetch(self, room: int, timeout: float | None = None) -> list[Msg]:
-        assert self._sub is not None
         try:
             budget = self._fetch_budget()
             if budget <= 0:  # too close to the lease's end to fetch: wait for the renewal
                 await asyncio.sleep(0.05)
                 return []
-            return await self._sub.fetch(room, timeout=min(timeout or budget, budget))
-        except NatsTimeout:
-            return []
+            return await self._pull(room, min(timeout or budget, budget), budget)
         except Exception as exc:  # connection loss: the client reconnects by itself
             log.warning("fetch failed: %s", exc, extra={"partition": self.partition})
             await asyncio.sleep(0.5)
             return []
+
+    async def _pull(self, room: int, wait: float, budget: float) -> list[Msg]:
+        """What has been delivered to us, waiting up to `wait` for the first; asks for up to
+        `room` more, expiring within `budget`, when no request is open."""
+        if not self._arrivals:
+            self._arrived.clear()
+            if time.monotonic() >= self._pull_open_until:
+                expires = int((budget - 0.01) * 1e9)  # ends on the server before it does here
+                request = b'{"batch":%d,"expires":%d}' % (room, expires)
+                self._pull_open_until = time.monotonic() + budget
+                self._pull_left = room
+                await self.bus.nc.publish(self._next, request, reply=self._inbox)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._arrived.wait()
+        msgs, self._arrivals = self._arrivals, []
+        return msgs
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        status = JetStreamContext.is_status_msg(msg)
+        if status is None:
+            self._arrivals.append(msg)
+            self._pull_left -= 1
+            if self._pull_left > 0:
+                self._arrived.set()
+                return
+        elif status == _HEARTBEAT:
+            return
+        # The request delivered its batch, expired (408), found nothing (404) or was ended by
+        # the server (409: a leadership change, the consumer deleted or changed): ask again.
+        self._pull_open_until = 0.0
+        self._arrived.set()
 
     def _lost_a_delivery(self, msgs: list[Msg]) -> bool:
         """True if the consumer delivered something between the last message we got and these

@@ -285,18 +285,17 @@ async def test_a_delivery_lost_in_flight_is_waited_for_before_the_conversation_m
 
     worker = consumer(bus, apply, ack_wait=1.0)
     await worker.start()
-    assert worker._sub is not None
-    real_fetch = worker._sub.fetch
+    real_pull = worker._pull
     dropped: list[str] = []
 
-    async def lossy_fetch(batch: int = 1, timeout: float | None = 5) -> list[Msg]:
-        msgs = await real_fetch(batch, timeout=timeout)
+    async def lossy_pull(room: int, wait: float, budget: float) -> list[Msg]:
+        msgs = await real_pull(room, wait, budget)
         if not dropped and msgs:
             dropped.append(msgs[0].data.decode())  # delivered by the server, never read by us
             return msgs[1:]
         return msgs
 
-    worker._sub.fetch = lossy_fetch  # type: ignore[method-assign]
+    worker._pull = lossy_pull  # type: ignore[method-assign]
     try:
         await send(bus, "conv_a", "1")
         await eventually(lambda: bool(dropped), what="message 1 lost in flight")
