@@ -13,7 +13,6 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from shared.envelopes import Identifier, InboundMessage
-from shared.http import HttpServer
 from shared.models import utcnow
 from tests.conftest import Stack, eventually
 from tests.integration.test_email import mail, send
@@ -31,14 +30,10 @@ BYSTANDER = "bystander words rambutan 9090"
 async def hook(stack: Stack) -> AsyncIterator[Receiver]:
     """A customer endpoint that is down: every event's webhook job (the event, texts included)
     stays in OUTBOUND while egress retries it, as it would through a real outage."""
-    rec = Receiver(fail_first=10**9)
-    server = HttpServer(rec.app(), "127.0.0.1", 0)
-    await server.start()
-    rec.url = f"http://127.0.0.1:{server.port}/hook"
-    created = await stack.api.post("/v1/webhooks", json={"url": rec.url, "events": ["*"]})
-    assert created.status_code == 201
-    yield rec
-    await server.stop()
+    async with Receiver(fail_first=10**9).serving() as rec:
+        created = await stack.api.post("/v1/webhooks", json={"url": rec.url, "events": ["*"]})
+        assert created.status_code == 201
+        yield rec
 
 
 async def store_dump(stack: Stack) -> bytes:

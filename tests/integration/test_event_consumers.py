@@ -7,12 +7,10 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
-from shared.http import HttpServer
 from tests.conftest import Stack, eventually
-from tests.integration.test_streaming_webhooks_sessions import Receiver, verify
+from tests.integration.test_streaming_webhooks_sessions import Receiver, read_sse, verify
 
 pytestmark = pytest.mark.services("api", "egress")
 
@@ -38,12 +36,8 @@ def newer_event(event_id: str, event_type: str) -> bytes:
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    server = HttpServer(rec.app(), "127.0.0.1", 0)
-    await server.start()
-    rec.url = f"http://127.0.0.1:{server.port}/hook"
-    yield rec
-    await server.stop()
+    async with Receiver().serving() as rec:
+        yield rec
 
 
 async def test_a_webhook_for_every_event_gets_an_unknown_type_byte_for_byte(
@@ -63,23 +57,6 @@ async def test_a_webhook_for_every_event_gets_an_unknown_type_byte_for_byte(
     assert verify(secret, headers, body)
 
 
-async def _frames(response: httpx.Response, count: int) -> list[tuple[str, str]]:
-    """The first `count` frames of a server-sent event stream (it does not end by itself)."""
-    frames: list[tuple[str, str]] = []
-    event, data = "message", []
-    async for line in response.aiter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif line == "" and data:
-            frames.append((event, "\n".join(data)))
-            if len(frames) == count:
-                break
-            event, data = "message", []
-    return frames
-
-
 async def test_the_operators_feed_passes_on_an_unknown_event_type_as_core_wrote_it(
     stack: Stack,
 ) -> None:
@@ -93,7 +70,7 @@ async def test_the_operators_feed_passes_on_an_unknown_event_type_as_core_wrote_
     )
     async with stack.api.stream("GET", "/v1/events/stream") as response:
         assert response.status_code == 200
-        reading = asyncio.create_task(_frames(response, 3))
+        reading = asyncio.create_task(read_sse(response, 3))
         # The first frame (`ready`) is sent once the API listens to the feed.
         await eventually(lambda: response.num_bytes_downloaded > 0, what="the ready frame")
         await bus.publish_core(bus.subjects.operator_event("queue.escalated"), newer)

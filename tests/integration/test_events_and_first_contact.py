@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from shared.http import HttpServer
 from tests.conftest import Stack, eventually
 from tests.integration.test_email import bounce, mail, send
 from tests.integration.test_sms import ALICE, OUR_NUMBER, post_signed, sent_messages, sms_form
@@ -18,12 +17,8 @@ from tests.integration.test_streaming_webhooks_sessions import Receiver, verify
 
 @pytest.fixture
 async def hook() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    server = HttpServer(rec.app(), "127.0.0.1", 0)
-    await server.start()
-    rec.url = f"http://127.0.0.1:{server.port}/hook"
-    yield rec
-    await server.stop()
+    async with Receiver().serving() as rec:
+        yield rec
 
 
 async def subscribe(stack: Stack, receiver: Receiver, events: list[str]) -> str:

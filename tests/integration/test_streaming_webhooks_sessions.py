@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,11 @@ async def open_conversation(stack: Stack, **body: Any) -> str:
 # SSE and polling ------------------------------------------------------------------------------
 
 
-async def read_sse(response: httpx.Response) -> list[tuple[str, str]]:
-    frames, event, data = [], "message", []
+async def read_sse(response: httpx.Response, count: int | None = None) -> list[tuple[str, str]]:
+    """The (event, data) frames of a server-sent event stream: until it ends, or the first
+    `count` (a stream that does not end by itself)."""
+    frames: list[tuple[str, str]] = []
+    event, data = "message", []
     async for line in response.aiter_lines():
         if line.startswith("event:"):
             event = line[6:].strip()
@@ -36,6 +40,8 @@ async def read_sse(response: httpx.Response) -> list[tuple[str, str]]:
             data.append(line[5:].removeprefix(" "))
         elif line == "" and data:
             frames.append((event, "\n".join(data)))
+            if len(frames) == count:
+                break
             event, data = "message", []
     return frames
 
@@ -122,15 +128,22 @@ class Receiver:
 
         return Litestar([hook], openapi_config=None, logging_config=None)
 
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Receiver]:
+        """Listening on a free local port (`url` says where) until the block ends."""
+        server = HttpServer(self.app(), "127.0.0.1", 0)
+        await server.start()
+        self.url = f"http://127.0.0.1:{server.port}/hook"
+        try:
+            yield self
+        finally:
+            await server.stop()
+
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver(fail_first=2)
-    server = HttpServer(rec.app(), "127.0.0.1", 0)
-    await server.start()
-    rec.url = f"http://127.0.0.1:{server.port}/hook"
-    yield rec
-    await server.stop()
+    async with Receiver(fail_first=2).serving() as rec:
+        yield rec
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:

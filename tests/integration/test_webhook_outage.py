@@ -9,19 +9,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared.http import HttpServer
 from tests.conftest import Stack, eventually
 from tests.integration.test_streaming_webhooks_sessions import Receiver
 
 
 @pytest.fixture
 async def flaky_receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver(fail_first=7)  # more failures than webhook_max_attempts (4) in the stack
-    server = HttpServer(rec.app(), "127.0.0.1", 0)
-    await server.start()
-    rec.url = f"http://127.0.0.1:{server.port}/hook"
-    yield rec
-    await server.stop()
+    # More failures than webhook_max_attempts (4) in the stack.
+    async with Receiver(fail_first=7).serving() as rec:
+        yield rec
 
 
 async def test_a_failing_webhook_is_held_and_logged_once_not_per_attempt(
