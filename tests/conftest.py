@@ -54,9 +54,15 @@ def namespace() -> str:
 
 
 @pytest.fixture
-async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
-    """A connected bus with its streams, two partitions, in the test's namespace."""
-    bus = Bus(servers.nats_url, Subjects(namespace, partitions=2), name="test")
+def partitions() -> int:
+    """How many partitions the test's `bus` has (a test module may override this fixture)."""
+    return 2
+
+
+@pytest.fixture
+async def bus(servers: Servers, namespace: str, partitions: int) -> AsyncIterator[Bus]:
+    """A connected bus with its streams, in the test's namespace."""
+    bus = Bus(servers.nats_url, Subjects(namespace, partitions=partitions), name="test")
     await bus.connect()
     await bus.ensure_streams()
     yield bus

@@ -47,6 +47,28 @@ class Console:
         return self.output
 
 
+UP = [sys.executable, "-m", "services.supervisor", "up"]
+
+
+def up_refused(env: dict[str, str]) -> tuple[int, str]:
+    """`switchboard up` where it is expected to exit on its own: its exit code and what it said."""
+    done = subprocess.run(UP, env=env, capture_output=True, timeout=60)
+    return done.returncode, done.stdout.decode(errors="replace")
+
+
+def ask_about_shipping(api: str) -> dict[str, Any]:
+    """A new conversation over the API, asked one question: the turn's body."""
+    with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:
+        conv = client.post("/v1/conversations", json={})
+        assert conv.status_code == 201, conv.text
+        reply = client.post(
+            f"/v1/conversations/{conv.json()['id']}/turns",
+            json={"user_message": "how long does standard shipping take?"},
+        )
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+
 def test_up_refuses_a_port_in_use_naming_it_and_starts_nothing(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -59,14 +81,8 @@ def test_up_refuses_a_port_in_use_naming_it_and_starts_nothing(tmp_path: Path) -
             "SWITCHBOARD_REDIS_PORT": str(free_port()),
             "SWITCHBOARD_API_PORT": str(port),
         }
-        done = subprocess.run(
-            [sys.executable, "-m", "services.supervisor", "up"],
-            env=env,
-            capture_output=True,
-            timeout=60,
-        )
-    out = done.stdout.decode(errors="replace")
-    assert done.returncode == 1, out
+        code, out = up_refused(env)
+    assert code == 1, out
     assert f"port {port} on 127.0.0.1 (api: HTTP API) is already in use" in out
     assert "set SWITCHBOARD_API_PORT to a free port" in out
     assert "nothing was started" in out
@@ -102,7 +118,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
     env.pop("NATS_URL", None)
     env.pop("REDIS_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.supervisor", "up"],
+        UP,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -124,18 +140,11 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "services.email" in names
         assert "services.voice" in names
 
-        with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:
-            conv = client.post("/v1/conversations", json={})
-            assert conv.status_code == 201, conv.text
-            reply = client.post(
-                f"/v1/conversations/{conv.json()['id']}/turns",
-                json={"user_message": "how long does standard shipping take?"},
-            )
-            assert reply.status_code == 200, reply.text
-            assert "3-5 business days" in reply.json()["text"]
-            assert reply.json()["evidence"][0]["chunk_id"] == "shipping#0"
-            core_ready = httpx.get(f"http://127.0.0.1:{ports['CORE_HEALTH']}/readyz")
-            assert core_ready.json()["ready"] is True
+        reply = ask_about_shipping(api)
+        assert "3-5 business days" in reply["text"]
+        assert reply["evidence"][0]["chunk_id"] == "shipping#0"
+        core_ready = httpx.get(f"http://127.0.0.1:{ports['CORE_HEALTH']}/readyz")
+        assert core_ready.json()["ready"] is True
 
         # An SMS round trip with the dev credentials, answered into the local Twilio fake.
         sms_url = f"http://127.0.0.1:{ports['SMS']}/twilio/sms"
@@ -156,14 +165,8 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "Monday to Friday" in sent[0]["form"]["Body"], sent
 
         # A second `up` on the same ports fails, says which, and changes nothing.
-        second = subprocess.run(
-            [sys.executable, "-m", "services.supervisor", "up"],
-            env=env,
-            capture_output=True,
-            timeout=60,
-        )
-        refused = second.stdout.decode(errors="replace")
-        assert second.returncode == 1, refused
+        code, refused = up_refused(env)
+        assert code == 1, refused
         assert f"port {ports['API']} on 127.0.0.1 (api: HTTP API) is already in use" in refused
         assert "SWITCHBOARD_NATS_PORT" in refused
         assert "Switchboard is up" not in refused
@@ -179,14 +182,7 @@ def test_up_runs_the_whole_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -
         core.kill()
         console.wait_for("✓ core restarted", timeout=60)
         assert "! core exited unexpectedly (code -9); restarting in" in console.output
-        with httpx.Client(base_url=api, headers={"x-api-key": "sk_e2e"}, timeout=20) as client:
-            conv = client.post("/v1/conversations", json={})
-            assert conv.status_code == 201, conv.text
-            again = client.post(
-                f"/v1/conversations/{conv.json()['id']}/turns",
-                json={"user_message": "how long does standard shipping take?"},
-            )
-            assert again.status_code == 200, again.text
+        assert "3-5 business days" in ask_about_shipping(api)["text"]  # the restarted core answers
         assert proc.poll() is None  # the rest of the stack never went down
 
         # An email reply while the relay is unreachable: one console line when the outage

@@ -14,6 +14,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,14 @@ WRITERS = 4
 @pytest.fixture(scope="module")
 def sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
     group = start_sentinel_set(Path(tmp_path_factory.mktemp("valkey-sentinel")))
-    try:
-        yield group
-    finally:
-        group.stop()
+    yield group
+    group.stop()
 
 
 @pytest.fixture(scope="module")
 def servers(servers: Servers, sentinel_set: SentinelSet) -> Servers:
     """The session's nats-server, with the Sentinel-managed set in place of the one valkey."""
-    return Servers(servers.nats_url, sentinel_set.url(wait_replicas=1), servers.data_dir)
+    return replace(servers, redis_url=sentinel_set.url(wait_replicas=1))
 
 
 async def transcript(stack: Stack, cid: str) -> list[dict[str, Any]]:

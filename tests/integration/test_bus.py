@@ -11,6 +11,7 @@ from redis import exceptions as redis_errors
 from shared.bus import Bus, Delivery, Later, Undeliverable
 from shared.envelopes import DeadLetter
 from shared.errors import Unavailable
+from tests.bus_traffic import consume_inbound, publish
 from tests.conftest import eventually
 
 
@@ -45,8 +46,7 @@ async def test_one_partition_is_consumed_in_order(bus: Bus) -> None:
     async def handler(delivery: Delivery) -> None:
         seen.append(delivery.data)
 
-    for i in range(30):
-        await bus.publish(bus.subjects.inbound("api", "conv_a"), str(i).encode(), msg_id=f"m{i}")
+    await publish(bus, bus.subjects.inbound("api", "conv_a"), *(str(i).encode() for i in range(30)))
     partition = bus.subjects.partition_of("conv_a")
     await bus.consume(
         stream=bus.subjects.inbound_stream,
@@ -65,14 +65,8 @@ async def test_a_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None
         attempts.append(delivery.attempt)
         raise RuntimeError("store down")
 
-    await bus.publish(bus.subjects.inbound("api", "k"), b"payload", msg_id="x1")
-    await bus.consume(
-        stream=bus.subjects.inbound_stream,
-        durable="fail",
-        filter_subject=bus.subjects.inbound_all,
-        handler=handler,
-        max_deliver=3,
-    )
+    await publish(bus, bus.subjects.inbound("api", "k"), b"payload")
+    await consume_inbound(bus, "fail", handler, max_deliver=3)
     letters = await eventually(lambda: dead_letters(bus), what="a dead letter")
     assert attempts == [1, 2, 3]
     assert letters[0].reason.startswith("max_deliver: RuntimeError: store down")
@@ -88,14 +82,8 @@ async def test_undeliverable_goes_to_dead_at_once_and_later_messages_still_flow(
             raise Undeliverable("unknown_version: v=9")
         handled.append(delivery.data)
 
-    await bus.publish(bus.subjects.inbound("api", "k"), b"poison", msg_id="p")
-    await bus.publish(bus.subjects.inbound("api", "k"), b"fine", msg_id="f")
-    await bus.consume(
-        stream=bus.subjects.inbound_stream,
-        durable="poison",
-        filter_subject=bus.subjects.inbound_all,
-        handler=handler,
-    )
+    await publish(bus, bus.subjects.inbound("api", "k"), b"poison", b"fine")
+    await consume_inbound(bus, "poison", handler)
     await eventually(lambda: asyncio.sleep(0, handled == [b"fine"]), what="the next message")
     letters = await dead_letters(bus)
     assert [(d.reason, d.deliveries) for d in letters] == [("unknown_version: v=9", 1)]
@@ -111,14 +99,8 @@ async def test_a_dependency_outage_holds_the_message_instead_of_dead_lettering_i
         if len(calls) <= 3:  # more failures than max_deliver allows deliveries
             raise redis_errors.ConnectionError("Connection refused")
 
-    await bus.publish(bus.subjects.inbound("api", "k"), b"payload", msg_id="held")
-    await bus.consume(
-        stream=bus.subjects.inbound_stream,
-        durable="held",
-        filter_subject=bus.subjects.inbound_all,
-        handler=handler,
-        max_deliver=2,
-    )
+    await publish(bus, bus.subjects.inbound("api", "k"), b"payload")
+    await consume_inbound(bus, "held", handler, max_deliver=2)
     await eventually(lambda: asyncio.sleep(0, len(calls) == 4), what="the fourth try")
     assert calls == [1, 1, 1, 1]  # retried in place: the delivery count was never spent
     assert await dead_letters(bus) == []
@@ -143,15 +125,8 @@ async def test_a_failed_dead_letter_leaves_the_message_for_redelivery_and_the_co
             raise Undeliverable("unknown_version: v=9")
         handled.append(delivery.data)
 
-    await bus.publish(bus.subjects.inbound("api", "k"), b"poison", msg_id="p2")
-    await bus.publish(bus.subjects.inbound("api", "k"), b"fine", msg_id="f2")
-    await bus.consume(
-        stream=bus.subjects.inbound_stream,
-        durable="flaky-dead",
-        filter_subject=bus.subjects.inbound_all,
-        handler=handler,
-        ack_wait=1.0,
-    )
+    await publish(bus, bus.subjects.inbound("api", "k"), b"poison", b"fine")
+    await consume_inbound(bus, "flaky-dead", handler, ack_wait=1.0)
     await eventually(lambda: asyncio.sleep(0, handled == [b"fine"]), what="the next message")
     letters = await dead_letters(bus)
     assert [(d.reason, d.deliveries) for d in letters] == [("unknown_version: v=9", 2)]
@@ -166,15 +141,9 @@ async def test_a_handler_answering_later_is_redelivered_after_that_delay_without
         attempts.append((delivery.attempt, asyncio.get_running_loop().time()))
         return Later(0.5) if len(attempts) == 1 else None
 
-    await bus.publish(bus.subjects.inbound("api", "k"), b"payload", msg_id="later1")
-    await bus.consume(
-        stream=bus.subjects.inbound_stream,
-        durable="later",
-        filter_subject=bus.subjects.inbound_all,
-        handler=handler,
-        max_deliver=2,
-        backoff=lambda attempt: 30.0,  # a failure would wait this long: Later is not one
-    )
+    await publish(bus, bus.subjects.inbound("api", "k"), b"payload")
+    # A failure would wait 30 s before its redelivery: Later is not one.
+    await consume_inbound(bus, "later", handler, max_deliver=2, backoff=lambda attempt: 30.0)
     await eventually(lambda: len(attempts) == 2, what="the second delivery")
     (first, at_first), (second, at_second) = attempts
     assert (first, second) == (1, 2)

@@ -7,6 +7,7 @@ import asyncio
 
 from shared.bus import Bus, Delivery, Hold, ProviderUnavailable
 from shared.subjects import Subjects
+from tests.bus_traffic import consume_inbound, consume_outbound, publish
 from tests.conftest import Servers, eventually
 
 
@@ -22,13 +23,12 @@ async def test_a_provider_outage_outlasts_max_deliver_and_keeps_the_order(bus: B
         handled.append((delivery.data, delivery.attempt))
 
     subject = bus.subjects.outbound("sms", "+15550001234")
-    await bus.publish(subject, b"first", msg_id="o1")
-    await bus.publish(subject, b"second", msg_id="o2")
-    await bus.consume(
-        stream=bus.subjects.outbound_stream,
-        durable="held-provider",
+    await publish(bus, subject, b"first", b"second")
+    await consume_outbound(
+        bus,
+        "held-provider",
+        handler,
         filter_subject=subject,
-        handler=handler,
         max_deliver=3,
         hold=Hold(horizon=60, base_delay=0.01, max_delay=0.05),
     )
@@ -48,12 +48,11 @@ async def test_a_message_held_past_its_horizon_is_marked_then_dead_lettered(bus:
     async def on_dead(delivery: Delivery, reason: str) -> None:
         marked.append((delivery.data, reason))
 
-    await bus.publish(bus.subjects.outbound("email", "a@b.test"), b"reply", msg_id="h1")
-    await bus.consume(
-        stream=bus.subjects.outbound_stream,
-        durable="horizon",
-        filter_subject=bus.subjects.outbound_all,
-        handler=handler,
+    await publish(bus, bus.subjects.outbound("email", "a@b.test"), b"reply")
+    await consume_outbound(
+        bus,
+        "horizon",
+        handler,
         hold=Hold(horizon=1.0, base_delay=0.05, max_delay=0.2),
         on_dead=on_dead,
     )
@@ -92,12 +91,7 @@ async def test_a_dead_letter_is_listed_and_replayed_once_onto_its_subject(bus: B
     assert reread.replay == first
     assert await bus.replay(reread) == first == again  # and durably: nothing republished
 
-    await bus.consume(
-        stream=bus.subjects.inbound_stream,
-        durable="replayed",
-        filter_subject=bus.subjects.inbound_all,
-        handler=handler,
-    )
+    await consume_inbound(bus, "replayed", handler)
     await eventually(lambda: asyncio.sleep(0, seen == [b'{"id": "env_1"}']), what="the replay")
     assert seen == [b'{"id": "env_1"}']
     info = await bus.js.stream_info(bus.subjects.inbound_stream)
@@ -140,12 +134,11 @@ async def test_an_outage_before_a_real_failure_does_not_use_up_its_attempts(bus:
         failures.append(delivery.attempt)
         raise RuntimeError("a bug")  # then a failure of the message itself, every time
 
-    await bus.publish(bus.subjects.outbound("email", "x@y.test"), b"mail", msg_id="m1")
-    await bus.consume(
-        stream=bus.subjects.outbound_stream,
-        durable="outage-then-bug",
-        filter_subject=bus.subjects.outbound_all,
-        handler=handler,
+    await publish(bus, bus.subjects.outbound("email", "x@y.test"), b"mail")
+    await consume_outbound(
+        bus,
+        "outage-then-bug",
+        handler,
         max_deliver=3,
         backoff=lambda attempt: 0.01,
         hold=Hold(horizon=60, base_delay=0.01, max_delay=0.05),

@@ -9,7 +9,7 @@ from tests.agent_fakes import FakeServers
 from tests.conftest import Stack, eventually, make_key
 from tests.integration.test_email import mail, send
 from tests.integration.test_events_and_first_contact import hook, received, subscribe
-from tests.integration.test_runtimes import agents, http_revision
+from tests.integration.test_runtimes import agents, http_revision, make_agent
 from tests.integration.test_sms import conversations, post_signed, sent_messages
 from tests.integration.test_streaming_webhooks_sessions import Receiver
 from tests.integration.test_voice import OUR_NUMBER as VOICE_NUMBER
@@ -105,17 +105,10 @@ async def test_linking_needs_the_operator_scope_and_an_existing_end_user(stack: 
 SALES_NUMBER, SUPPORT_NUMBER, UNROUTED_NUMBER = "+15550003333", "+15550004444", "+15550005555"
 
 
-async def make_agent(stack: Stack, name: str, **revision: Any) -> str:
-    created = await stack.api.post(
-        "/v1/agents",
-        json={
-            "name": name,
-            "revision": {"fallback": f"{name} here.", "tools": [{"name": "transfer_call"}]}
-            | revision,
-        },
-    )
-    assert created.status_code == 201, created.text
-    return str(created.json()["id"])
+async def named_agent(stack: Stack, name: str, **revision: Any) -> str:
+    """An agent whose fallback says its name, with `transfer_call`: its id."""
+    defaults = {"fallback": f"{name} here.", "tools": [{"name": "transfer_call"}]}
+    return str((await make_agent(stack, defaults | revision, name=name))["id"])
 
 
 async def route(stack: Stack, address: str, agent_id: str) -> dict[str, object]:
@@ -127,7 +120,7 @@ async def route(stack: Stack, address: str, agent_id: str) -> dict[str, object]:
 async def test_two_numbers_routed_to_two_agents_answer_with_different_agents(
     stack: Stack,
 ) -> None:
-    sales, support = await make_agent(stack, "Sales"), await make_agent(stack, "Support")
+    sales, support = await named_agent(stack, "Sales"), await named_agent(stack, "Support")
     await route(stack, SALES_NUMBER, sales)
     await route(stack, "(555) 000-4444", support)  # stored as E.164, like the numbers we receive
     listed = (await stack.api.get("/v1/routes")).json()["items"]
@@ -162,7 +155,7 @@ async def test_two_numbers_routed_to_two_agents_answer_with_different_agents(
 
 
 async def test_a_domain_route_answers_every_address_without_its_own(stack: Stack) -> None:
-    billing, help_desk = await make_agent(stack, "Billing"), await make_agent(stack, "Helpdesk")
+    billing, help_desk = await named_agent(stack, "Billing"), await named_agent(stack, "Helpdesk")
     await route(stack, "@Support.Acme.Test", help_desk)
     await route(stack, "billing@acme.test", billing)
     resolved = stack.core.store.routed_agent
@@ -184,7 +177,7 @@ async def test_a_domain_route_answers_every_address_without_its_own(stack: Stack
 async def test_routes_need_the_admin_scope_an_agent_with_a_revision_and_a_real_address(
     stack: Stack,
 ) -> None:
-    agent = await make_agent(stack, "Sales")
+    agent = await named_agent(stack, "Sales")
     operator = await make_key(stack, "operator")
     async with stack.client(operator) as api:
         assert (await api.get("/v1/routes")).status_code == 403
@@ -205,7 +198,7 @@ async def test_routes_need_the_admin_scope_an_agent_with_a_revision_and_a_real_a
 async def test_greeting_help_text_and_human_queue_come_from_the_routed_agents_revision(
     stack: Stack,
 ) -> None:
-    concierge = await make_agent(
+    concierge = await named_agent(
         stack,
         "Concierge",
         voice_greeting="Concierge desk, how may I help?",
@@ -234,7 +227,7 @@ async def test_after_linking_the_agent_sees_one_persons_turns_from_sms_and_email
     agents: Stack, fakes: FakeServers
 ) -> None:
     """Issue 12: link SMS and email identities; the agent's context then holds both channels."""
-    bot = await make_agent(agents, "Bot", **http_revision(fakes.bot_url("/echo")))
+    bot = await named_agent(agents, "Bot", **http_revision(fakes.bot_url("/echo")))
     await route(agents, SALES_NUMBER, bot)
     await route(agents, "@acme.test", bot)
     texter = "+14155550188"
@@ -273,7 +266,7 @@ async def test_a_conversation_we_open_on_email_is_answered_by_the_agent_routed_t
 ) -> None:
     """Writing first goes out from our support address: the agent routed there answers it, as it
     would answer the person's own mail; an explicit agent_id still wins."""
-    helpdesk, other = await make_agent(stack, "Helpdesk"), await make_agent(stack, "Other")
+    helpdesk, other = await named_agent(stack, "Helpdesk"), await named_agent(stack, "Other")
     await route(stack, "@acme.test", helpdesk)
     identity = {"channel": "email", "identifier": "pat@example.com"}
     routed = await stack.api.post(

@@ -13,11 +13,11 @@ from tests.conftest import Stack
 from tests.integration.test_runtimes import (
     FAST,
     approve_pending,
+    conversation_with,
     events_of,
-    make_agent,
-    open_conversation,
     say,
     second_reply,
+    stream_turn,
 )
 
 KEY_ENV = "SWITCHBOARD_TEST_MODEL_KEY"
@@ -47,25 +47,10 @@ def model_revision(fakes: FakeServers, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def stream_turn(stack: Stack, cid: str, text: str) -> list[tuple[str, Any]]:
-    frames: list[tuple[str, Any]] = []
-    async with stack.api.stream(
-        "POST", f"/v1/conversations/{cid}/turns/stream", json={"user_message": text}
-    ) as response:
-        event = ""
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                frames.append((event, json.loads(line.split(":", 1)[1])))
-    return frames
-
-
 async def test_the_model_streams_tokens_to_sse_clients_and_sees_the_conversation(
     agents: Stack, fakes: FakeServers
 ) -> None:
-    agent = await make_agent(agents, model_revision(fakes))
-    cid = await open_conversation(agents, agent["id"], context_variables={"tier": "gold"})
+    cid = await conversation_with(agents, model_revision(fakes), context_variables={"tier": "gold"})
     first = await say(agents, cid, "hello")
     assert first["text"] == "I know 0 earlier messages. You said: hello"
 
@@ -104,8 +89,7 @@ async def test_a_refund_the_model_chooses_waits_for_approval_runs_once_and_the_r
         ],
         policies=[{"tool": "issue_refund", "decision": "require_approval"}],
     )
-    agent = await make_agent(agents, revision)
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, revision)
     held = await say(agents, cid, "please refund order 12345")
     assert held["session_status"] == "awaiting_approval"
     assert held["tool_calls"][0]["decision"] == "require_approval"
@@ -137,8 +121,7 @@ async def test_a_model_server_that_fails_once_is_retried_within_the_turn(
     agents: Stack, fakes: FakeServers
 ) -> None:
     fakes.fakes.failures_before_success["/v1/chat/completions"] = 1
-    agent = await make_agent(agents, model_revision(fakes))
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, model_revision(fakes))
     assert (await say(agents, cid, "hi"))["text"] == "I know 0 earlier messages. You said: hi"
     assert len(fakes.fakes.seen("/v1/chat/completions")) == 2
 
@@ -148,8 +131,7 @@ async def test_a_missing_api_key_gets_the_fallback_and_an_audit_event(
 ) -> None:
     revision = model_revision(fakes)
     revision["openai"]["api_key_env"] = "SWITCHBOARD_TEST_UNSET_KEY"
-    agent = await make_agent(agents, revision)
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, revision)
     assert (await say(agents, cid, "hi"))["text"] == revision["fallback"]
     [failed] = await events_of(agents, cid, "agent.failed")
     assert failed["data"]["reason"].startswith("api_key_missing")

@@ -5,7 +5,7 @@ replicas splitting partitions."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
@@ -18,19 +18,15 @@ from shared.envelopes import InboundEnvelope, InboundMessage
 from shared.models import utcnow
 from shared.store import Store
 from shared.store.leases import Leases
-from shared.subjects import Subjects
 from tests.conftest import Servers, eventually
 
 FOREVER = 1e9
 
 
 @pytest.fixture
-async def bus(servers: Servers, namespace: str) -> AsyncIterator[Bus]:
-    bus = Bus(servers.nats_url, Subjects(namespace, partitions=1), name="test-core")
-    await bus.connect()
-    await bus.ensure_streams()
-    yield bus
-    await bus.close()
+def partitions() -> int:
+    """One partition: every conversation of a test is on it, so they share one consumer."""
+    return 1
 
 
 async def send(bus: Bus, conversation: str, text: str) -> None:

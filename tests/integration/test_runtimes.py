@@ -30,8 +30,8 @@ def agents(stack: Stack) -> Stack:
     return stack
 
 
-async def make_agent(stack: Stack, revision: dict[str, Any]) -> dict[str, Any]:
-    response = await stack.api.post("/v1/agents", json={"name": "Bot", "revision": revision})
+async def make_agent(stack: Stack, revision: dict[str, Any], name: str = "Bot") -> dict[str, Any]:
+    response = await stack.api.post("/v1/agents", json={"name": name, "revision": revision})
     assert response.status_code == 201, response.text
     return dict(response.json())
 
@@ -42,10 +42,31 @@ async def open_conversation(stack: Stack, agent_id: str, **fields: Any) -> str:
     return str(response.json()["id"])
 
 
+async def conversation_with(stack: Stack, revision: dict[str, Any], **fields: Any) -> str:
+    """A new agent on this revision, and a conversation with it: the conversation's id."""
+    agent = await make_agent(stack, revision)
+    return await open_conversation(stack, agent["id"], **fields)
+
+
 async def say(stack: Stack, cid: str, text: str) -> dict[str, Any]:
     response = await stack.api.post(f"/v1/conversations/{cid}/turns", json={"user_message": text})
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+async def stream_turn(stack: Stack, cid: str, text: str) -> list[tuple[str, Any]]:
+    """A turn over server-sent events: its (event, data) frames in order."""
+    frames: list[tuple[str, Any]] = []
+    async with stack.api.stream(
+        "POST", f"/v1/conversations/{cid}/turns/stream", json={"user_message": text}
+    ) as response:
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                frames.append((event, json.loads(line.split(":", 1)[1])))
+    return frames
 
 
 async def assistant_turns(stack: Stack, cid: str) -> list[str]:
@@ -140,8 +161,7 @@ async def test_an_http_runtime_without_its_settings_is_a_precise_422(agents: Sta
 async def test_a_slow_bot_within_its_timeout_is_answered(agents: Stack, fakes: FakeServers) -> None:
     revision = http_revision(fakes.bot_url("/slow"))
     revision["http"]["timeout_seconds"] = 1.2
-    agent = await make_agent(agents, revision)
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, revision)
     assert (await say(agents, cid, "take your time"))["text"] == "slowly: take your time"
     assert len(fakes.fakes.seen("/slow")) == 1
 
@@ -150,8 +170,7 @@ async def test_a_bot_that_fails_twice_is_retried_within_the_turn(
     agents: Stack, fakes: FakeServers
 ) -> None:
     fakes.fakes.failures_before_success["/echo"] = 2
-    agent = await make_agent(agents, http_revision(fakes.bot_url("/echo")))
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, http_revision(fakes.bot_url("/echo")))
     assert (await say(agents, cid, "again"))["text"] == "echo: again"
     assert len(fakes.fakes.seen("/echo")) == 3
     assert await events_of(agents, cid, "agent.failed") == []
@@ -164,8 +183,7 @@ async def test_a_bot_that_fails_twice_is_retried_within_the_turn(
 async def test_a_bot_that_never_answers_well_gets_the_fallback_once_and_an_audit_event(
     agents: Stack, fakes: FakeServers, path: str, reason: str
 ) -> None:
-    agent = await make_agent(agents, http_revision(fakes.bot_url(path)))
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, http_revision(fakes.bot_url(path)))
     body = await say(agents, cid, "anyone there?")
     assert body["text"] == "Sorry, our assistant is unavailable right now."
     assert await assistant_turns(agents, cid) == [body["text"]]  # never silence, never twice
@@ -179,8 +197,7 @@ async def test_a_bot_that_never_answers_well_gets_the_fallback_once_and_an_audit
 async def test_an_unreachable_bot_gets_the_fallback(agents: Stack) -> None:
     from services.supervisor.embedded import free_port
 
-    agent = await make_agent(agents, http_revision(f"http://127.0.0.1:{free_port()}/bot"))
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, http_revision(f"http://127.0.0.1:{free_port()}/bot"))
     body = await say(agents, cid, "hello?")
     assert body["text"] == "Sorry, our assistant is unavailable right now."
     [failed] = await events_of(agents, cid, "agent.failed")
@@ -190,18 +207,8 @@ async def test_an_unreachable_bot_gets_the_fallback(agents: Stack) -> None:
 async def test_a_streaming_bot_streams_its_pieces_to_sse_clients(
     agents: Stack, fakes: FakeServers
 ) -> None:
-    agent = await make_agent(agents, http_revision(fakes.bot_url("/stream")))
-    cid = await open_conversation(agents, agent["id"])
-    frames: list[tuple[str, Any]] = []
-    async with agents.api.stream(
-        "POST", f"/v1/conversations/{cid}/turns/stream", json={"user_message": "go"}
-    ) as response:
-        event = ""
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                frames.append((event, json.loads(line.split(":", 1)[1])))
+    cid = await conversation_with(agents, http_revision(fakes.bot_url("/stream")))
+    frames = await stream_turn(agents, cid, "go")
     deltas = [data["text"] for event, data in frames if event == "delta"]
     assert deltas == ["Streaming ", "reply ", "to: ", "go"]
     [complete] = [data for event, data in frames if event == "complete"]
@@ -210,8 +217,7 @@ async def test_a_streaming_bot_streams_its_pieces_to_sse_clients(
 
 
 async def test_a_bot_can_hand_off_to_a_person(agents: Stack, fakes: FakeServers) -> None:
-    agent = await make_agent(agents, http_revision(fakes.bot_url("/handoff")))
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, http_revision(fakes.bot_url("/handoff")))
     body = await say(agents, cid, "I need help")
     assert body["text"] == "A colleague will take it from here."
     assert body["session_status"] == "waiting_for_human"
@@ -232,12 +238,16 @@ def tool_revision(fakes: FakeServers, decision: str) -> dict[str, Any]:
     )
 
 
+async def ask_for_the_plan(stack: Stack, fakes: FakeServers, decision: str) -> dict[str, Any]:
+    """A bot whose `lookup_plan` tool is under `decision`, asked to use it: the turn's body."""
+    cid = await conversation_with(stack, tool_revision(fakes, decision))
+    return await say(stack, cid, "use lookup_plan 12345")
+
+
 async def test_an_allowed_tool_runs_once_and_its_result_goes_back_to_the_bot(
     agents: Stack, fakes: FakeServers
 ) -> None:
-    agent = await make_agent(agents, tool_revision(fakes, "allow"))
-    cid = await open_conversation(agents, agent["id"])
-    body = await say(agents, cid, "use lookup_plan 12345")
+    body = await ask_for_the_plan(agents, fakes, "allow")
     assert body["text"] == 'lookup_plan allow: {"plan": "gold", "order_id": "12345"}'
     assert body["tool_calls"][0]["name"] == "lookup_plan"
     assert body["tool_calls"][0]["result"] == {"plan": "gold", "order_id": "12345"}
@@ -256,9 +266,7 @@ async def test_an_allowed_tool_runs_once_and_its_result_goes_back_to_the_bot(
 async def test_a_denied_tool_never_runs_and_the_bot_is_told(
     agents: Stack, fakes: FakeServers
 ) -> None:
-    agent = await make_agent(agents, tool_revision(fakes, "deny"))
-    cid = await open_conversation(agents, agent["id"])
-    body = await say(agents, cid, "use lookup_plan 12345")
+    body = await ask_for_the_plan(agents, fakes, "deny")
     assert body["text"] == 'lookup_plan deny: {"error": "denied by policy"}'
     assert fakes.fakes.tool_calls == {}
 
@@ -271,8 +279,7 @@ async def test_a_crash_between_the_tool_call_and_the_reply_does_not_call_the_too
     bot thinks. The redelivered message finishes the turn from the recorded result."""
     revision = tool_revision(fakes, "allow")
     revision["http"]["timeout_seconds"] = 30
-    agent = await make_agent(agents, revision)
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, revision)
     fakes.fakes.hold_tool_step = asyncio.Event()
     fakes.fakes.hold_tool_step.set()
     env = InboundMessage(
@@ -362,8 +369,7 @@ async def test_a_bots_call_held_for_approval_runs_once_approved_and_the_bot_writ
         ],
         policies=[{"tool": "issue_refund", "decision": "require_approval"}],
     )
-    agent = await make_agent(agents, revision)
-    cid = await open_conversation(agents, agent["id"])
+    cid = await conversation_with(agents, revision)
     held = await say(agents, cid, "use issue_refund 67890")
     assert held["session_status"] == "awaiting_approval"
     assert fakes.fakes.tool_calls == {}

@@ -10,6 +10,7 @@ keys crossed slots would fail them with CROSSSLOT.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyC
 @pytest.fixture(scope="module")
 def servers(servers: Servers, valkey_cluster: ValkeyCluster) -> Servers:
     """The session's nats-server, with the cluster in place of the one valkey-server."""
-    return Servers(servers.nats_url, valkey_cluster.url, servers.data_dir)
+    return replace(servers, redis_url=valkey_cluster.url)
 
 
 async def test_a_stack_on_the_cluster_spreads_conversations_over_every_primary(

@@ -174,23 +174,16 @@ def test_the_prompt_marks_other_channels_and_carries_tool_results() -> None:
         conversation=context().conversation,
         end_user=EndUserInfo(id="usr"),
         message=UserMessage(seq=3, text="and now?", channel="sms", created_at=utcnow()),
-        history=(
+        history=tuple(
             HistoryTurn(
-                conversation_id="c0",
+                conversation_id=cid,
                 channel="email",
-                seq=1,
+                seq=seq,
                 role="user",
-                text="old",
+                text=text,
                 created_at=utcnow(),
-            ),
-            HistoryTurn(
-                conversation_id="c1",
-                channel="email",
-                seq=2,
-                role="user",
-                text="by mail",
-                created_at=utcnow(),
-            ),
+            )
+            for cid, seq, text in (("c0", 1, "old"), ("c1", 2, "by mail"))
         ),
         context_variables={"tier": "gold"},
         tool_results=(

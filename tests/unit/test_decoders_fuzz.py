@@ -17,13 +17,12 @@ from shared.envelopes import (
     DeadLetter,
     Event,
     InboundEnvelope,
-    InboundMessage,
     OutboundEnvelope,
     StreamDelta,
     TurnReply,
 )
-from shared.identity import make_identifier
 from shared.models import utcnow
+from tests.unit.envelopes_samples import message_in, reply_out
 
 TYPES: dict[str, Any] = {
     "inbound": InboundEnvelope,
@@ -36,27 +35,8 @@ TYPES: dict[str, Any] = {
     "result": CommandResult,
 }
 SAMPLES: dict[str, Any] = {
-    "inbound": InboundMessage(
-        id="env_1",
-        channel="sms",
-        received_at=utcnow(),
-        text="hi",
-        sender=make_identifier("phone", "+14155550109"),
-        recipient="+15550001111",
-    ),
-    "outbound": OutboundEnvelope(
-        id="out_1",
-        channel="sms",
-        conversation_id="conv_1",
-        turn_id="turn_1",
-        seq=2,
-        session_type="live",
-        text="hello",
-        recipient="+14155550109",
-        sender="+15550001111",
-        author_kind="agent",
-        created_at=utcnow(),
-    ),
+    "inbound": message_in(),
+    "outbound": reply_out(),
     "event": Event(id="evt_1", type="turn.created", occurred_at=utcnow(), data={"seq": 1}),
     "reply": TurnReply(
         envelope_id="env_1", conversation_id="conv_1", outcome="queued", session_status="active"

@@ -5,23 +5,18 @@ from __future__ import annotations
 from services.egress.email import EmailSender
 from services.egress.outages import Outages
 from shared.envelopes import OutboundEnvelope, ThreadHints
-from shared.models import utcnow
 from shared.settings import EgressSettings
+from tests.unit.envelopes_samples import reply_out
 
 
 def outbound(thread: ThreadHints | None) -> OutboundEnvelope:
-    return OutboundEnvelope(
+    return reply_out(
         id="out_turn_1",
         channel="email",
-        conversation_id="conv_1",
-        turn_id="turn_1",
-        seq=2,
-        session_type="live",
         text="Refunds take 14 days.",
         recipient="jane@example.com",
         sender="support@acme.test",
         thread=thread,
-        created_at=utcnow(),
     )
 
 

@@ -9,9 +9,8 @@ from services.email.handler import InboundMail
 from services.email.parsing import parse
 from services.sms.messages import envelope_from_form
 from shared.envelopes import InboundEnvelope, InboundMessage, ThreadHints
-from shared.identity import make_identifier
-from shared.models import utcnow
 from shared.settings import EmailSettings
+from tests.unit.envelopes_samples import message_in
 
 decoder = msgspec.json.Decoder(InboundEnvelope)
 
@@ -57,14 +56,6 @@ def test_a_mail_thread_is_its_root_message_id(headers: str, root: str) -> None:
 
 
 def test_a_call_thread_is_its_call_sid_also_for_an_older_ingress() -> None:
-    env = InboundMessage(
-        id="env_1",
-        channel="voice",
-        received_at=utcnow(),
-        text="hello",
-        sender=make_identifier("phone", "+14155550109"),
-        recipient="+15550001111",
-        thread=ThreadHints(call_sid="CA1"),
-    )
+    env = message_in(channel="voice", text="hello", thread=ThreadHints(call_sid="CA1"))
     assert env.thread_key is None
     assert legacy_thread_key(env) == "CA1"
