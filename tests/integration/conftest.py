@@ -10,8 +10,17 @@ import pytest
 from services.api.app import create_app
 from shared.http import HttpServer
 from shared.settings import ApiSettings
+from shared.store import Store
 from tests.agent_fakes import FakeServers
-from tests.conftest import ADMIN_KEY, EMAIL_DOMAINS, Stack, settings_env
+from tests.conftest import ADMIN_KEY, EMAIL_DOMAINS, Servers, Stack, settings_env
+
+
+@pytest.fixture
+async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
+    """A store in the test's namespace, for tests of the store itself (no services running)."""
+    opened = Store(servers.redis_url, namespace)
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

@@ -8,15 +8,16 @@ versions spelt it, not the current recipe).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from shared.models import Conversation, utcnow
+from shared.models import Conversation
 from shared.store import Store
-from tests.conftest import Servers, Stack, eventually, make_key
+from tests.conftest import Stack, eventually, make_key
+from tests.integration.test_email import user_texts
 from tests.integration.test_sms import ALICE, OUR_NUMBER, post_signed, sent_messages, sms_form
+from tests.integration.test_store import new_conversation
 
 pytestmark = pytest.mark.services("api", "sms", "egress")
 
@@ -42,10 +43,6 @@ async def sms_conversations(stack: Stack) -> list[Any]:
         cursor=None, limit=100, filters={"channel": "sms"}
     )
     return page.items  # type: ignore[no-any-return]
-
-
-async def user_texts(stack: Stack, cid: str) -> list[str]:
-    return [t.content for t in await stack.core.store.turns_after(cid, 0, 1000) if t.role == "user"]
 
 
 async def replies_to(stack: Stack, number: str, n: int) -> list[dict[str, str]] | None:
@@ -164,30 +161,9 @@ async def test_opening_an_sms_conversation_for_a_number_mid_thread_in_the_old_in
 # The store's side, without the stack ---------------------------------------------------------------
 
 
-@pytest.fixture
-async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
-    opened = Store(servers.redis_url, namespace)
-    yield opened
-    await opened.close()
-
-
 async def sms_conversation(store: Store, cid: str, user_address: str) -> Conversation:
-    now = utcnow()
-    conv = Conversation(
-        id=cid,
-        end_user_id="usr_1",
-        channel="sms",
-        status="active",
-        session_type="live",
-        assigned_agent_id="a",
-        pinned_revision_id="r",
-        created_at=now,
-        updated_at=now,
-        our_address=OUR_NUMBER,
-        user_address=user_address,
-    )
-    await store.create_conversation(conv)
-    return conv
+    fields = {"channel": "sms", "our_address": OUR_NUMBER, "user_address": user_address}
+    return await new_conversation(store, cid, **fields)
 
 
 async def test_a_thread_is_claimed_once_and_replaced_only_where_it_named_the_closed_one(

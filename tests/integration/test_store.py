@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -14,30 +14,24 @@ from shared.envelopes import Event, turn_created_event
 from shared.errors import ConversationClosed, IllegalTransition, NotFound
 from shared.models import Author, Conversation, Evidence, ToolCall, Turn, utcnow
 from shared.store import Store
-from tests.conftest import Servers
 
 
-@pytest.fixture
-async def store(servers: Servers, namespace: str) -> AsyncIterator[Store]:
-    store = Store(servers.redis_url, namespace)
-    yield store
-    await store.close()
-
-
-async def new_conversation(store: Store, cid: str = "conv_1") -> Conversation:
+async def new_conversation(store: Store, cid: str = "conv_1", **fields: Any) -> Conversation:
+    """An active API conversation, stored; `fields` replace or add to the defaults."""
     now = utcnow()
-    conv = Conversation(
-        id=cid,
-        end_user_id="usr_1",
-        channel="api",
-        status="active",
-        session_type="live",
-        assigned_agent_id="a",
-        pinned_revision_id="r",
-        created_at=now,
-        updated_at=now,
-        context_variables={"plan": "gold"},
-    )
+    defaults: dict[str, Any] = {
+        "id": cid,
+        "end_user_id": "usr_1",
+        "channel": "api",
+        "status": "active",
+        "session_type": "live",
+        "assigned_agent_id": "a",
+        "pinned_revision_id": "r",
+        "created_at": now,
+        "updated_at": now,
+        "context_variables": {"plan": "gold"},
+    }
+    conv = Conversation(**(defaults | fields))
     await store.create_conversation(conv)
     return conv
 
