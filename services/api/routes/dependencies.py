@@ -67,13 +67,18 @@ async def conversation_for_turn(
     conversation_id: str,
     data: PostTurn,
     gateway: Gateway,
-    caller: ApiKey,
+    request: Request[Any, Any, Any],
     idempotency_key: IdempotencyKey = None,
 ) -> Conversation:
     """The conversation a turn is posted to: 404 when unknown, 409 when closed, 429 when the key
     or the conversation's end user is over its limit, 422 when `idempotency_key` came before with
     another body (the same body is a retry: the envelope id derived from the key replays it).
-    It takes every input of the turn handlers, so Litestar validates them all before it runs."""
+    It takes every input of the turn handlers, so Litestar validates them all before it runs.
+
+    The caller is read from the request, not injected: Litestar resolves two dependencies of one
+    level (`gateway` and `caller`) in an anyio task group, two tasks per turn for two attribute
+    reads; with `gateway` alone below it, each level is one plain call."""
+    caller = _caller(request)
     conv = await gateway.conversation_for_turn(conversation_id, caller.id)
     _check_visible(caller, conv)
     if conv.status == "closed":
