@@ -3,8 +3,8 @@
 Its share of the delivery contract (the whole contract is in `partitions`):
 
 - **One owner, inside the lease.** It pulls from the durable consumer `core-p<p>` only while
-  this replica holds the partition's lease, and every fetch ends (its messages in our hands) at
-  least `FETCH_MARGIN` before the lease could run out. Up to `in_flight` messages are in our
+  this replica holds the partition's lease: every pull request expires at least `FETCH_MARGIN`
+  before the lease could run out, and nothing delivered is handed on once fewer than that remain. Up to `in_flight` messages are in our
   hands at once (the consumer's `max_ack_pending`); when they are, it waits for room.
 - **Take-over waits for everything pending.** Before anything is applied, every message still
   pending on the consumer (the previous owner's unacked messages, redelivered when their ack
