@@ -52,10 +52,15 @@ class VisibleConversation:
     """The conversation in the path, if the calling key may see it (404 otherwise): looked up when
     the handler awaits it, after Litestar has validated the rest of the request, so a malformed
     request is 422 whether or not the conversation exists. Dependencies resolve before that
-    validation, which is why this is not the conversation itself."""
+    validation, which is why this is not the conversation itself. The caller is read from the
+    request, like `conversation_for_turn` does, so `gateway` is its only dependency (one per level:
+    no task group per request).
+    """
 
-    def __init__(self, conversation_id: str, gateway: Gateway, caller: ApiKey) -> None:
-        self._id, self._gateway, self._caller = conversation_id, gateway, caller
+    def __init__(
+        self, conversation_id: str, gateway: Gateway, request: Request[Any, Any, Any]
+    ) -> None:
+        self._id, self._gateway, self._caller = conversation_id, gateway, _caller(request)
 
     async def __call__(self) -> Conversation:
         conv = await self._gateway.store.get_conversation(self._id)
