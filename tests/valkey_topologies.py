@@ -15,6 +15,7 @@ from services.supervisor.embedded import (
     ChildProcess,
     StartError,
     free_port,
+    start_valkey,
     valkey_server_binary,
     wait_for_port,
 )
@@ -31,30 +32,7 @@ def valkey_cli_binary() -> str:
 
 
 def start_node(data_dir: Path, name: str, port: int, *extra: str) -> ChildProcess:
-    store = data_dir / name
-    store.mkdir(parents=True, exist_ok=True)
-    child = ChildProcess(
-        name,
-        [
-            valkey_server_binary(),
-            "--bind",
-            HOST,
-            "--port",
-            str(port),
-            "--dir",
-            str(store),
-            "--save",
-            "",
-            "--protected-mode",
-            "no",
-            "--daemonize",
-            "no",
-            *extra,
-        ],
-        data_dir / "logs" / f"{name}.log",
-    )
-    wait_for_port(HOST, port, child.proc, 20, name, child.log_path)
-    return child
+    return start_valkey(data_dir, HOST, port, *extra, name=name, store=name, durable=False)
 
 
 def until(check: object, timeout: float, what: str) -> None:

@@ -137,31 +137,29 @@ def start_nats(data_dir: Path, host: str, port: int) -> ChildProcess:
     return child
 
 
-def start_valkey(data_dir: Path, host: str, port: int) -> ChildProcess:
-    store = data_dir / "valkey"
-    store.mkdir(parents=True, exist_ok=True)
+def start_valkey(
+    data_dir: Path,
+    host: str,
+    port: int,
+    *extra: str,
+    name: str = "valkey-server",
+    store: str = "valkey",
+    durable: bool = True,
+) -> ChildProcess:
+    """valkey-server in the foreground, its data in `data_dir/store`, its log in
+    `data_dir/logs/<name>.log`; `durable` is an append-only file fsynced every second (no RDB
+    snapshots), `extra` more arguments (the tests' cluster and sentinel nodes)."""
+    directory = data_dir / store
+    directory.mkdir(parents=True, exist_ok=True)
+    aof = ("--appendonly", "yes", "--appendfsync", "everysec") if durable else ()
     child = ChildProcess(
-        "valkey-server",
+        name,
         [
             valkey_server_binary(),
-            "--bind",
-            host,
-            "--port",
-            str(port),
-            "--dir",
-            str(store),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-            "--protected-mode",
-            "no",
-            "--daemonize",
-            "no",
+            *("--bind", host, "--port", str(port), "--dir", str(directory), *aof),
+            *("--save", "", "--protected-mode", "no", "--daemonize", "no", *extra),
         ],
-        data_dir / "logs" / "valkey-server.log",
+        data_dir / "logs" / f"{name}.log",
     )
-    wait_for_port(host, port, child.proc, 20, "valkey-server", child.log_path)
+    wait_for_port(host, port, child.proc, 20, name, child.log_path)
     return child
