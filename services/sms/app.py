@@ -33,6 +33,7 @@ log = logging.getLogger("switchboard.sms")
 _enc = msgspec.json.Encoder()
 MAX_BODY = 64 * 1024
 TWIML = "text/xml"
+NO_REPLY = str(MessagingResponse())  # built once: the answer to nearly every webhook
 
 
 def create_app(settings: SmsSettings) -> Litestar:
@@ -68,11 +69,12 @@ def create_app(settings: SmsSettings) -> Litestar:
         )
         metrics.messages.labels("sms_ingress", "sms", env.__struct_config__.tag or "").inc()
         log.info("sms accepted", extra={"envelope_id": env.id, "from": redact(sender)})
+        if not (isinstance(env, ChannelKeyword) and env.keyword == "help"):
+            return Response(NO_REPLY, media_type=TWIML)
+        # The agent routed for our number answers HELP in its own words (else the settings').
+        revision = await store.answering_revision(env.recipient, settings.default_agent)
         twiml = MessagingResponse()
-        if isinstance(env, ChannelKeyword) and env.keyword == "help":
-            # The agent routed for our number answers HELP in its own words (else the settings').
-            revision = await store.answering_revision(env.recipient, settings.default_agent)
-            twiml.message((revision.sms_help_text if revision else None) or settings.sms_help_text)
+        twiml.message((revision.sms_help_text if revision else None) or settings.sms_help_text)
         return Response(str(twiml), media_type=TWIML)
 
     @post("/twilio/sms/status", status_code=200, media_type=TWIML)
@@ -111,7 +113,7 @@ def create_app(settings: SmsSettings) -> Litestar:
                     updated_at=utcnow(),
                 )
             )
-        return Response(str(MessagingResponse()), media_type=TWIML)
+        return Response(NO_REPLY, media_type=TWIML)
 
     return Litestar(
         route_handlers=[inbound, status, *probe_handlers(service.ready, metrics)],
