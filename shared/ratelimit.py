@@ -71,7 +71,7 @@ class RateLimiter:
                 pipe.evalsha(self._hit.sha, len(keys), *keys, *args)
 
     async def load(self) -> None:
-        await self._hit.registered_client.script_load(self._hit.script)
+        await self._hit.load()
 
     def verdict(self, limits: list[Limit], results: list[Any]) -> None:
         for limit, wait_ms in zip([lim for lim in limits if lim.limit > 0], results, strict=True):

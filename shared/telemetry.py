@@ -98,6 +98,25 @@ class Metrics:
             ["provider"],
             registry=self.registry,
         )
+        # Children by label values: prometheus_client's `.labels(...)` checks and formats the
+        # values and takes a lock on every call; a service on its hot path asks for a handful.
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[str, Any] = {}
+
+    def count(self, stage: str, channel: str, outcome: str) -> None:
+        """`messages.labels(stage, channel, outcome).inc()`, with the child kept."""
+        key = (stage, channel, outcome)
+        child = self._counted.get(key)
+        if child is None:
+            child = self._counted[key] = self.messages.labels(stage, channel, outcome)
+        child.inc()
+
+    def observe(self, stage: str, seconds: float) -> None:
+        """`latency.labels(stage).observe(seconds)`, with the child kept."""
+        child = self._timed.get(stage)
+        if child is None:
+            child = self._timed[stage] = self.latency.labels(stage)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

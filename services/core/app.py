@@ -172,7 +172,7 @@ class Core:
             if exc.status < 500:  # a permanent problem with this envelope: retrying cannot help
                 raise Undeliverable(f"{exc.code}: {exc.message}") from exc
             raise
-        self.metrics.latency.labels("core_apply").observe(time.perf_counter() - started)
+        self.metrics.observe("core_apply", time.perf_counter() - started)
 
     async def apply(self, env: InboundEnvelope) -> None:
         c = self.conversations

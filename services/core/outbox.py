@@ -120,7 +120,7 @@ class Outbox:
                         _enc.encode(StreamDelta(envelope_id=envelope_id, text=piece)),
                     )
             await self.publish_outbound(conv, answer, thread=thread)
-        self.metrics.messages.labels("core", conv.channel, "answered" if deliver else "held").inc()
+        self.metrics.count("core", conv.channel, "answered" if deliver else "held")
         await self.publish_reply(
             TurnReply(
                 envelope_id=envelope_id,
@@ -190,7 +190,7 @@ class Outbox:
 
     async def reject(self, env: InboundMessage, exc: SwitchboardError) -> None:
         """An inbound message that cannot become a turn: tell the request waiting for it why."""
-        self.metrics.messages.labels("core", env.channel, "rejected").inc()
+        self.metrics.count("core", env.channel, "rejected")
         log.info("inbound rejected: %s", exc.code, extra={"envelope_id": env.id})
         if env.conversation_id:
             status = exc.details.get("status", "closed")

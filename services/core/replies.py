@@ -104,7 +104,7 @@ async def produce(
         approvals=approvals,
         secrets=c.runtimes.secrets_of(revision.id),
     )
-    c.metrics.latency.labels(f"agent_{revision.runtime}").observe(time.perf_counter() - started)
+    c.metrics.observe(f"agent_{revision.runtime}", time.perf_counter() - started)
     if answer.failure is not None:
         await c.outbox.emit(
             AgentFailed(

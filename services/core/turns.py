@@ -78,7 +78,7 @@ async def _apply_to(c: Conversations, env: InboundMessage, target: Conversation 
             await still_waiting(c, conv)
         elif status == "waiting_for_human":
             await handoffs.acknowledge_while_waiting(c, conv, appended.duplicate)
-        c.metrics.messages.labels("core", env.channel, "queued").inc()
+        c.metrics.count("core", env.channel, "queued")
         await c.outbox.publish_reply(
             TurnReply(
                 envelope_id=env.id,
