@@ -22,6 +22,8 @@ Its share of the delivery contract (the whole contract is in `partitions`):
   expired or delivered its batch. A steady flow of turns costs about one request per partition
   per `fetch_timeout`, not one or two per fetch (a no-wait probe and a long poll each time, as
   the client library's `fetch` does) — every request is work for core and for nats-server.
+  What it still delivers once we stop fetching (a hand-back, the lease running out) is nak'd
+  when we let go, so the next owner gets it at once instead of after its ack wait.
 
 What happens to a message once it is in our hands (the queue per conversation, acking, retries,
 dead letters, winding down) is the subclass's: `PartitionConsumer` in `partitions`.
@@ -56,6 +58,8 @@ FETCH_MARGIN = 0.25
 _NEXT = "$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
 # A status that is not the end of a pull request (100: an idle heartbeat or flow control).
 _HEARTBEAT = "100"
+# How long stopping waits for the server to confirm our inbox is closed.
+INBOX_CLOSE = 2.0
 
 
 @dataclass(eq=False)
@@ -196,7 +200,7 @@ class PartitionFetch(abc.ABC):
                     continue
                 for msg in msgs:
                     held = self._hold(msg)
-                    if held is not None:
+                    if held is not None and not self._leaving():  # else the wind-down naks it
                         self._dispatch(held)
         finally:
             if not self.stopping.is_set():
@@ -207,9 +211,29 @@ class PartitionFetch(abc.ABC):
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            if self._sub is not None:
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
+            await self._give_back_arrivals()
+
+    async def _give_back_arrivals(self) -> None:
+        """Close our inbox and nak, in stream order, what it received that was never handed on.
+        The open pull request may still deliver after we stop fetching (it expires inside the
+        lease, not when we stop): left unanswered, such a message stays with us until its ack
+        wait, and the next owner's take-over waits for it."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                if not self.bus.nc.is_connected:  # nothing more can reach us: just let go
+                    await sub.unsubscribe()
+                else:  # unsubscribe, then a round trip: everything sent before it is read
+                    async with asyncio.timeout(INBOX_CLOSE):
+                        await sub.drain()  # type: ignore[no-untyped-call]
+            except Exception as exc:  # lost with the connection: back after their ack wait
+                log.warning(
+                    "closing the inbox failed: %s", exc, extra={"partition": self.partition}
+                )
+        arrivals, self._arrivals = self._arrivals, []
+        for msg in sorted(arrivals, key=lambda m: m.metadata.sequence.stream):
+            with contextlib.suppress(Exception):
+                await msg.nak()
 
     def _may_fetch(self) -> bool:
         """Still ours: not stopping, and the lease has not run out (a renewal may be late)."""
@@ -305,6 +329,8 @@ class PartitionFetch(abc.ABC):
                 held = self._hold(msg)
                 if held is not None:
                     stash.append(held)
+        if self._leaving():  # the lease ran out meanwhile: the wind-down gives it all back
+            return
         for held in sorted(stash, key=lambda h: h.seq):
             self._dispatch(held)
         if stash:

@@ -188,14 +188,16 @@ class PartitionConsumer(PartitionFetch):
 
     async def _wind_down(self) -> None:
         """Nak every message not started (in stream order), then wait for the ones running."""
-        for held in sorted(self.held.values(), key=lambda h: h.seq):
-            if held.started:
-                continue
+        # Out of every queue before the first nak yields: a worker that starts meanwhile must not
+        # find a later message of its conversation at the head of its queue.
+        unstarted = sorted((h for h in self.held.values() if not h.started), key=lambda h: h.seq)
+        for held in unstarted:
             queue = self.queues.get(held.key)
             if queue is not None:
                 with contextlib.suppress(ValueError):
                     queue.remove(held)
             self.held.pop(held.seq, None)
+        for held in unstarted:
             with contextlib.suppress(Exception):
                 await held.msg.nak()
         if self.workers:

@@ -301,3 +301,54 @@ async def test_a_delivery_lost_in_flight_is_waited_for_before_the_conversation_m
         assert applied == ["1", "2", "3"]
     finally:
         await worker.stop(grace=5)
+
+
+async def test_a_message_delivered_while_handing_back_goes_to_the_next_owner_at_once(
+    bus: Bus,
+) -> None:
+    """Handing a partition back (a replica joining, a rolling deploy) lets the message being
+    applied finish; the pull request still open meanwhile may deliver more. Those were never
+    started: they go back at once, not after their ack wait (a stalled partition at the next
+    owner)."""
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def hold(env: InboundEnvelope) -> None:
+        started.append(f"{env.conversation_id}:{text_of(env)}")
+        await release.wait()
+
+    old = PartitionConsumer(
+        bus,
+        0,
+        hold,
+        in_flight=16,
+        max_deliver=5,
+        ack_wait=60.0,  # a message left with the old owner would come back only after a minute
+        lease_remaining=lambda: FOREVER,
+        fetch_timeout=60.0,  # the open pull request outlives the hand-back
+    )
+    await old.start()
+    await send(bus, "conv_a", "1")
+    await eventually(lambda: started == ["conv_a:1"], what="A1 running")
+    stopping = asyncio.create_task(old.stop(grace=30))
+    await eventually(lambda: old._fetching is None, what="the fetch loop left")
+    await send(bus, "conv_b", "1")
+
+    async def b1_seen_by_the_server() -> bool:
+        info = await bus.js.consumer_info(bus.subjects.inbound_stream, "core-p0")
+        return (info.num_pending or 0) + (info.num_ack_pending or 0) == 2
+
+    await eventually(b1_seen_by_the_server, what="B1 stored (and perhaps delivered)")
+    release.set()
+    await stopping
+    # Left unanswered with the old owner, B1 would come back after its minute of ack wait: the
+    # next owner's take-over waits for it, so it is applied only then.
+    applied: list[str] = []
+
+    async def record(env: InboundEnvelope) -> None:
+        applied.append(f"{env.conversation_id}:{text_of(env)}")
+
+    heir = consumer(bus, record, ack_wait=60.0)
+    await heir.start()
+    await eventually(lambda: applied == ["conv_b:1"], what="the next owner applying B1")
+    await heir.stop(grace=5)
