@@ -207,11 +207,13 @@ class PartitionFetch(abc.ABC):
                 log.warning(
                     "partition lease ran out; letting go", extra={"partition": self.partition}
                 )
-            await self._wind_down()
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-            await self._give_back_arrivals()
+            try:
+                await self._wind_down()
+            finally:  # also when stopping cut the wind-down short (its grace was up)
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+                await self._give_back_arrivals()
 
     async def _give_back_arrivals(self) -> None:
         """Close our inbox and nak, in stream order, what it received that was never handed on.

@@ -352,3 +352,22 @@ async def test_a_message_delivered_while_handing_back_goes_to_the_next_owner_at_
     await heir.start()
     await eventually(lambda: applied == ["conv_b:1"], what="the next owner applying B1")
     await heir.stop(grace=5)
+
+
+async def test_a_partition_stopped_past_its_grace_still_closes_its_inbox(bus: Bus) -> None:
+    """A message still running when the grace is up is left to its ack wait, but the inbox is
+    closed all the same (it stayed subscribed, and its open pull request kept delivering into
+    it, for the life of the process)."""
+    never = asyncio.Event()
+
+    async def hang(env: InboundEnvelope) -> None:
+        await never.wait()
+
+    worker = consumer(bus, hang)
+    await worker.start()
+    await send(bus, "conv_a", "1")
+    await eventually(lambda: any(h.started for h in worker.held.values()), what="A1 running")
+    await worker.stop(grace=0.2)
+    assert worker.done
+    assert worker._sub is None, "the inbox of a stopped partition is still subscribed"
+    never.set()
