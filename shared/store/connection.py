@@ -35,6 +35,7 @@ from redis.exceptions import NoScriptError
 
 from shared.errors import Unavailable
 from shared.store.keys import Keys
+from shared.store.pool import LeanPool
 
 # redis-py's pool fails a command at once (MaxConnectionsError) past 100 connections in use; a
 # burst of concurrent turns or requests needs more. Connections open on demand and stay pooled,
@@ -101,13 +102,13 @@ def _client(url: str) -> tuple[redis.Redis, str, dict[str, str]]:
         base, _, query = url.partition("?")
         ours = {k: v[-1] for k, v in parse_qs(query).items() if k in _OPTIONS}
         rest = "&".join(p for p in query.split("&") if p and p.split("=")[0] not in _OPTIONS)
-        client = redis.Redis.from_url(
+        pool = LeanPool.from_url(
             f"{base}?{rest}" if rest else base,
             decode_responses=False,
             health_check_interval=10,
             max_connections=MAX_CONNECTIONS,
         )
-        return client, "single", ours
+        return redis.Redis.from_pool(pool), "single", ours
     topology = parse_url(url)
     auth: dict[str, Any] = {"username": topology.username, "password": topology.password}
     if topology.kind == "cluster":

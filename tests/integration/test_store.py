@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
@@ -14,6 +15,7 @@ from shared.envelopes import Event, turn_created_event
 from shared.errors import ConversationClosed, IllegalTransition, NotFound
 from shared.models import Author, Conversation, Evidence, ToolCall, Turn, utcnow
 from shared.store import Store
+from tests.conftest import Servers
 
 
 async def new_conversation(store: Store, cid: str = "conv_1", **fields: Any) -> Conversation:
@@ -229,3 +231,38 @@ async def test_conversation_list_pages_newest_first_with_filters(store: Store) -
     closed = await store.list_conversations(cursor=None, limit=10, filters={"status": "closed"})
     assert [c.id for c in closed.items] == ["conv_03"]
     assert closed.next_cursor is None
+
+
+async def test_the_store_does_not_keep_a_connection_valkey_closed(
+    store: Store, servers: Servers
+) -> None:
+    conv = await new_conversation(store)
+    await store.append_turn(turn(conv.id, "one", "t1"), allowed=ACCEPTS_USER_TURNS)
+    used = await store.connection.redis.client_id()  # one pooled connection, reused in turn
+    admin = redis.Redis.from_url(servers.redis_url)
+    try:
+        assert await admin.client_kill_filter(_id=used) == 1
+    finally:
+        await admin.aclose()
+    # The command that finds the socket closed may fail (as with redis-py's own pool: the
+    # caller retries); the connection is dropped, and the next command gets a new one.
+    with contextlib.suppress(redis.ConnectionError):
+        await store.append_turn(turn(conv.id, "two", "t2"), allowed=ACCEPTS_USER_TURNS)
+    assert await store.connection.redis.client_id() != used
+    appended = await store.append_turn(
+        turn(conv.id, "two", "t2"), allowed=ACCEPTS_USER_TURNS, dedupe_key="t2"
+    )
+    assert appended.seq in (2, 3)
+
+
+async def test_an_append_runs_after_valkey_forgot_the_scripts(
+    store: Store, servers: Servers
+) -> None:
+    conv = await new_conversation(store)
+    admin = redis.Redis.from_url(servers.redis_url)
+    try:
+        await admin.script_flush()  # as after a restart: EVALSHA answers NOSCRIPT once
+    finally:
+        await admin.aclose()
+    appended = await store.append_turn(turn(conv.id, "one", "t1"), allowed=ACCEPTS_USER_TURNS)
+    assert appended.seq == 1
