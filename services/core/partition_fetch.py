@@ -58,6 +58,8 @@ FETCH_MARGIN = 0.25
 _NEXT = "$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
 # A status that is not the end of a pull request (100: an idle heartbeat or flow control).
 _HEARTBEAT = "100"
+# The statuses that end a pull request in the ordinary way: nothing to deliver, or it expired.
+_ENDED = ("404", "408")
 # How long stopping waits for the server to confirm our inbox is closed.
 INBOX_CLOSE = 2.0
 
@@ -110,6 +112,10 @@ class PartitionFetch(abc.ABC):
     # The open pull request: until when (monotonic; 0: none open) and how many it may deliver.
     _pull_open_until: float = field(init=False, default=0.0)
     _pull_left: int = field(init=False, default=0)
+    # Why the server refused or ended the last request (no responders: no consumer leader, a
+    # deleted consumer; a bad request): the next fetch fails, and backs off, instead of asking
+    # again at once, thousands of times a second.
+    _refused: str | None = field(init=False, default=None)
     # The consumer's delivery sequence we last saw.
     _last_delivery: int | None = field(init=False, default=None)
 
@@ -277,6 +283,9 @@ class PartitionFetch(abc.ABC):
                 async with asyncio.timeout(wait):
                     await self._arrived.wait()
         msgs, self._arrivals = self._arrivals, []
+        if not msgs and self._refused is not None:
+            refused, self._refused = self._refused, None
+            raise RuntimeError(f"pull request refused: {refused}")
         return msgs
 
     async def _on_delivery(self, msg: Msg) -> None:
@@ -289,8 +298,11 @@ class PartitionFetch(abc.ABC):
                 return
         elif status == _HEARTBEAT:
             return
-        # The request delivered its batch, expired (408), found nothing (404) or was ended by
-        # the server (409: a leadership change, the consumer deleted or changed): ask again.
+        elif status not in _ENDED:
+            self._refused = f"{status} {(msg.headers or {}).get('Description', '')}".strip()
+        # The request delivered its batch, expired (408), found nothing (404) or was ended or
+        # refused by the server (409: a leadership change, the consumer deleted; 503: no
+        # responders): ask again, after a pause if it was refused.
         self._pull_open_until = 0.0
         self._arrived.set()
 

@@ -371,3 +371,49 @@ async def test_a_partition_stopped_past_its_grace_still_closes_its_inbox(bus: Bu
     assert worker.done
     assert worker._sub is None, "the inbox of a stopped partition is still subscribed"
     never.set()
+
+
+async def test_a_refused_pull_request_is_not_asked_again_at_once(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the consumer has no leader (a NATS cluster electing one) or is gone, every pull
+    request is answered at once with a status (503 no responders, 409). Asked again at once, that
+    was thousands of requests a second per partition against a server that is recovering."""
+    applied: list[str] = []
+
+    async def apply(env: InboundEnvelope) -> None:
+        applied.append(text_of(env))
+
+    worker = consumer(bus, apply)
+    await worker.start()
+    await eventually(lambda: worker._fetching is not None, what="the fetch loop fetching")
+    stream = bus.subjects.inbound_stream
+    config = (await bus.js.consumer_info(stream, "core-p0")).config
+    requests: list[str] = []
+    publish = bus.nc.publish
+
+    async def counted(subject: str, payload: bytes = b"", reply: str = "", headers=None) -> None:  # type: ignore[no-untyped-def]
+        if subject.startswith("$JS.API.CONSUMER.MSG.NEXT."):
+            requests.append(subject)
+        await publish(subject, payload, reply=reply, headers=headers)
+
+    bus.nc.publish = counted  # type: ignore[method-assign]
+    try:
+        await bus.js.delete_consumer(stream, "core-p0")
+
+        def refusals() -> list[str]:
+            return [
+                r.getMessage() for r in caplog.records if "pull request refused" in r.getMessage()
+            ]
+
+        await eventually(
+            lambda: len(refusals()) >= 3 or len(requests) >= 50, what="refused requests"
+        )
+        # Each refusal is followed by a pause, not by the next request at once.
+        assert len(requests) <= len(refusals()) + 1, (len(requests), refusals())
+        await bus.js.add_consumer(stream, config)  # the consumer is back (a leader elected)
+        await send(bus, "conv_a", "1")
+        await eventually(lambda: applied == ["1"], what="messages applied again")
+    finally:
+        bus.nc.publish = publish  # type: ignore[method-assign]
+        await worker.stop(grace=5)
