@@ -24,6 +24,7 @@ from twilio.request_validator import RequestValidator
 
 from bench.client import Config, Connection, HttpError, hostport
 from bench.cpu import GatewayCpu
+from bench.sms import sent_sms
 
 BOT_SECRET = "bench-bot-secret-0123456789"
 
@@ -189,13 +190,8 @@ async def _texting(cfg: Config, api: Connection, agent_id: str) -> Config:
     deadline = time.monotonic() + cfg.get("drain_seconds", 120)
     try:
         while time.monotonic() < deadline:
-            status, body = await fake.request(
-                "GET", "/_fake/requests?path_contains=Messages.json", b"", {}
-            )
-            if status != 200:
-                raise HttpError(f"twilio fake: {status}")
             replies = {}
-            for sent in msgspec.json.decode(body):
+            for sent in await sent_sms(fake):
                 text = sent["form"].get("Body", "")
                 if text.startswith("answer to "):
                     replies.setdefault(sent["form"].get("To"), []).append(text)

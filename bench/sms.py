@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import msgspec
@@ -83,6 +84,14 @@ async def at_rate(cfg: Config, rate: float, duration: float, *, first: int) -> C
     }
 
 
+async def sent_sms(fake: Connection) -> list[dict[str, Any]]:
+    """Every SMS the Twilio fake was asked to send, oldest first: its `form` and arrival `at`."""
+    status, body = await fake.request("GET", "/_fake/requests?path_contains=Messages.json", b"", {})
+    if status != 200:
+        raise HttpError(f"twilio fake: {status}")
+    return list(msgspec.json.decode(body))
+
+
 async def _sms_egress(cfg: Config, due_at: dict[str, float]) -> Config:
     """Wait for a reply to every accepted message at the Twilio fake; latency = arrival - due."""
     fake = await Connection.open(*hostport(cfg["twilio_fake"]))
@@ -90,12 +99,7 @@ async def _sms_egress(cfg: Config, due_at: dict[str, float]) -> Config:
     arrived: dict[str, float] = {}
     try:
         while time.monotonic() < deadline:
-            status, body = await fake.request(
-                "GET", "/_fake/requests?path_contains=Messages.json", b"", {}
-            )
-            if status != 200:
-                raise HttpError(f"twilio fake: {status}")
-            for sent in msgspec.json.decode(body):
+            for sent in await sent_sms(fake):
                 to = sent["form"].get("To")
                 if to in due_at and to not in arrived:
                     arrived[to] = sent["at"]
