@@ -54,7 +54,8 @@ def decode_reply(msg: Msg) -> Reply:
 def _decoded(msg: Msg) -> Reply | None:
     try:
         return decode_reply(msg)
-    except msgspec.DecodeError as exc:
+    # (msgspec reports bytes that are not UTF-8 inside a string as UnicodeDecodeError)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         log.warning("undecodable reply dropped: %s", exc, extra={"subject": msg.subject})
         return None
 

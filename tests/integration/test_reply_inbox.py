@@ -57,6 +57,20 @@ async def test_each_waiter_gets_the_reply_to_its_own_envelope(bus: Bus, inbox: R
     assert inbox.waiting == 0
 
 
+async def test_undecodable_replies_are_dropped_with_a_warning_and_the_next_one_arrives(
+    bus: Bus, inbox: ReplyInbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    subject = bus.subjects.reply("conv_a", inbox.token)
+    with inbox.expect("env_1") as replies:
+        await bus.publish_core(subject, b"not json")
+        await bus.publish_core(subject, b'{"envelope_id": "env_\xff"}')  # not UTF-8 inside
+        await bus.publish_core(subject, reply("env_1"))
+        got = await asyncio.wait_for(replies.get(), 5)
+    assert got.envelope_id == "env_1"
+    dropped = [r for r in caplog.records if r.getMessage().startswith("undecodable reply dropped")]
+    assert len(dropped) == 2
+
+
 async def test_deltas_arrive_in_order_and_before_their_reply(bus: Bus, inbox: ReplyInbox) -> None:
     words = [f"word{i} " for i in range(30)]
     with inbox.expect("env_s") as feed:
