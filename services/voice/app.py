@@ -17,9 +17,9 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, post
-from nats.aio.msg import Msg
 
 from services.voice.twiml import GOODBYE, REPROMPT, Speech
+from shared.bus import Reply, ReplyInbox
 from shared.envelopes import (
     CallEnded,
     CallStarted,
@@ -40,22 +40,37 @@ from shared.twilio import warn_if_unsigned
 
 log = logging.getLogger("switchboard.voice")
 _enc = msgspec.json.Encoder()
-_reply = msgspec.json.Decoder(TurnReply)
 TWIML = "text/xml"
 FINAL_STATUSES = {"completed", "busy", "no-answer", "failed", "canceled"}
 MAX_POLLS = 10
+
+
+async def _reply_within(replies: asyncio.Queue[Reply], seconds: float) -> TurnReply | None:
+    """The reply to a spoken turn (a call's turns are not streamed: no deltas), or None."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not isinstance(item := await replies.get(), TurnReply):
+                pass
+            return item
+    except TimeoutError:
+        return None
 
 
 def create_app(settings: VoiceSettings) -> Litestar:
     service = Service("voice", settings)
     metrics, subjects, bus, store = service.metrics, service.subjects, service.bus, service.store
     speech = Speech(settings)
+    inbox = ReplyInbox(bus)  # core answers a spoken turn here (shared/bus/replies.py)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         warn_if_unsigned(settings, "voice")
         async with service.opened():
-            yield
+            await inbox.open()
+            try:
+                yield
+            finally:
+                await inbox.close()
 
     async def signed_form(request: Request[Any, Any, Any]) -> dict[str, str]:
         params = await signed_twilio_form(request, settings, settings.public_voice_url())
@@ -78,8 +93,11 @@ def create_app(settings: VoiceSettings) -> Litestar:
         }
 
     async def conversation_of(call_sid: str) -> str | None:
-        """Core opens the call's conversation from the call-started envelope and announces it;
-        listening before reading the store, so an announcement in between is not missed."""
+        """Core opens the call's conversation from the call-started envelope and announces it.
+        Known after the call's first words; before that, listening before reading the store
+        again, so an announcement in between is not missed."""
+        if (cid := await store.conversation_by_call(call_sid)) is not None:
+            return cid
         async with bus.listen(subjects.call_opened(call_sid), lambda m: m.data.decode()) as opened:
             if (cid := await store.conversation_by_call(call_sid)) is not None:
                 return cid
@@ -87,6 +105,24 @@ def create_app(settings: VoiceSettings) -> Litestar:
                 return await asyncio.wait_for(opened.get(), settings.voice_reply_budget_seconds)
             except TimeoutError:
                 return await store.conversation_by_call(call_sid)
+
+    async def answer_to(env: InboundMessage, cid: str) -> TurnReply | Turn | None:
+        """Publish a spoken turn and wait, within the budget, for core's reply on our inbox
+        (expected before publishing, so it cannot arrive unawaited). A Twilio retry of an envelope
+        JetStream already holds: its answer from the store if core gave it (the answer is stored
+        before the reply is sent, and we follow the conversation's replies from before that
+        read), else the reply of the first delivery, which may wait in another process."""
+        budget = settings.voice_reply_budget_seconds
+        with inbox.expect(env.id) as replies:
+            ack = await bus.publish(
+                subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
+            )
+            if not ack.duplicate:
+                return await _reply_within(replies, budget)
+        async with inbox.following(cid, env.id) as feed:
+            answered = await store.seen_seq(cid, reply_key(env.id))
+            earlier = await store.get_turn(cid, answered) if answered else None
+            return earlier if earlier is not None else await _reply_within(feed, budget)
 
     async def speak(reply: Turn) -> str | None:
         """The TwiML for a reply, unless egress already spoke it by updating the live call.
@@ -148,30 +184,14 @@ def create_app(settings: VoiceSettings) -> Litestar:
             text=said,
             conversation_id=cid,
             metadata={"confidence": form.get("Confidence", "")},
+            reply_inbox=inbox.token,
             **call_thread(form),
         )
-
-        def ours(msg: Msg) -> TurnReply | None:
-            reply = _reply.decode(msg.data)
-            return reply if reply.envelope_id == env.id else None
-
-        # Listening before publishing: the reply cannot overtake us.
-        async with bus.listen(subjects.reply(cid), ours) as replies:
-            ack = await bus.publish(
-                subjects.inbound("voice", env.routing_key), _enc.encode(env), msg_id=env.id
-            )
-            if ack.duplicate:
-                # Twilio retried a request JetStream already holds: if core answered it, say the
-                # same again (the answer is stored before its reply is published, and we listen
-                # since before that check); else the reply of the delivery in flight comes here.
-                answered = await store.seen_seq(cid, reply_key(env.id))
-                earlier = await store.get_turn(cid, answered) if answered else None
-                if earlier is not None:
-                    return twiml(await speak(earlier) or speech.reply("Is there anything else?"))
-            try:
-                reply = await asyncio.wait_for(replies.get(), settings.voice_reply_budget_seconds)
-            except TimeoutError:
-                return twiml(speech.hold(env.id, 1))
+        reply = await answer_to(env, cid)
+        if isinstance(reply, Turn):  # Twilio retried a request we answered: say the same again
+            return twiml(await speak(reply) or speech.reply("Is there anything else?"))
+        if reply is None:
+            return twiml(speech.hold(env.id, 1))
         if reply.turn is not None and reply.outcome == "answered":
             return twiml(await speak(reply.turn) or speech.reply("Is there anything else?"))
         return twiml(speech.hold(env.id, 1))
