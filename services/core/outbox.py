@@ -5,7 +5,7 @@ carries, so a redelivered step re-publishes the same message and JetStream drops
 (`gw.reply.*`) and token deltas (`gw.stream.*`) are core NATS, fire-and-forget: they only wake a
 waiting request, which can always read the durable state instead. They go to the inbox of the
 process that waits (`reply_inbox` on the envelope, shared/bus/replies.py) while that envelope is
-applied (`answering`), else to the conversation's subject (an older API, voice).
+applied (`answering`), else to the conversation's subject (an older API or voice service).
 """
 
 from __future__ import annotations

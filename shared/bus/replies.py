@@ -1,6 +1,6 @@
 """Waiting for core's replies: one inbox per process instead of a subscription per request.
 
-A process that waits for the replies to what it publishes (the API) opens one `ReplyInbox` at
+A process that waits for the replies to what it publishes (the API, voice) opens one `ReplyInbox` at
 start: a single core NATS subscription to `gw.*.*.<token>` for the life of its connection. It puts
 `token` on every envelope it publishes (`InboundMessage.reply_inbox`), and core answers that
 envelope on `gw.reply.<conversation_id>.<token>`, its token deltas on
