@@ -45,6 +45,10 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     email_domains: str = "switchboard.localhost"
     # Replies are sent from <this>@<domain>; users' replies come back to reply+TOKEN@<domain>.
     email_from_local: str = "support"
+    # How often core re-reads whether an operators' screen is open (it sends the console's live
+    # notices only then; the API announces a newly opened one at once, and has the screen re-read
+    # once this has passed again, services/core/audience.py).
+    operator_presence_seconds: float = 1.0
 
     def domains(self) -> list[str]:
         return [d.strip().lower() for d in self.email_domains.split(",") if d.strip()]

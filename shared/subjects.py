@@ -90,8 +90,8 @@ class Subjects:
         return self._s(f"gw.evt.{event_type}")
 
     def operator_event(self, event_type: str) -> str:
-        """Core NATS (never stored): what operators' screens follow, published whoever listens
-        and without the event's payload details a screen re-reads from the API anyway."""
+        """Core NATS (never stored): what operators' screens follow, published while one is open
+        (services/core/audience.py)."""
         return self._s(f"gw.ops.{event_type}")
 
     @property
@@ -108,6 +108,11 @@ class Subjects:
     def webhooks_changed(self) -> str:
         """Core NATS: the API announces a webhook subscription created or deleted (no payload)."""
         return self._s("gw.ctl.webhooks")
+
+    @property
+    def operators_watching(self) -> str:
+        """Core NATS: the API announces an operators' stream opened (no payload)."""
+        return self._s("gw.ctl.operators")
 
     @property
     def commands_all(self) -> str:

@@ -164,6 +164,7 @@ def create_app(settings: ApiSettings) -> Litestar:
                 log.info("api ready", extra={"port": settings.api_port})
                 yield
             finally:
+                await gateway.screens.aclose()
                 await gateway.inbox.close()
                 await revocations.unsubscribe()
 

@@ -11,6 +11,7 @@ import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from services.api.screens import OperatorScreens
 from shared.bus import Bus, Reply, ReplyInbox
 from shared.envelopes import (
     Command,
@@ -45,6 +46,7 @@ class Gateway:
         self.store = store
         self.subjects = bus.subjects
         self.inbox = ReplyInbox(bus)  # opened by the app's lifespan, with the bus
+        self.screens = OperatorScreens(store, bus)
         self.limiter = RateLimiter(store.connection)
         self._end_users: dict[str, str] = {}  # conversation id -> end user id
 

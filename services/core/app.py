@@ -90,8 +90,9 @@ class Core:
         await self._opened.enter_async_context(self.service.opened())
         if await seed_demo_agent(self.store, self.settings.default_agent):
             log.info("seeded the demo agent", extra={"agent_id": self.settings.default_agent})
-        await self.conversations.audience.start()
-        self._opened.push_async_callback(self.conversations.audience.stop)
+        for audience in (self.conversations.audience, self.conversations.screens):
+            await audience.start()
+            self._opened.push_async_callback(audience.stop)
         await self.bus.serve(self.subjects.commands_all, "core", self.on_command)
         # Pushed last, so closed first: partitions drain (and give their leases back) while the
         # bus and the store are still open.

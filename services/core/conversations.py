@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from services.core.agent import Budget, Runtimes
-from services.core.audience import WebhookAudience
+from services.core.audience import OperatorScreens, WebhookAudience
 from services.core.lifecycle import transition
 from services.core.outbox import Outbox
 from shared.bus import Bus
@@ -80,8 +80,21 @@ class Conversations:
         self.bus = bus
         self.subjects = bus.subjects
         self.metrics = metrics
-        self.audience = WebhookAudience(store, bus, settings.webhook_presence_seconds)
-        self.outbox = Outbox(store, bus, metrics, self.audience)
+        self.audience = WebhookAudience(
+            "webhook subscriptions",
+            store.webhooks_exist,
+            bus,
+            bus.subjects.webhooks_changed,
+            settings.webhook_presence_seconds,
+        )
+        self.screens = OperatorScreens(
+            "operators' screens",
+            store.operators_watching,
+            bus,
+            bus.subjects.operators_watching,
+            settings.operator_presence_seconds,
+        )
+        self.outbox = Outbox(store, bus, metrics, self.audience, self.screens)
         self.runtimes = Runtimes(
             Budget(
                 turn_seconds=settings.agent_turn_budget_seconds,

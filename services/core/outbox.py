@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from services.core.audience import WebhookAudience
+from services.core.audience import OperatorScreens, WebhookAudience
 from shared.bus import Bus
 from shared.envelopes import (
     Event,
@@ -57,7 +57,7 @@ _WORDS = re.compile(r"\S+\s*")
 
 
 def for_operators(data: EventData) -> bool:
-    """What operators' screens follow, besides every `turn.created` (see `tell_operators`)."""
+    """What operators' screens follow, besides every `turn.created` (see `_notice`)."""
     match data:
         case HandoffStarted() | HandoffAssigned() | HandoffResolved() | HandoffUnclaimed():
             return True
@@ -70,13 +70,22 @@ def for_operators(data: EventData) -> bool:
 
 
 class Outbox:
-    def __init__(self, store: Store, bus: Bus, metrics: Metrics, audience: WebhookAudience) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        metrics: Metrics,
+        audience: WebhookAudience,
+        screens: OperatorScreens,
+    ) -> None:
         self.store = store
         self.bus = bus
         self.subjects = bus.subjects
         self.metrics = metrics
-        # Events go through the broker only while someone reads them there (audience.py).
+        # Events go through the broker, and notices to operators' screens, only while someone
+        # reads them there (audience.py).
         self.audience = audience
+        self.screens = screens
         self._inboxes: dict[str, str] = {}  # envelope id -> the inbox waiting for its reply
 
     @contextlib.contextmanager
@@ -167,11 +176,22 @@ class Outbox:
         await self.bus.publish_core(subject, _enc.encode(reply))
 
     async def record_turn(self, turn: Turn, session_type: SessionType, channel: Channel) -> None:
-        """Publish the turn's `turn.created` event (the append already put it in the audit log
-        and counted it in usage)."""
+        """Publish the turn's `turn.created` event to whoever reads it off the broker: webhook
+        subscriptions, operators' screens (the append already put it in the audit log and
+        counted it in usage)."""
+        webhooks, screens = self.audience.wants(session_type), self.screens.want(session_type)
+        if not (webhooks or screens):
+            return  # the common case: nobody reads it off the broker
         event = turn_created_event(turn, session_type, channel)
-        notice = self.tell_operators(
-            make_event(
+        work: list[Awaitable[Any]] = []
+        if webhooks:
+            work.append(
+                self.bus.publish(
+                    self.subjects.event(event.type), _enc.encode(event), msg_id=event.id
+                )
+            )
+        if screens:
+            notice = make_event(
                 TurnNotice(seq=turn.seq),
                 id=event.id,
                 occurred_at=event.occurred_at,
@@ -179,14 +199,8 @@ class Outbox:
                 session_type=event.session_type,
                 actor=event.actor,
             )
-        )
-        if not self.audience.wants(session_type):
-            await notice  # the common case, without a task for a gather of one
-            return
-        await asyncio.gather(
-            self.bus.publish(self.subjects.event(event.type), _enc.encode(event), msg_id=event.id),
-            notice,
-        )
+            work.append(self._notice(notice))
+        await (work[0] if len(work) == 1 else asyncio.gather(*work))
 
     async def reject(self, env: InboundMessage, exc: SwitchboardError) -> None:
         """An inbound message that cannot become a turn: tell the request waiting for it why."""
@@ -247,17 +261,15 @@ class Outbox:
                     self.subjects.event(event_type), _enc.encode(event), msg_id=event.id
                 )
             )
-        if for_operators(data):
-            work.append(self.tell_operators(event))
+        if for_operators(data) and self.screens.want(event.session_type):
+            work.append(self._notice(event))
         if conv is not None:
             work.append(self.store.record_event(conv.id, event))
         await asyncio.gather(*work)
         return event
 
-    async def tell_operators(self, event: Event) -> None:
-        """Operators' screens (the console's live inbox) follow these on core NATS, whether or not
-        a webhook subscription makes events go through JetStream; nothing is stored, so a screen
-        that missed one re-reads the API (it does on every reconnect)."""
-        if event.session_type == "simulation":
-            return  # read-only replays are nobody's work
+    async def _notice(self, event: Event) -> None:
+        """Operators' screens (the console's live inbox) follow these on core NATS while one is
+        open, whether or not a webhook subscription makes events go through JetStream; nothing is
+        stored, so a screen that missed one re-reads the API (it does on every reconnect)."""
         await self.bus.publish_core(self.subjects.operator_event(event.type), _enc.encode(event))

@@ -287,6 +287,13 @@ class Directory(Aggregate):
     async def webhooks_exist(self) -> bool:
         return bool(await self._r.hlen(self._k.webhooks()))
 
+    async def operators_watch(self, ttl_seconds: float) -> None:
+        """An operators' stream is open: say so for `ttl_seconds` (renewed while it is)."""
+        await self._r.set(self._k.operators_watching(), b"1", px=int(ttl_seconds * 1000))
+
+    async def operators_watching(self) -> bool:
+        return bool(await self._r.exists(self._k.operators_watching()))
+
     async def get_webhook(self, wid: str) -> WebhookSubscription:
         raw = await self._r.hget(self._k.webhooks(), wid)
         if not raw:

@@ -305,6 +305,10 @@ class Keys:
     def webhooks(self) -> str:
         return f"{self.ns}webhooks"
 
+    def operators_watching(self) -> str:
+        """String with a TTL: an operators' stream is open on some API (kept fresh while one is)."""
+        return f"{self.ns}operators-watching"
+
     def webhook_log(self, wid: str) -> str:
         return f"{self.ns}webhook-log:{wid}"
 

@@ -146,8 +146,10 @@ class EventStreamController(Controller):
     async def stream(self, gateway: Gateway) -> ServerSentEvent:
         """Server-sent events for operators' screens: one frame per handoff, approval, status
         change and new turn (`event:` is the event type, `data:` the event; a `turn.created`
-        carries only the seq: read the turn from the API). A `resync` frame says frames were
-        dropped for a slow reader: reload what you show.
+        carries only the seq: read the turn from the API). A `resync` frame says reload what
+        you show: frames were dropped for a slow reader, or the stream has just opened (core
+        sends these notices only while a stream is open, and hears of this one within about
+        `operator_presence_seconds`: whatever happened before then is re-read once it has).
 
         Core chooses what operators follow (`for_operators` in its outbox) and alone publishes
         on this feed; every event on it is passed on as core wrote it, so an event type or a
@@ -164,15 +166,33 @@ class EventStreamController(Controller):
                 queue.put_nowait(item) if queue.qsize() < 999 else queue.put_nowait(None)
 
         sub = await gateway.bus.nc.subscribe(gateway.subjects.operator_events_all, cb=on_event)
+        try:
+            await gateway.screens.opened()  # core starts sending what we now listen to
+        except BaseException:
+            await sub.unsubscribe()
+            raise
+        loop = asyncio.get_running_loop()
+        # By then every core replica has heard of this stream (the announcement, or its next
+        # read of Valkey), so a reload shows what happened before it did.
+        settled: float | None = loop.time() + gateway.settings.operator_presence_seconds + 1.0
 
         async def frames() -> AsyncGenerator[ServerSentEventMessage, None]:
+            nonlocal settled
             try:
                 yield ServerSentEventMessage(event="ready", data="{}")
                 while True:
+                    if settled is not None and loop.time() >= settled:
+                        settled = None
+                        yield ServerSentEventMessage(event="resync", data="{}")
+                        continue
+                    wait = KEEPALIVE_SECONDS
+                    if settled is not None:
+                        wait = min(wait, settled - loop.time())
                     try:
-                        item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                        item = await asyncio.wait_for(queue.get(), wait)
                     except TimeoutError:
-                        yield ServerSentEventMessage(comment="keepalive")
+                        if settled is None or wait == KEEPALIVE_SECONDS:
+                            yield ServerSentEventMessage(comment="keepalive")
                         continue
                     if item is None:
                         yield ServerSentEventMessage(event="resync", data="{}")
@@ -180,6 +200,7 @@ class EventStreamController(Controller):
                     event, text = item
                     yield ServerSentEventMessage(event=event.type, id=event.id, data=text)
             finally:
+                gateway.screens.closed()
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
