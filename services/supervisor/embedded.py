@@ -114,6 +114,15 @@ class ChildProcess:
         return self.proc.returncode
 
 
+def nats_environment() -> dict[str, str]:
+    """The embedded nats-server's environment: Go's scheduler on one core unless `GOMAXPROCS` is
+    set. It shares the host with the gateway's processes and valkey-server, and one core carries
+    far more messages than they can send it; with a thread per core, Go's idle threads spin
+    looking for work on cores the services need (on the bench's 2-core box: a quarter of
+    nats-server's CPU per turn, docs/performance.md)."""
+    return {**os.environ, "GOMAXPROCS": os.environ.get("GOMAXPROCS", "1")}
+
+
 def start_nats(data_dir: Path, host: str, port: int) -> ChildProcess:
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
@@ -132,6 +141,7 @@ def start_nats(data_dir: Path, host: str, port: int) -> ChildProcess:
             "switchboard-embedded",
         ],
         data_dir / "logs" / "nats-server.log",
+        env=nats_environment(),
     )
     wait_for_port(host, port, child.proc, 20, "nats-server", child.log_path)
     return child

@@ -11,6 +11,7 @@ from pathlib import Path
 from services.supervisor.embedded import (
     ChildProcess,
     free_port,
+    nats_environment,
     nats_server_binary,
     start_nats,
     start_valkey,
@@ -133,6 +134,7 @@ def start_cluster_node(
             routes,
         ],
         data / "logs" / f"nats-{index}.log",
+        env=nats_environment(),
     )
     wait_for_port("127.0.0.1", ports[index], node.proc, 20, node.name, node.log_path)
     return node
