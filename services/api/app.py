@@ -14,7 +14,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from nats.aio.msg import Msg
 
-from services.api.auth import BOOTSTRAP_KEY_ID, KeyRing, require_scope
+from services.api.auth import BOOTSTRAP_KEY_ID, KeyRing, authenticate
 from services.api.console import console_router
 from services.api.gateway import Gateway
 from services.api.openapi import complete_document, openapi_config, swagger_assets
@@ -188,8 +188,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             swagger_assets(),
         ],
         lifespan=[lifespan],
-        middleware=[trace_requests],
-        guards=[require_scope],
+        middleware=[trace_requests, authenticate],
         dependencies=APP_DEPENDENCIES,
         state=State({"gateway": gateway, "keyring": keyring, "metrics": metrics}),
         exception_handlers={
