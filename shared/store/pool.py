@@ -17,24 +17,12 @@ under turns (an append script's command: ~30 µs → ~4 µs). Commands with an a
 type than bytes, str and int (a float, a bool redis-py refuses, a memoryview), or a command name
 with a space, are left to redis-py's packer, so what reaches Valkey is byte for byte the same.
 
-They also write without a task per command. redis-py runs every write under
-`asyncio.wait_for(…, socket_timeout)`, which on Python 3.11 makes the write a task of its own:
-~13 µs of client CPU per command, three commands per API turn (docs/performance.md). Yet only a
-write the socket cannot take at once can hang: `writelines` hands everything to the transport,
-which sends what the socket takes and keeps the rest, and `drain` waits only while what it keeps
-is above its high-water mark. So a write the transport sent whole is drained without the timeout
-(it returns at once), and one that left bytes behind waits under `socket_timeout`, as redis-py
-does, with redis-py's errors. A Valkey that stops answering is still caught by the read timeout.
-
 Written against redis==8.1.0 (requirements.lock); tests/integration/test_store.py has a
-connection the server closed, a server that stops reading, and scripts the server forgot.
+connection the server closed, and scripts the server forgot.
 """
 
 from __future__ import annotations
 
-import asyncio
-import builtins
-from collections.abc import Iterable
 from typing import Any
 
 import hiredis
@@ -54,33 +42,6 @@ class HiredisPackedConnection(redis.Connection):
             if type(arg) not in _PLAIN:
                 return super().pack_command(*args)
         return [hiredis.pack_command(args)]
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        if check_health:
-            await self.check_health()  # type: ignore[no-untyped-call]  # may reconnect
-        writer = self._writer
-        if not self.is_connected or writer is None or writer.transport.get_write_buffer_size():
-            # Not connected, or bytes of an earlier write still waiting: redis-py's own path.
-            return await super().send_packed_command(command, check_health=False)
-        if isinstance(command, str):
-            command = command.encode()
-        try:
-            writer.writelines([command] if isinstance(command, bytes) else command)
-            if writer.transport.get_write_buffer_size():
-                await asyncio.wait_for(writer.drain(), self.socket_timeout)
-            else:
-                await writer.drain()  # nothing left to write: returns at once
-        except builtins.TimeoutError:
-            await self.disconnect(nowait=True)
-            raise TimeoutError("Timeout writing to socket") from None
-        except OSError as exc:
-            await self.disconnect(nowait=True)
-            raise ConnectionError(f"Error {exc.errno} while writing to socket. {exc}.") from exc
-        except BaseException:
-            await self.disconnect(nowait=True)  # part of a command may have been sent
-            raise
 
 
 class LeanPool(redis.ConnectionPool):

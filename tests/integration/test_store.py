@@ -15,7 +15,6 @@ from shared.envelopes import Event, turn_created_event
 from shared.errors import ConversationClosed, IllegalTransition, NotFound
 from shared.models import Author, Conversation, Evidence, ToolCall, Turn, utcnow
 from shared.store import Store
-from shared.store.pool import LeanPool
 from tests.conftest import Servers
 
 
@@ -267,31 +266,3 @@ async def test_an_append_runs_after_valkey_forgot_the_scripts(
         await admin.aclose()
     appended = await store.append_turn(turn(conv.id, "one", "t1"), allowed=ACCEPTS_USER_TURNS)
     assert appended.seq == 1
-
-
-async def test_a_write_the_server_does_not_read_times_out_and_drops_the_connection() -> None:
-    """Writes skip redis-py's timeout task when the socket takes them whole (shared/store/pool.py);
-    one the socket cannot take still waits only `socket_timeout`: a server that accepts and never
-    reads, and a value far larger than the socket's buffers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def never_read(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"+OK\r\n+OK\r\n")  # the answers to the client's two CLIENT SETINFO
-        held.append(writer)
-
-    server = await asyncio.start_server(never_read, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    # RESP2: no HELLO, so connecting asks only the two SETINFO the server has answered.
-    pool = LeanPool.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5, protocol=2)
-    connection = pool.make_connection()
-    try:
-        await connection.connect()
-        with pytest.raises(redis.TimeoutError, match="writing to socket"):
-            await asyncio.wait_for(connection.send_command("SET", "k", b"x" * (64 << 20)), 10)
-        assert not connection.is_connected
-    finally:
-        await connection.disconnect()
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
