@@ -18,7 +18,11 @@ log = logging.getLogger("switchboard")
 # a full one rarely. Nearly everything a turn allocates is freed by reference counting long before
 # that, so collections become rare; at Python's defaults the API and core spent 0.03 ms of CPU per
 # turn each in them, mostly in full collections walking every object the process holds
-# (docs/performance.md). Cyclic garbage waits longer: a few thousand objects at most.
+# (docs/performance.md). Cyclic garbage waits longer: a few thousand young objects, and what
+# outlives two collections (a long turn's, a replaced client's) waits for a full collection,
+# about 70 times rarer than at the defaults. Bounded, not leaked: a review's simulation of turns
+# leaving 2 KiB cycles behind, 64 in flight, peaked at ~7 MiB uncollected (~2,000 objects at the
+# defaults, ~3,900 here).
 GC_THRESHOLDS = (5_000, 20, 50)
 
 

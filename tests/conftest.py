@@ -191,6 +191,7 @@ class Stack:
     _smtp_port: int | None = None  # our inbound SMTP server
     _relay: Any = None  # the SMTP sink egress relays through: `relay.messages`
     _voice_url: str | None = None
+    api_app: Any = None  # the API's Litestar app, for tests that speak ASGI to it directly
 
     def _needs(self, service: str, value: Any) -> Any:
         if value is None:
@@ -326,9 +327,8 @@ async def stack(
         )
         starts.append(voice.start())
         stops["voice"] = voice.stop
-    api = HttpServer(
-        create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY)), "127.0.0.1", 0
-    )
+    api_app = create_app(ApiSettings(**env, api_port=0, bootstrap_api_key=ADMIN_KEY))
+    api = HttpServer(api_app, "127.0.0.1", 0)
     starts.append(api.start())
     stops["api"] = api.stop
     if "email" in wanted:
@@ -354,6 +354,7 @@ async def stack(
             _smtp_port=mail.port if mail else None,
             _relay=relay,
             _voice_url=f"http://127.0.0.1:{voice.port}" if voice else None,
+            api_app=api_app,
         )
         yield stack
     await asyncio.gather(*(_stopped(name, stop()) for name, stop in stops.items()))

@@ -150,6 +150,7 @@ def create_app(settings: ApiSettings) -> Litestar:
 
             revocations = await bus.nc.subscribe(subjects.key_revoked, cb=forget)
             await gateway.inbox.open()
+            await gateway.screens.start()
             try:
                 if settings.bootstrap_api_key:
                     # A fixed id: a changed bootstrap secret replaces (revokes) the previous one.

@@ -16,10 +16,12 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import datetime
+from typing import Any
 
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
-from litestar.types import ASGIApp, Receive, Send
+from litestar.types import ASGIApp, ExceptionHandler, ExceptionHandlersMap, Receive, Send
 from litestar.types import Scope as ASGIScope
 
 from shared.errors import Forbidden, KeyExpired, KeyRevoked, Unauthenticated
@@ -136,10 +138,33 @@ def authenticate(app: ASGIApp) -> ASGIApp:
     """ASGI middleware: `require_scope` for every request, once Litestar has routed it (the
     route's handler, whose `opt` says the scope it needs, is in the ASGI scope by then). Not a
     guard: Litestar hands every guard a copy of the route handler, about 4 % of the API's CPU
-    per turn. Its errors are answered by the app's exception handlers, as a guard's were."""
+    per turn. A refusal is answered here, by the app's handler for its exception (the same
+    401/403/429/503 a guard's got), so it is answered inside the request's trace: the tracing
+    middleware around this one sees a response, not an error, and a log line carries the trace."""
 
     async def middleware(scope: ASGIScope, receive: Receive, send: Send) -> None:
-        await require_scope(ASGIConnection(scope), scope["route_handler"])
+        handler = scope["route_handler"]
+        try:
+            await require_scope(ASGIConnection(scope), handler)
+        except Exception as exc:
+            answer = _exception_handler(handler.resolve_exception_handlers(), exc)
+            if answer is None:
+                raise
+            request: Request[Any, Any, Any] = Request(scope, receive)
+            response = answer(request, exc).to_asgi_response(scope["app"], request)
+            await response(scope, receive, send)
+            return
         await app(scope, receive, send)
 
     return middleware
+
+
+def _exception_handler(
+    handlers: ExceptionHandlersMap, exc: Exception
+) -> ExceptionHandler[Any] | None:
+    """The app's handler for `exc`: the first of its classes, most specific first, with one
+    (the app maps exception classes only, no status codes)."""
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None

@@ -46,7 +46,10 @@ class Gateway:
         self.store = store
         self.subjects = bus.subjects
         self.inbox = ReplyInbox(bus)  # opened by the app's lifespan, with the bus
-        self.screens = OperatorScreens(store, bus)
+        # Streams re-read once every core has heard of them: the announcement at once, else
+        # core's next read of the presence key (settings.operator_presence_seconds, the same
+        # setting as core's) — plus a second for the announcement's flight and the read.
+        self.screens = OperatorScreens(store, bus, settings.operator_presence_seconds + 1.0)
         self.limiter = RateLimiter(store.connection)
         self._end_users: dict[str, str] = {}  # conversation id -> end user id
 

@@ -5,13 +5,26 @@ Two signals, as for webhook subscriptions: a key in Valkey that says so for `PRE
 renewed by this process while any of its operators' streams is open (what a core replica that
 starts later, or missed the announcement, reads), and an announcement on core NATS when a stream
 opens (what core acts on at once).
+
+Each open stream is told to re-read what it shows (`resync`) once every core has heard of it,
+`settle_seconds` after the announcement: a turn applied while the announcement was in flight was
+not announced. The same happens if the key lapsed while streams were open (Valkey away for
+longer than the key lives, or restarted empty): a core that read it absent meanwhile sent
+nothing. The API whose renewal finds it lapsed (or could not write it) writes it again and
+announces `lapsed`; every API, itself included, has each of its streams re-read once every core
+has heard of that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from shared.bus import Bus
 from shared.store import Store
@@ -21,41 +34,87 @@ log = logging.getLogger("switchboard.api")
 # Long enough that a renewal failing twice in a row (Valkey away for a moment) changes nothing;
 # after the last screen closes core goes on sending notices for at most this long.
 PRESENCE_SECONDS = 30.0
+RENEW_SECONDS = PRESENCE_SECONDS / 3
+RETRY_SECONDS = 1.0  # after a renewal that failed
+
+Resync = Callable[[], None]
+LAPSED = b"lapsed"
 
 
 class OperatorScreens:
-    def __init__(self, store: Store, bus: Bus) -> None:
+    def __init__(self, store: Store, bus: Bus, settle_seconds: float) -> None:
         self.store = store
         self.bus = bus
-        self._open = 0
+        self.settle_seconds = settle_seconds
+        self._streams: set[Resync] = set()
         self._renewing: asyncio.Task[None] | None = None
+        self._lapses: Subscription | None = None
 
-    async def opened(self) -> None:
-        """A stream opens: core hears of it now. Raises if Valkey cannot be told (the request
-        fails with 503 and the console retries), so no screen is open that core may not know of."""
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def start(self) -> None:
+        self._lapses = await self.bus.nc.subscribe(
+            self.bus.subjects.operators_watching, cb=self._on_announcement
+        )
+
+    async def opened(self, resync: Resync) -> None:
+        """A stream opens: core hears of it now, and `resync` is called once every core has.
+        Raises if Valkey cannot be told (the request fails with 503 and the console retries), so
+        no screen is open that core may not know of."""
         await self.store.operators_watch(PRESENCE_SECONDS)
         await self.bus.publish_core(self.bus.subjects.operators_watching, b"")
-        self._open += 1
+        self._streams.add(resync)
+        asyncio.get_running_loop().call_later(self.settle_seconds, self._settled, resync)
         if self._renewing is None:
-            self._renewing = asyncio.create_task(self._renew(), name="operators' presence")
+            # A context of its own: not the trace of the request that happened to start it.
+            self._renewing = asyncio.create_task(
+                self._renew(), name="operators' presence", context=contextvars.Context()
+            )
 
-    def closed(self) -> None:
-        self._open -= 1
-        if self._open == 0 and self._renewing is not None:
+    def closed(self, resync: Resync) -> None:
+        self._streams.discard(resync)
+        if not self._streams and self._renewing is not None:
             self._renewing.cancel()
             self._renewing = None
 
     async def aclose(self) -> None:
+        self._streams.clear()
+        if self._lapses is not None:
+            with contextlib.suppress(Exception):
+                await self._lapses.unsubscribe()
         if self._renewing is not None:
             self._renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewing
             self._renewing = None
 
+    def _settled(self, resync: Resync) -> None:
+        if resync in self._streams:
+            resync()
+
+    async def _on_announcement(self, msg: Msg) -> None:
+        if msg.data == LAPSED:
+            for resync in list(self._streams):
+                asyncio.get_running_loop().call_later(self.settle_seconds, self._settled, resync)
+
+    async def renew(self, after_failure: bool = False) -> None:
+        """Write the presence again; if it had lapsed, or may have (the last renewal failed),
+        announce `lapsed` so that every open stream re-reads."""
+        kept = await self.store.operators_watch(PRESENCE_SECONDS)
+        if not kept or after_failure:
+            log.warning("operators' presence had lapsed: announcing the streams again")
+            await self.bus.publish_core(self.bus.subjects.operators_watching, LAPSED)
+
     async def _renew(self) -> None:
+        failed = False
         while True:
-            await asyncio.sleep(PRESENCE_SECONDS / 3)
+            await asyncio.sleep(RETRY_SECONDS if failed else RENEW_SECONDS)
             try:
-                await self.store.operators_watch(PRESENCE_SECONDS)
-            except Exception as exc:  # the next renewal tries again, well inside the TTL
+                await self.renew(after_failure=failed)
+            except Exception as exc:  # tried again in a second, well inside the key's life
+                failed = True
                 log.warning("operators' presence not renewed: %s", exc)
+            else:
+                failed = False

@@ -287,9 +287,13 @@ class Directory(Aggregate):
     async def webhooks_exist(self) -> bool:
         return bool(await self._r.hlen(self._k.webhooks()))
 
-    async def operators_watch(self, ttl_seconds: float) -> None:
-        """An operators' stream is open: say so for `ttl_seconds` (renewed while it is)."""
-        await self._r.set(self._k.operators_watching(), b"1", px=int(ttl_seconds * 1000))
+    async def operators_watch(self, ttl_seconds: float) -> bool:
+        """An operators' stream is open: say so for `ttl_seconds` (renewed while it is). True if
+        it was already said (the renewal found the key alive)."""
+        previous = await self._r.set(
+            self._k.operators_watching(), b"1", px=int(ttl_seconds * 1000), get=True
+        )
+        return previous is not None
 
     async def operators_watching(self) -> bool:
         return bool(await self._r.exists(self._k.operators_watching()))

@@ -197,3 +197,27 @@ async def test_keys_stored_before_the_id_index_are_listed_revoked_and_replaced(
     refused = await whoami(upgraded, "sk_legacy_client")
     assert (refused.status_code, refused.json()["error"]["code"]) == (401, "key_revoked")
     assert await store.api_key_by_hash(hashlib.sha256(b"sk_after_upgrade").hexdigest())
+
+
+async def test_a_refused_request_is_answered_inside_its_trace(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key check (a middleware, `auth.authenticate`) answers its refusals itself, so the
+    request's trace is still current when they are logged: a key lookup that finds Valkey away
+    is a 503 whose warning carries the caller's trace id."""
+    import redis.exceptions
+
+    async def valkey_away(secret: str) -> None:
+        raise redis.exceptions.ConnectionError("Valkey is away")
+
+    monkeypatch.setattr(stack.api_app.state.keyring, "lookup", valkey_away)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with caplog.at_level("WARNING", logger="switchboard.api"):
+        answer = await stack.api.get(
+            "/v1/conversations",
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "unavailable"
+    warned = [r for r in caplog.records if r.getMessage().startswith("dependency unavailable")]
+    assert [getattr(r, "trace_id", None) for r in warned] == [trace_id]

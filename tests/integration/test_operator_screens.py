@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 
 from services.api.screens import PRESENCE_SECONDS
 from shared.store.keys import Keys
-from tests.conftest import Stack, eventually
+from tests.conftest import ADMIN_KEY, Stack, eventually
 from tests.integration.test_streaming_webhooks_sessions import read_sse
 
 pytestmark = pytest.mark.services("api")
@@ -50,7 +50,11 @@ async def test_no_screen_open_no_notice_and_an_opened_stream_hears_the_next_turn
         frames = await asyncio.wait_for(reading, 10)
         ttl = await valkey.pttl(Keys(stack.namespace).operators_watching())
     await tap.unsubscribe()
-    assert [name for name, _ in frames] == ["ready", "turn.created", "turn.created", "resync"]
+    names = [name for name, _ in frames]
+    # The opening's resync comes about 2 s after `ready`: after the turn's frames, unless the
+    # turn took longer than that.
+    assert names[0] == "ready"
+    assert sorted(names[1:]) == ["resync", "turn.created", "turn.created"]
     assert 0 < ttl <= PRESENCE_SECONDS * 1000  # what a core that missed the announcement reads
     assert heard == [bus.subjects.operator_event("turn.created")] * 2
 
@@ -65,3 +69,63 @@ async def test_core_reads_the_presence_back_when_it_missed_the_announcement(
     await eventually(lambda: asyncio.sleep(0, screens.present), what="core re-reading")
     await valkey.delete(key)  # the last screen closed long ago: its presence ran out
     await eventually(lambda: asyncio.sleep(0, not screens.present), what="core re-reading")
+
+
+async def test_a_stream_whose_client_left_before_its_first_frame_is_released(
+    stack: Stack,
+) -> None:
+    """A console reloaded while its stream was opening: the response starts after the client
+    left, the stream is cancelled before its first frame, and what opening it took (the count
+    that keeps core sending notices, the subscription) is given back all the same."""
+    gateway = stack.api_app.state.gateway
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/events/stream",
+        "raw_path": b"/v1/events/stream",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"x-api-key", ADMIN_KEY.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    sent: list[dict[str, object]] = []
+
+    async def gone() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    subscriptions = len(gateway.bus.nc._subs)
+    for _ in range(3):
+        await asyncio.wait_for(stack.api_app(scope, gone, send), 10)
+    assert sent[0]["status"] == 200  # it did open
+    assert gateway.screens.open_streams == 0
+    assert len(gateway.bus.nc._subs) == subscriptions
+
+
+async def test_a_presence_that_lapsed_under_an_open_stream_is_renewed_and_the_stream_re_reads(
+    stack: Stack, valkey: redis.Redis
+) -> None:
+    """Valkey away for longer than the presence key lives (or restarted empty): a core that read
+    it absent sent nothing meanwhile. The renewal writes it again, announces the lapse, and the
+    open stream re-reads once every core has heard of it."""
+    gateway, screens = stack.api_app.state.gateway, stack.core.conversations.screens
+    key = Keys(stack.namespace).operators_watching()
+    async with stack.api.stream("GET", "/v1/events/stream") as response:
+        assert response.status_code == 200
+        # ready, the opening's resync, the lapse's resync (these two in either order)
+        frames = asyncio.create_task(read_sse(response, 3))
+        await eventually(lambda: response.num_bytes_downloaded > 0, what="the ready frame")
+        await valkey.delete(key)
+        await eventually(lambda: asyncio.sleep(0, not screens.present), what="core reading")
+        await gateway.screens.renew()
+        await eventually(lambda: asyncio.sleep(0, screens.present), what="the announcement")
+        assert await valkey.exists(key)
+        names = [name for name, _ in await asyncio.wait_for(frames, 10)]
+    assert names == ["ready", "resync", "resync"]

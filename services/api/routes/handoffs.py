@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 
 import msgspec
 from litestar import Controller, get, post
+from litestar.background_tasks import BackgroundTask
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.aio.msg import Msg
 
@@ -165,34 +166,35 @@ class EventStreamController(Controller):
                 item = (event, text)
                 queue.put_nowait(item) if queue.qsize() < 999 else queue.put_nowait(None)
 
+        def resync() -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
         sub = await gateway.bus.nc.subscribe(gateway.subjects.operator_events_all, cb=on_event)
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                gateway.screens.closed(resync)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
         try:
-            await gateway.screens.opened()  # core starts sending what we now listen to
+            await gateway.screens.opened(resync)  # core starts sending what we now listen to
         except BaseException:
-            await sub.unsubscribe()
+            await release()
             raise
-        loop = asyncio.get_running_loop()
-        # By then every core replica has heard of this stream (the announcement, or its next
-        # read of Valkey), so a reload shows what happened before it did.
-        settled: float | None = loop.time() + gateway.settings.operator_presence_seconds + 1.0
 
         async def frames() -> AsyncGenerator[ServerSentEventMessage, None]:
-            nonlocal settled
             try:
                 yield ServerSentEventMessage(event="ready", data="{}")
                 while True:
-                    if settled is not None and loop.time() >= settled:
-                        settled = None
-                        yield ServerSentEventMessage(event="resync", data="{}")
-                        continue
-                    wait = KEEPALIVE_SECONDS
-                    if settled is not None:
-                        wait = min(wait, settled - loop.time())
                     try:
-                        item = await asyncio.wait_for(queue.get(), wait)
+                        item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
                     except TimeoutError:
-                        if settled is None or wait == KEEPALIVE_SECONDS:
-                            yield ServerSentEventMessage(comment="keepalive")
+                        yield ServerSentEventMessage(comment="keepalive")
                         continue
                     if item is None:
                         yield ServerSentEventMessage(event="resync", data="{}")
@@ -200,8 +202,8 @@ class EventStreamController(Controller):
                     event, text = item
                     yield ServerSentEventMessage(event=event.type, id=event.id, data=text)
             finally:
-                gateway.screens.closed()
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                await release()
 
-        return ServerSentEvent(frames())
+        # Also released after the response: a client gone before the first frame cancels the
+        # stream before the generator starts, and a generator never started runs no `finally`.
+        return ServerSentEvent(frames(), background=BackgroundTask(release))
