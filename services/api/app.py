@@ -150,8 +150,8 @@ def create_app(settings: ApiSettings) -> Litestar:
 
             revocations = await bus.nc.subscribe(subjects.key_revoked, cb=forget)
             await gateway.inbox.open()
-            await gateway.screens.start()
             try:
+                await gateway.screens.start()
                 if settings.bootstrap_api_key:
                     # A fixed id: a changed bootstrap secret replaces (revokes) the previous one.
                     await keyring.create(

@@ -151,7 +151,7 @@ def authenticate(app: ASGIApp) -> ASGIApp:
             if answer is None:
                 raise
             request: Request[Any, Any, Any] = Request(scope, receive)
-            response = answer(request, exc).to_asgi_response(scope["app"], request)
+            response = answer(request, exc).to_asgi_response(None, request)
             await response(scope, receive, send)
             return
         await app(scope, receive, send)

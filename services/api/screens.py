@@ -10,9 +10,9 @@ Each open stream is told to re-read what it shows (`resync`) once every core has
 `settle_seconds` after the announcement: a turn applied while the announcement was in flight was
 not announced. The same happens if the key lapsed while streams were open (Valkey away for
 longer than the key lives, or restarted empty): a core that read it absent meanwhile sent
-nothing. The API whose renewal finds it lapsed (or could not write it) writes it again and
-announces `lapsed`; every API, itself included, has each of its streams re-read once every core
-has heard of that.
+nothing. Whoever writes the key and finds it absent (a renewal, or a stream opening on any API)
+announces `lapsed`, and every API has each of its streams re-read once every core has heard of
+it: one re-read per stream, after the last of however many announcements come.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class OperatorScreens:
         self.bus = bus
         self.settle_seconds = settle_seconds
         self._streams: set[Resync] = set()
+        self._pending: dict[Resync, asyncio.TimerHandle] = {}  # re-reads scheduled
         self._renewing: asyncio.Task[None] | None = None
         self._lapses: Subscription | None = None
 
@@ -63,10 +64,11 @@ class OperatorScreens:
         """A stream opens: core hears of it now, and `resync` is called once every core has.
         Raises if Valkey cannot be told (the request fails with 503 and the console retries), so
         no screen is open that core may not know of."""
-        await self.store.operators_watch(PRESENCE_SECONDS)
-        await self.bus.publish_core(self.bus.subjects.operators_watching, b"")
+        kept = await self.store.operators_watch(PRESENCE_SECONDS)
+        # Absent: no stream was open (nothing to re-read elsewhere), or it lapsed under open ones.
+        await self.bus.publish_core(self.bus.subjects.operators_watching, b"" if kept else LAPSED)
         self._streams.add(resync)
-        asyncio.get_running_loop().call_later(self.settle_seconds, self._settled, resync)
+        self._resync_when_settled(resync)
         if self._renewing is None:
             # A context of its own: not the trace of the request that happened to start it.
             self._renewing = asyncio.create_task(
@@ -75,12 +77,17 @@ class OperatorScreens:
 
     def closed(self, resync: Resync) -> None:
         self._streams.discard(resync)
+        if (pending := self._pending.pop(resync, None)) is not None:
+            pending.cancel()
         if not self._streams and self._renewing is not None:
             self._renewing.cancel()
             self._renewing = None
 
     async def aclose(self) -> None:
         self._streams.clear()
+        for pending in self._pending.values():
+            pending.cancel()
+        self._pending.clear()
         if self._lapses is not None:
             with contextlib.suppress(Exception):
                 await self._lapses.unsubscribe()
@@ -90,21 +97,33 @@ class OperatorScreens:
                 await self._renewing
             self._renewing = None
 
+    def _resync_when_settled(self, resync: Resync) -> None:
+        """One re-read, `settle_seconds` after the last reason for it (a later announcement moves
+        a pending one later: it must come after every core has heard of that one too)."""
+        if (pending := self._pending.pop(resync, None)) is not None:
+            pending.cancel()
+        loop = asyncio.get_running_loop()
+        self._pending[resync] = loop.call_later(self.settle_seconds, self._settled, resync)
+
+    def _resync_all_when_settled(self) -> None:
+        for resync in list(self._streams):
+            self._resync_when_settled(resync)
+
     def _settled(self, resync: Resync) -> None:
+        self._pending.pop(resync, None)
         if resync in self._streams:
             resync()
 
     async def _on_announcement(self, msg: Msg) -> None:
         if msg.data == LAPSED:
-            for resync in list(self._streams):
-                asyncio.get_running_loop().call_later(self.settle_seconds, self._settled, resync)
+            self._resync_all_when_settled()
 
-    async def renew(self, after_failure: bool = False) -> None:
-        """Write the presence again; if it had lapsed, or may have (the last renewal failed),
-        announce `lapsed` so that every open stream re-reads."""
-        kept = await self.store.operators_watch(PRESENCE_SECONDS)
-        if not kept or after_failure:
+    async def renew(self) -> None:
+        """Write the presence again; if it had lapsed, announce `lapsed` so that every open
+        stream, on every API, re-reads (this API's own at once, not waiting for the echo)."""
+        if not await self.store.operators_watch(PRESENCE_SECONDS):
             log.warning("operators' presence had lapsed: announcing the streams again")
+            self._resync_all_when_settled()
             await self.bus.publish_core(self.bus.subjects.operators_watching, LAPSED)
 
     async def _renew(self) -> None:
@@ -112,7 +131,7 @@ class OperatorScreens:
         while True:
             await asyncio.sleep(RETRY_SECONDS if failed else RENEW_SECONDS)
             try:
-                await self.renew(after_failure=failed)
+                await self.renew()
             except Exception as exc:  # tried again in a second, well inside the key's life
                 failed = True
                 log.warning("operators' presence not renewed: %s", exc)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 import redis.asyncio as redis
 from nats.aio.msg import Msg
 
+from services.api import screens as screens_module
 from services.api.screens import PRESENCE_SECONDS
 from shared.store.keys import Keys
 from tests.conftest import ADMIN_KEY, Stack, eventually
@@ -109,23 +111,45 @@ async def test_a_stream_whose_client_left_before_its_first_frame_is_released(
     assert len(gateway.bus.nc._subs) == subscriptions
 
 
-async def test_a_presence_that_lapsed_under_an_open_stream_is_renewed_and_the_stream_re_reads(
-    stack: Stack, valkey: redis.Redis
+def frames_of(response: httpx.Response) -> tuple[asyncio.Queue[str], asyncio.Task[None]]:
+    """The event names of a stream's frames as they come, in a queue."""
+    names: asyncio.Queue[str] = asyncio.Queue()
+
+    async def read() -> None:
+        event = "message"
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line == "" and event != "message":
+                names.put_nowait(event)
+                event = "message"
+
+    return names, asyncio.create_task(read())
+
+
+@pytest.mark.parametrize("writer", ["the renewal", "another stream opening"])
+async def test_a_presence_that_lapsed_under_an_open_stream_is_written_again_and_re_read(
+    stack: Stack, valkey: redis.Redis, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
     """Valkey away for longer than the presence key lives (or restarted empty): a core that read
-    it absent sent nothing meanwhile. The renewal writes it again, announces the lapse, and the
-    open stream re-reads once every core has heard of it."""
+    it absent sent nothing meanwhile. Whoever writes the key again and finds it absent (this
+    API's renewal, or a stream opening on any API) announces the lapse, and the open stream
+    re-reads once every core has heard of it."""
+    monkeypatch.setattr(screens_module, "RENEW_SECONDS", 3600.0)  # only the renewal we call
     gateway, screens = stack.api_app.state.gateway, stack.core.conversations.screens
     key = Keys(stack.namespace).operators_watching()
     async with stack.api.stream("GET", "/v1/events/stream") as response:
         assert response.status_code == 200
-        # ready, the opening's resync, the lapse's resync (these two in either order)
-        frames = asyncio.create_task(read_sse(response, 3))
-        await eventually(lambda: response.num_bytes_downloaded > 0, what="the ready frame")
+        names, reading = frames_of(response)
+        assert [await asyncio.wait_for(names.get(), 10) for _ in range(2)] == ["ready", "resync"]
         await valkey.delete(key)
         await eventually(lambda: asyncio.sleep(0, not screens.present), what="core reading")
-        await gateway.screens.renew()
+        if writer == "the renewal":
+            await gateway.screens.renew()
+        else:
+            async with stack.api.stream("GET", "/v1/events/stream") as second:
+                assert second.status_code == 200
         await eventually(lambda: asyncio.sleep(0, screens.present), what="the announcement")
         assert await valkey.exists(key)
-        names = [name for name, _ in await asyncio.wait_for(frames, 10)]
-    assert names == ["ready", "resync", "resync"]
+        assert await asyncio.wait_for(names.get(), 10) == "resync"
+        reading.cancel()
