@@ -104,7 +104,7 @@ class WebhookAudience(Audience):
         return session_type == "live" and self.present
 
 
-class OperatorScreens(Audience):
-    def want(self, session_type: SessionType | None) -> bool:
+class OperatorAudience(Audience):
+    def wants(self, session_type: SessionType | None) -> bool:
         """Should operators' screens hear of an event of a session of this type?"""
         return session_type != "simulation" and self.present  # replays are nobody's work

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from services.core.agent import Budget, Runtimes
-from services.core.audience import OperatorScreens, WebhookAudience
+from services.core.audience import OperatorAudience, WebhookAudience
 from services.core.lifecycle import transition
 from services.core.outbox import Outbox
 from shared.bus import Bus
@@ -87,7 +87,7 @@ class Conversations:
             bus.subjects.webhooks_changed,
             settings.webhook_presence_seconds,
         )
-        self.screens = OperatorScreens(
+        self.screens = OperatorAudience(
             "operators' screens",
             store.operators_watching,
             bus,

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from services.core.audience import OperatorScreens, WebhookAudience
+from services.core.audience import OperatorAudience, WebhookAudience
 from shared.bus import Bus
 from shared.envelopes import (
     Event,
@@ -76,7 +76,7 @@ class Outbox:
         bus: Bus,
         metrics: Metrics,
         audience: WebhookAudience,
-        screens: OperatorScreens,
+        screens: OperatorAudience,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -179,7 +179,7 @@ class Outbox:
         """Publish the turn's `turn.created` event to whoever reads it off the broker: webhook
         subscriptions, operators' screens (the append already put it in the audit log and
         counted it in usage)."""
-        webhooks, screens = self.audience.wants(session_type), self.screens.want(session_type)
+        webhooks, screens = self.audience.wants(session_type), self.screens.wants(session_type)
         if not (webhooks or screens):
             return  # the common case: nobody reads it off the broker
         event = turn_created_event(turn, session_type, channel)
@@ -261,7 +261,7 @@ class Outbox:
                     self.subjects.event(event_type), _enc.encode(event), msg_id=event.id
                 )
             )
-        if for_operators(data) and self.screens.want(event.session_type):
+        if for_operators(data) and self.screens.wants(event.session_type):
             work.append(self._notice(event))
         if conv is not None:
             work.append(self.store.record_event(conv.id, event))
